@@ -1,0 +1,1 @@
+"""callstate: Stringee call events in, live call state and one final call record per call out."""

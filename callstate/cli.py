@@ -1,0 +1,69 @@
+"""`callstate` command line: run the embedded Redis, rebuild from the log, show the quarantine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from urllib.parse import urlparse
+
+from callstate.config import Settings
+from callstate.machine import CallMachine
+from callstate.rebuild import derive, differences, rebuild
+from callstate.redis_server import server_argv
+from callstate.store import Store, connect
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="callstate", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("redis", help="run the embedded Redis (unless REDIS_URL is set)")
+    rebuild_cmd = commands.add_parser("rebuild", help="re-derive all calls from the event log")
+    rebuild_cmd.add_argument(
+        "--check", action="store_true", help="only compare; exit 1 if anything differs"
+    )
+    quarantine_cmd = commands.add_parser("quarantine", help="show rejected deliveries")
+    quarantine_cmd.add_argument("--limit", type=int, default=20)
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    if args.command == "redis":
+        return run_redis(settings)
+    store = Store(connect(settings.redis_url), settings)
+    if args.command == "rebuild":
+        return run_rebuild(store, settings, check=args.check)
+    for item in store.quarantined(args.limit):
+        print(json.dumps(item, ensure_ascii=False))
+    return 0
+
+
+def run_redis(settings: Settings) -> int:
+    """Become the embedded Redis server; with REDIS_URL set, stay idle so a Procfile keeps going."""
+    if not settings.embedded_redis:
+        print("REDIS_URL is set: using that server, not starting the embedded one", flush=True)
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        return 0
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    port = urlparse(settings.redis_url).port
+    assert port is not None
+    argv = server_argv(port, settings.var_dir)
+    os.execv(argv[0], argv)  # noqa: S606 - the Procfile line becomes the server itself
+
+
+def run_rebuild(store: Store, settings: Settings, *, check: bool) -> int:
+    machine = CallMachine()
+    if check:
+        derived = derive(store, machine, settings.drain_batch)
+        differing = differences(store, derived)
+        print(f"{len(derived.docs)} calls derived from the log, {len(differing)} differ")
+        for call_id in differing[:20]:
+            print(f"differs: {call_id}")
+        return 1 if differing else 0
+    derived = rebuild(store, machine, settings.drain_batch)
+    print(f"rebuilt {len(derived.docs)} calls from the log")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Settings, read from the environment in this one place and passed down to every part."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+EMBEDDED_REDIS_PORT = 6390
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the web, the workers, the scheduler and the CLI need to agree on."""
+
+    redis_url: str
+    embedded_redis: bool
+    var_dir: Path
+    signing_secret: str | None = None
+    api_token: str | None = None
+    max_body_bytes: int = 64 * 1024
+    shards: int = 16
+    queue_name: str = "callstate"
+    key_prefix: str = "cs"
+    drain_batch: int = 500
+    drain_lock_seconds: int = 30
+    stale_after_seconds: int = 4 * 3600
+    maintenance_interval_seconds: int = 10
+    retention_seconds: int = 7 * 24 * 3600
+    records_stream_maxlen: int = 1_000_000
+    quarantine_max: int = 1000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from environment variables; unset ones take the defaults above."""
+        env = os.environ if env is None else env
+        var_dir = Path(env.get("CALLSTATE_VAR_DIR", "var")).resolve()
+        url = env.get("REDIS_URL", "")
+        return cls(
+            redis_url=url or f"redis://127.0.0.1:{EMBEDDED_REDIS_PORT}/0",
+            embedded_redis=not url,
+            var_dir=var_dir,
+            signing_secret=env.get("STRINGEE_SIGNING_SECRET") or None,
+            api_token=env.get("CALLSTATE_API_TOKEN") or None,
+            max_body_bytes=_int(env, "CALLSTATE_MAX_BODY_BYTES", cls.max_body_bytes),
+            shards=_int(env, "CALLSTATE_SHARDS", cls.shards),
+            queue_name=env.get("CALLSTATE_QUEUE", cls.queue_name),
+            key_prefix=env.get("CALLSTATE_KEY_PREFIX", cls.key_prefix),
+            drain_batch=_int(env, "CALLSTATE_DRAIN_BATCH", cls.drain_batch),
+            drain_lock_seconds=_int(env, "CALLSTATE_DRAIN_LOCK_SECONDS", cls.drain_lock_seconds),
+            stale_after_seconds=_int(env, "CALLSTATE_STALE_AFTER_SECONDS", cls.stale_after_seconds),
+            maintenance_interval_seconds=_int(
+                env, "CALLSTATE_MAINTENANCE_INTERVAL_SECONDS", cls.maintenance_interval_seconds
+            ),
+            retention_seconds=_int(env, "CALLSTATE_RETENTION_SECONDS", cls.retention_seconds),
+            records_stream_maxlen=_int(
+                env, "CALLSTATE_RECORDS_STREAM_MAXLEN", cls.records_stream_maxlen
+            ),
+            quarantine_max=_int(env, "CALLSTATE_QUARANTINE_MAX", cls.quarantine_max),
+        )
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value

@@ -1,0 +1,85 @@
+"""The RQ jobs: drain a shard, and the periodic maintenance that sweeps silent calls.
+
+RQ finds job functions by import path, so the worker entry point hands them their settings
+and connection with `configure` before it starts working.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from redis import Redis
+from rq import Queue
+
+from callstate.config import Settings
+from callstate.drain import Drainer
+from callstate.machine import CallMachine
+from callstate.store import Store
+
+log = logging.getLogger(__name__)
+DRAIN_JOB = "callstate.jobs.drain_shard"
+SWEEP_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class Context:
+    settings: Settings
+    store: Store
+    queue: Queue
+    drainer: Drainer
+
+
+_context: Context | None = None
+
+
+def configure(settings: Settings, redis: Redis) -> Context:
+    """Set up this process's store, queue and its single state machine for the jobs below."""
+    global _context
+    store = Store(redis, settings)
+    _context = Context(
+        settings=settings,
+        store=store,
+        queue=Queue(settings.queue_name, connection=redis),
+        drainer=Drainer(store, CallMachine(), settings.drain_batch),
+    )
+    return _context
+
+
+def context() -> Context:
+    if _context is None:
+        raise RuntimeError("callstate jobs run in a worker started by workers/events.py")
+    return _context
+
+
+def enqueue_drain(queue: Queue, shard: int, job_timeout: int) -> None:
+    """Wake a drain of the shard; results are not kept, the call documents are the result."""
+    queue.enqueue(
+        DRAIN_JOB,
+        shard,
+        job_timeout=job_timeout,
+        result_ttl=0,
+        description=f"drain shard {shard}",
+    )
+
+
+def drain_shard(shard: int) -> int:
+    return context().drainer.drain(shard)
+
+
+def maintain() -> dict[str, int]:
+    """Ask for silent calls to be closed, trim the log past retention, wake stuck shards."""
+    ctx = context()
+    settings, store = ctx.settings, ctx.store
+    now_ms = store.server_time_ms()
+    stale_before = now_ms - settings.stale_after_seconds * 1000
+    stale = store.stale_call_ids(stale_before, SWEEP_BATCH)
+    for call_id in stale:
+        store.append_sweep(call_id, stale_before)
+    store.trim_logs(now_ms - settings.retention_seconds * 1000)
+    backlogged = [shard for shard in range(settings.shards) if store.has_backlog(shard)]
+    for shard in backlogged:
+        enqueue_drain(ctx.queue, shard, settings.drain_lock_seconds * 4)
+    if stale or backlogged:
+        log.info("maintenance: %d calls to close, %d shards woken", len(stale), len(backlogged))
+    return {"stale": len(stale), "woken": len(backlogged)}

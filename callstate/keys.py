@@ -1,0 +1,57 @@
+"""Every Redis key name callstate uses is built here and nowhere else."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key builder for one deployment: a prefix and a fixed number of event-log shards."""
+
+    prefix: str
+    shards: int
+
+    def shard_of(self, call_id: str) -> int:
+        """The shard that owns a call; crc32 is stable across processes, unlike hash()."""
+        return zlib.crc32(call_id.encode()) % self.shards
+
+    def log(self, shard: int) -> str:
+        """The shard's event log: a Stream, the source of truth."""
+        return f"{self.prefix}:log:{shard}"
+
+    def cursor(self, shard: int) -> str:
+        """Id of the last log entry of the shard whose effects are committed."""
+        return f"{self.prefix}:cursor:{shard}"
+
+    def drain_lock(self, shard: int) -> str:
+        return f"{self.prefix}:drain-lock:{shard}"
+
+    def drain_pending(self, shard: int) -> str:
+        """Set while a drain job for the shard is queued, so a burst enqueues one job."""
+        return f"{self.prefix}:drain-pending:{shard}"
+
+    def call(self, call_id: str) -> str:
+        return f"{self.prefix}:call:{call_id}"
+
+    def call_pattern(self) -> str:
+        return f"{self.prefix}:call:*"
+
+    def active(self) -> str:
+        """Sorted set of calls not yet ended, scored by the time their last event was logged."""
+        return f"{self.prefix}:active"
+
+    def active_by(self, kind: str, value: str) -> str:
+        """Active calls by `number` (from or to) or by `user` (request_from_user_id)."""
+        return f"{self.prefix}:active:{kind}:{value}"
+
+    def active_index_pattern(self) -> str:
+        return f"{self.prefix}:active:*"
+
+    def records(self) -> str:
+        """Stream of final call records for downstream consumer groups."""
+        return f"{self.prefix}:records"
+
+    def quarantine(self) -> str:
+        return f"{self.prefix}:quarantine"

@@ -1,0 +1,315 @@
+"""All reads and writes of callstate's Redis data: event log, call documents, indexes, records."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any, cast
+
+from redis import Redis
+from redis.backoff import NoBackoff
+from redis.client import Pipeline
+from redis.exceptions import RedisError, WatchError
+from redis.retry import Retry
+
+from callstate.calls import Doc, LogEntry, is_active
+from callstate.config import Settings
+from callstate.keys import Keys
+
+# redis-py types replies as bytes-or-str (it cannot know decode_responses); RQ needs bytes.
+StreamRows = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def stream_id_key(log_id: str) -> tuple[int, int]:
+    """Stream ids compare as (ms, seq) pairs, not as strings."""
+    ms, _, seq = log_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def connect(url: str) -> Redis:
+    """A client that fails fast: redis-py's default retries back off for seconds, and a webhook
+    that cannot store an event must answer 503 before the provider gives up on it."""
+    return Redis.from_url(
+        url, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), retries=1)
+    )
+
+
+class Store:
+    """callstate's Redis data, behind methods named for what they mean to a call."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix, settings.shards)
+
+    # Event log -----------------------------------------------------------------------------
+
+    def append_event(self, call_id: str, raw: bytes) -> tuple[str, int, bool]:
+        """Log a raw event; return its log id, its shard and whether to wake a drain job."""
+        shard = self.keys.shard_of(call_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(self.keys.log(shard), {"call_id": call_id, "event": raw})
+        # A flag lost with a crashed web process expires, and maintenance wakes backlogs anyway.
+        pipe.set(self.keys.drain_pending(shard), 1, nx=True, ex=self.settings.drain_lock_seconds)
+        log_id, first_waker = pipe.execute()
+        return log_id.decode(), shard, bool(first_waker)
+
+    def append_sweep(self, call_id: str, stale_before_ms: int) -> int:
+        """Log a request to close a call that has been silent since before `stale_before_ms`."""
+        shard = self.keys.shard_of(call_id)
+        self.redis.xadd(
+            self.keys.log(shard), {"call_id": call_id, "sweep_before_ms": stale_before_ms}
+        )
+        return shard
+
+    def read_entries(self, shard: int, after: str | None, count: int) -> list[LogEntry]:
+        """Up to `count` log entries of the shard that come after the log id `after`."""
+        start = f"({after}" if after else "-"
+        rows = cast(StreamRows, self.redis.xrange(self.keys.log(shard), start, "+", count=count))
+        return [_entry(log_id, fields) for log_id, fields in rows]
+
+    def iter_log(self, shard: int, batch: int) -> Iterator[list[LogEntry]]:
+        after: str | None = None
+        while entries := self.read_entries(shard, after, batch):
+            yield entries
+            after = entries[-1].log_id
+
+    def payloads(self, call_id: str, log_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The logged payloads of one call's entries, by log id (absent once trimmed)."""
+        log = self.keys.log(self.keys.shard_of(call_id))
+        pipe = self.redis.pipeline(transaction=False)
+        for log_id in log_ids:
+            pipe.xrange(log, log_id, log_id)
+        found: dict[str, dict[str, Any]] = {}
+        replies: list[StreamRows] = pipe.execute()
+        for rows in replies:
+            for raw_id, fields in rows:
+                entry = _entry(raw_id, fields)
+                found[entry.log_id] = entry.payload
+        return found
+
+    def cursor(self, shard: int) -> str | None:
+        raw = self.redis.get(self.keys.cursor(shard))
+        return _text(raw) if raw else None
+
+    def last_log_id(self, shard: int) -> str | None:
+        rows = cast(StreamRows, self.redis.xrevrange(self.keys.log(shard), "+", "-", count=1))
+        return _text(rows[0][0]) if rows else None
+
+    def has_backlog(self, shard: int) -> bool:
+        last = self.last_log_id(shard)
+        if last is None:
+            return False
+        cursor = self.cursor(shard)
+        return cursor is None or stream_id_key(last) > stream_id_key(cursor)
+
+    def trim_logs(self, before_ms: int) -> None:
+        """Drop log entries older than `before_ms`, never one that is not yet applied."""
+        for shard in range(self.settings.shards):
+            cursor = self.cursor(shard)
+            if cursor is None:
+                continue
+            limit = min(stream_id_key(cursor), (before_ms, 0))
+            self.redis.xtrim(
+                self.keys.log(shard), minid=f"{limit[0]}-{limit[1]}", approximate=False
+            )
+
+    # Drain coordination --------------------------------------------------------------------
+
+    def clear_drain_pending(self, shard: int) -> None:
+        self.redis.delete(self.keys.drain_pending(shard))
+
+    def acquire_drain_lock(self, shard: int, token: str) -> bool:
+        ms = self.settings.drain_lock_seconds * 1000
+        return bool(self.redis.set(self.keys.drain_lock(shard), token, nx=True, px=ms))
+
+    def extend_drain_lock(self, shard: int, token: str) -> bool:
+        ms = self.settings.drain_lock_seconds * 1000
+        return self._if_holding(shard, token, lambda pipe, key: pipe.pexpire(key, ms))
+
+    def release_drain_lock(self, shard: int, token: str) -> bool:
+        return self._if_holding(shard, token, lambda pipe, key: pipe.delete(key))
+
+    def _if_holding(self, shard: int, token: str, action: Any) -> bool:
+        key = self.keys.drain_lock(shard)
+        with self.redis.pipeline() as pipe:
+            try:
+                pipe.watch(key)  # type: ignore[no-untyped-call]
+                if pipe.get(key) != token.encode():
+                    return False
+                pipe.multi()
+                action(pipe, key)
+                pipe.execute()
+                return True
+            except WatchError:
+                return False
+
+    # Call documents ------------------------------------------------------------------------
+
+    def load_docs(self, call_ids: Iterable[str]) -> dict[str, Doc | None]:
+        ids = list(call_ids)
+        if not ids:
+            return {}
+        raws = self.redis.mget([self.keys.call(call_id) for call_id in ids])
+        return {
+            call_id: json.loads(raw) if raw else None
+            for call_id, raw in zip(ids, raws, strict=True)
+        }
+
+    def get_doc(self, call_id: str) -> Doc | None:
+        return self.load_docs([call_id])[call_id]
+
+    def all_call_ids(self) -> set[str]:
+        prefix_len = len(self.keys.call(""))
+        return {
+            key.decode()[prefix_len:]
+            for key in self.redis.scan_iter(match=self.keys.call_pattern(), count=1000)
+        }
+
+    def index_keys(self, doc: Doc | None) -> set[str]:
+        """The lookup indexes an active call belongs to: its numbers and its user."""
+        if doc is None or not is_active(doc):
+            return set()
+        fields = doc["fields"]
+        found = set()
+        for party in ("from", "to"):
+            number = (fields.get(party) or {}).get("number")
+            if number:
+                found.add(self.keys.active_by("number", number))
+        user = fields.get("request_from_user_id")
+        if user:
+            found.add(self.keys.active_by("user", user))
+        return found
+
+    def commit(
+        self,
+        shard: int,
+        expected_cursor: str | None,
+        new_cursor: str,
+        docs: dict[str, Doc],
+        indexed_before: dict[str, set[str]],
+        records: list[Doc],
+    ) -> bool:
+        """Write a batch's documents, indexes, records and the new cursor in one transaction.
+
+        The transaction only runs if the cursor is still `expected_cursor`, so a batch can never be
+        applied twice, even by a drainer that lost its lock while it worked.
+        """
+        cursor_key = self.keys.cursor(shard)
+        with self.redis.pipeline() as pipe:
+            try:
+                pipe.watch(cursor_key)  # type: ignore[no-untyped-call]
+                current = pipe.get(cursor_key)
+                if (_text(current) if current else None) != expected_cursor:
+                    return False
+                pipe.multi()
+                for call_id, doc in docs.items():
+                    self._write_doc(pipe, doc, indexed_before.get(call_id, set()))
+                for record in records:
+                    pipe.xadd(
+                        self.keys.records(),
+                        {"call_id": record["call_id"], "record": dumps(record)},
+                        maxlen=self.settings.records_stream_maxlen,
+                        approximate=True,
+                    )
+                pipe.set(cursor_key, new_cursor)
+                pipe.execute()
+                return True
+            except WatchError:
+                return False
+
+    def _write_doc(self, pipe: Pipeline, doc: Doc, indexed_before: set[str]) -> None:
+        call_id = doc["call_id"]
+        retention_ms = None if is_active(doc) else self.settings.retention_seconds * 1000
+        pipe.set(self.keys.call(call_id), dumps(doc), px=retention_ms)
+        indexed_now = self.index_keys(doc)
+        for key in indexed_before - indexed_now:
+            pipe.zrem(key, call_id)
+        if is_active(doc):
+            score = {call_id: doc["last_received_ms"]}
+            pipe.zadd(self.keys.active(), score)
+            for key in indexed_now:
+                pipe.zadd(key, score)
+        else:
+            pipe.zrem(self.keys.active(), call_id)
+
+    def replace_all(self, docs: dict[str, Doc], cursors: dict[int, str | None]) -> None:
+        """Swap every projection for `docs`, as `callstate rebuild` derived them from the log."""
+        stale = [self.keys.call(call_id) for call_id in self.all_call_ids() - docs.keys()]
+        stale += [k.decode() for k in self.redis.scan_iter(match=self.keys.active_index_pattern())]
+        stale.append(self.keys.active())
+        pipe = self.redis.pipeline(transaction=True)
+        if stale:
+            pipe.delete(*stale)
+        for doc in docs.values():
+            self._write_doc(pipe, doc, set())
+        for shard, cursor in cursors.items():
+            if cursor is None:
+                pipe.delete(self.keys.cursor(shard))
+            else:
+                pipe.set(self.keys.cursor(shard), cursor)
+        pipe.execute()
+
+    # Lookups -------------------------------------------------------------------------------
+
+    def active_calls(
+        self, number: str | None, user: str | None, offset: int, limit: int
+    ) -> tuple[int, list[Doc]]:
+        """Active calls, most recently heard from first, optionally by number and/or user."""
+        keys = []
+        if number:
+            keys.append(self.keys.active_by("number", number))
+        if user:
+            keys.append(self.keys.active_by("user", user))
+        ids: list[bytes]
+        if len(keys) == 2:
+            ranked = cast(list[tuple[bytes, float]], self.redis.zinter(keys, withscores=True))
+            ranked.sort(key=lambda pair: (-pair[1], pair[0]))
+            total = len(ranked)
+            ids = [member for member, _ in ranked[offset : offset + limit]]
+        else:
+            key = keys[0] if keys else self.keys.active()
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zcard(key)
+            pipe.zrevrange(key, offset, offset + limit - 1)
+            total, ids = pipe.execute()
+        docs = self.load_docs(_text(member) for member in ids)
+        return total, [doc for doc in docs.values() if doc is not None]
+
+    def stale_call_ids(self, before_ms: int, limit: int) -> list[str]:
+        ids = self.redis.zrangebyscore(self.keys.active(), "-inf", f"({before_ms}", 0, limit)
+        return [_text(member) for member in cast(list[bytes], ids)]
+
+    def server_time_ms(self) -> int:
+        seconds, micros = self.redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    # Quarantine ----------------------------------------------------------------------------
+
+    def quarantine(self, item: dict[str, Any]) -> None:
+        """Keep a rejected delivery for inspection; best effort, the list is bounded."""
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.lpush(self.keys.quarantine(), dumps(item))
+            pipe.ltrim(self.keys.quarantine(), 0, self.settings.quarantine_max - 1)
+            pipe.execute()
+        except RedisError:
+            pass
+
+    def quarantined(self, limit: int) -> list[dict[str, Any]]:
+        return [json.loads(raw) for raw in self.redis.lrange(self.keys.quarantine(), 0, limit - 1)]
+
+
+def _entry(log_id: bytes, fields: dict[bytes, bytes]) -> LogEntry:
+    call_id = fields[b"call_id"].decode()
+    if b"sweep_before_ms" in fields:
+        return LogEntry(log_id.decode(), call_id, {}, int(fields[b"sweep_before_ms"]))
+    return LogEntry(log_id.decode(), call_id, json.loads(fields[b"event"]))

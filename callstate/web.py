@@ -1,0 +1,206 @@
+"""The HTTP side: the Stringee webhook that logs events, and the read-only lookups."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue
+from werkzeug.exceptions import HTTPException
+
+from callstate.calls import public_view
+from callstate.config import Settings
+from callstate.jobs import enqueue_drain
+from callstate.schema import CALL_ID_PATTERN, PayloadError, parse_event
+from callstate.signature import SIGNATURE_HEADER, signature_matches
+from callstate.store import Store, connect
+
+log = logging.getLogger(__name__)
+QUARANTINE_PREVIEW_BYTES = 2048
+MAX_PAGE = 500
+
+webhooks = Blueprint("webhooks", __name__)
+calls = Blueprint("calls", __name__)
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    store: Store
+    queue: Queue
+
+
+def create_app(settings: Settings | None = None, redis: Redis | None = None) -> Flask:
+    """Application factory: settings from the environment unless given, one Redis client."""
+    settings = settings or Settings.from_env()
+    redis = redis or connect(settings.redis_url)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["callstate"] = Services(
+        settings, Store(redis, settings), Queue(settings.queue_name, connection=redis)
+    )
+    app.register_blueprint(webhooks)
+    app.register_blueprint(calls)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(RedisError, _redis_down)
+    return app
+
+
+def services() -> Services:
+    found: Services = current_app.extensions["callstate"]
+    return found
+
+
+def error(status: int, code: str, message: str, **extra: Any) -> tuple[Response, int]:
+    return jsonify({"error": code, "message": message, **extra}), status
+
+
+def _http_error(exc: HTTPException) -> tuple[Response, int]:
+    status = exc.code or 500
+    code = (exc.name or "error").lower().replace(" ", "_")
+    return error(status, code, exc.description or code)
+
+
+def _redis_down(exc: RedisError) -> tuple[Response, int]:
+    log.warning("redis unavailable: %s", exc)
+    return error(503, "unavailable", "the call store is unavailable; retry later")
+
+
+# Webhook ---------------------------------------------------------------------------------------
+
+
+@webhooks.post("/webhooks/stringee")
+def receive_event() -> tuple[Response, int]:
+    svc = services()
+    raw = request.get_data(cache=False)
+    try:
+        payload = _checked_payload(svc.settings, raw)
+    except PayloadError as exc:
+        _quarantine(svc.store, raw, exc)
+        return jsonify(exc.to_json()), exc.status
+    call_id = payload["call_id"]
+    try:
+        log_id, shard, wake = svc.store.append_event(call_id, raw)
+    except RedisError as exc:
+        log.warning("event for call %s not stored: %s", call_id, exc)
+        return error(503, "unavailable", "the event could not be stored; retry later")
+    if wake:
+        try:
+            enqueue_drain(svc.queue, shard, svc.settings.drain_lock_seconds * 4)
+        except RedisError as exc:
+            # The event is logged; maintenance wakes any shard left with a backlog.
+            log.warning("event %s stored but drain of shard %s not queued: %s", log_id, shard, exc)
+    log.debug("stored %s for call %s as %s", payload.get("call_status"), call_id, log_id)
+    return jsonify({"status": "stored", "call_id": call_id, "log_id": log_id}), 200
+
+
+def _checked_payload(settings: Settings, raw: bytes) -> dict[str, Any]:
+    if request.mimetype != "application/json":
+        raise PayloadError(415, "unsupported_media_type", "Content-Type must be application/json")
+    if settings.signing_secret is not None and not signature_matches(
+        settings.signing_secret, raw, request.headers.get(SIGNATURE_HEADER)
+    ):
+        raise PayloadError(401, "bad_signature", f"missing or wrong {SIGNATURE_HEADER} header")
+    return parse_event(raw)
+
+
+def _quarantine(store: Store, raw: bytes, exc: PayloadError) -> None:
+    store.quarantine(
+        {
+            "received_ms": int(time.time() * 1000),
+            "status": exc.status,
+            "error": exc.error,
+            "field": exc.field,
+            "message": exc.message,
+            "body": raw[:QUARANTINE_PREVIEW_BYTES].decode("utf-8", "replace"),
+        }
+    )
+
+
+# Lookups ---------------------------------------------------------------------------------------
+
+
+@calls.before_request
+def require_api_token() -> tuple[Response, int] | None:
+    token = services().settings.api_token
+    if token is None:
+        return None
+    sent = request.headers.get("Authorization", "")
+    expected = f"Bearer {token}"
+    if not hmac.compare_digest(sent.encode(), expected.encode()):
+        return error(401, "unauthorized", "send Authorization: Bearer <CALLSTATE_API_TOKEN>")
+    return None
+
+
+@calls.get("/calls/<call_id>")
+def get_call(call_id: str) -> tuple[Response, int]:
+    doc = _doc_or_none(call_id)
+    if doc is None:
+        return error(404, "not_found", "no such call", call_id=call_id)
+    return jsonify(public_view(doc)), 200
+
+
+@calls.get("/calls/<call_id>/events")
+def get_call_events(call_id: str) -> tuple[Response, int]:
+    doc = _doc_or_none(call_id)
+    if doc is None:
+        return error(404, "not_found", "no such call", call_id=call_id)
+    journal = doc["journal"]
+    payloads = services().store.payloads(call_id, [item["log_id"] for item in journal])
+    events = [
+        {
+            **item,
+            "received_ms": int(item["log_id"].split("-")[0]),
+            "payload": payloads.get(item["log_id"]),
+        }
+        for item in journal
+    ]
+    return jsonify({"call_id": call_id, "events": events}), 200
+
+
+@calls.get("/calls/<call_id>/record")
+def get_call_record(call_id: str) -> tuple[Response, int]:
+    doc = _doc_or_none(call_id)
+    if doc is None:
+        return error(404, "not_found", "no such call", call_id=call_id)
+    if doc["record"] is None:
+        return error(404, "not_ended", "the call has not ended yet", call_id=call_id)
+    return jsonify(doc["record"]), 200
+
+
+@calls.get("/calls")
+def list_calls() -> tuple[Response, int]:
+    args = request.args
+    if args.get("active") != "true":
+        return error(400, "invalid_query", "only active=true is supported", field="active")
+    try:
+        limit = _int_arg("limit", 50, 1, MAX_PAGE)
+        offset = _int_arg("offset", 0, 0, None)
+    except ValueError as exc:
+        return error(400, "invalid_query", str(exc), field=exc.args[1])
+    total, docs = services().store.active_calls(args.get("number"), args.get("user"), offset, limit)
+    return jsonify(
+        {"total": total, "offset": offset, "limit": limit, "calls": [public_view(d) for d in docs]}
+    ), 200
+
+
+def _doc_or_none(call_id: str) -> dict[str, Any] | None:
+    if not CALL_ID_PATTERN.fullmatch(call_id):
+        return None
+    return services().store.get_doc(call_id)
+
+
+def _int_arg(name: str, default: int, low: int, high: int | None) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) < low or (high is not None and int(raw) > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ValueError(f"{name} must be an integer {bound}", name)
+    return int(raw)

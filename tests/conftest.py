@@ -1,0 +1,64 @@
+"""Fixtures shared by all tests: settings, a fakeredis-backed store, the machine, a drain helper."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+from redis import Redis
+
+from callstate.calls import Doc
+from callstate.config import Settings
+from callstate.drain import Drainer
+from callstate.machine import CallMachine
+from callstate.store import Store
+from tests.factories import body
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(redis_url="redis://fake", embedded_redis=False, var_dir=tmp_path, shards=4)
+
+
+@pytest.fixture
+def redis() -> Iterator[Redis]:
+    server = fakeredis.FakeServer()
+    client = fakeredis.FakeRedis(server=server)
+    yield client
+    client.flushall()
+
+
+@pytest.fixture
+def store(redis: Redis, settings: Settings) -> Store:
+    return Store(redis, settings)
+
+
+@pytest.fixture(scope="session")
+def machine() -> CallMachine:
+    return CallMachine()
+
+
+@pytest.fixture
+def drainer(store: Store, machine: CallMachine) -> Drainer:
+    return Drainer(store, machine, batch=7)
+
+
+@pytest.fixture
+def deliver(store: Store, drainer: Drainer) -> Callable[..., Doc]:
+    """Log payloads as the webhook would, drain their shards, return the last call's document."""
+
+    def send(*payloads: dict[str, Any]) -> Doc:
+        shards = set()
+        for payload in payloads:
+            _, shard, _ = store.append_event(payload["call_id"], body(payload))
+            shards.add(shard)
+        for shard in shards:
+            drainer.drain(shard)
+        doc = store.get_doc(payloads[-1]["call_id"])
+        assert doc is not None
+        return doc
+
+    return send

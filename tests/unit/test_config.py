@@ -1,0 +1,39 @@
+"""Settings from the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from callstate.config import EMBEDDED_REDIS_PORT, Settings
+
+
+def test_defaults_use_the_embedded_redis(tmp_path: Path) -> None:
+    settings = Settings.from_env({"CALLSTATE_VAR_DIR": str(tmp_path)})
+    assert settings.embedded_redis
+    assert settings.redis_url == f"redis://127.0.0.1:{EMBEDDED_REDIS_PORT}/0"
+    assert settings.var_dir == tmp_path
+    assert settings.stale_after_seconds == 4 * 3600
+    assert settings.signing_secret is None
+
+
+def test_redis_url_and_tunables_come_from_the_environment() -> None:
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": "redis://db:6379/2",
+            "CALLSTATE_SHARDS": "8",
+            "CALLSTATE_STALE_AFTER_SECONDS": "60",
+            "STRINGEE_SIGNING_SECRET": "s",
+        }
+    )
+    assert not settings.embedded_redis
+    assert settings.redis_url == "redis://db:6379/2"
+    assert (settings.shards, settings.stale_after_seconds) == (8, 60)
+    assert settings.signing_secret == "s"
+
+
+@pytest.mark.parametrize("value", ["many", "0", "-3"])
+def test_bad_numbers_are_refused_by_name(value: str) -> None:
+    with pytest.raises(ValueError, match="CALLSTATE_SHARDS"):
+        Settings.from_env({"CALLSTATE_SHARDS": value})

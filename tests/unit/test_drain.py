@@ -1,0 +1,82 @@
+"""The drainer: log order per shard, batches committed once, fenced by the shard cursor."""
+
+from __future__ import annotations
+
+from callstate.calls import apply_entries
+from callstate.drain import Drainer
+from callstate.machine import CallMachine
+from callstate.store import Store
+from tests.factories import body, event
+
+
+def log_events(store: Store, call_id: str, count: int) -> int:
+    shard = 0
+    for n in range(count):
+        status = "ringing" if n % 2 == 0 else "agentEnded"
+        _, shard, _ = store.append_event(call_id, body(event(call_id, status, 1000 + n)))
+    return shard
+
+
+def test_drain_applies_the_whole_backlog_in_batches_in_order(
+    store: Store, drainer: Drainer
+) -> None:
+    shard = log_events(store, "c-1", 20)
+    assert store.has_backlog(shard)
+    assert drainer.drain(shard) == 20
+    doc = store.get_doc("c-1")
+    assert doc is not None
+    assert [item["timestamp_ms"] for item in doc["journal"]] == list(range(1000, 1020))
+    assert {item["verdict"] for item in doc["journal"]} == {"accepted"}
+    assert not store.has_backlog(shard)
+    assert drainer.drain(shard) == 0
+
+
+def test_commit_is_refused_when_another_drainer_moved_the_cursor(
+    store: Store, drainer: Drainer, machine: CallMachine
+) -> None:
+    shard = log_events(store, "c-1", 3)
+    entries = store.read_entries(shard, None, 10)
+    docs = store.load_docs({"c-1"})
+    changed, records = apply_entries(docs, entries, machine)
+    assert drainer.drain(shard) == 3
+    winner = store.get_doc("c-1")
+    late = store.commit(
+        shard, None, entries[-1].log_id, {c: d for c in changed if (d := docs[c])}, {}, records
+    )
+    assert late is False
+    assert store.get_doc("c-1") == winner
+    assert winner is not None
+    assert winner["counts"]["accepted"] == 3
+
+
+def test_drain_leaves_a_locked_shard_to_its_holder(store: Store, drainer: Drainer) -> None:
+    shard = log_events(store, "c-1", 2)
+    assert store.acquire_drain_lock(shard, "other")
+    assert drainer.drain(shard) == 0
+    assert store.has_backlog(shard)
+    assert not store.release_drain_lock(shard, "not-mine")
+    assert store.release_drain_lock(shard, "other")
+    assert drainer.drain(shard) == 2
+
+
+def test_drain_clears_the_wake_flag_so_the_next_event_wakes_a_new_job(
+    store: Store, drainer: Drainer
+) -> None:
+    _, shard, first = store.append_event("c-1", body(event("c-1", "ringing", 1)))
+    _, _, second = store.append_event("c-1", body(event("c-1", "answered", 2)))
+    assert (first, second) == (True, False)
+    drainer.drain(shard)
+    _, _, after_drain = store.append_event("c-1", body(event("c-1", "ended", 3)))
+    assert after_drain is True
+
+
+def test_drainer_that_lost_its_lock_stops_after_its_batch(
+    store: Store, machine: CallMachine
+) -> None:
+    shard = log_events(store, "c-1", 6)
+    small = Drainer(store, machine, batch=2)
+    assert store.acquire_drain_lock(shard, "mine")
+    store.redis.delete(store.keys.drain_lock(shard))
+    assert small._drain_locked(shard, "mine") == 2
+    assert store.cursor(shard) is not None
+    assert small.drain(shard) == 4

@@ -1,0 +1,81 @@
+"""Periodic maintenance: silent calls are closed through the log; stuck shards are woken."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, cast
+
+import pytest
+from redis import Redis
+
+from callstate import jobs
+from callstate.config import Settings
+from callstate.store import Store, StreamRows
+from tests.factories import body, event
+
+
+@pytest.fixture
+def context(settings: Settings, redis: Redis) -> jobs.Context:
+    return jobs.configure(dataclasses.replace(settings, stale_after_seconds=60), redis)
+
+
+def log_at(store: Store, ms: int, payload: dict[str, Any]) -> int:
+    """Log an event with a chosen log time, as if the webhook had received it back then."""
+    call_id: str = payload["call_id"]
+    shard = store.keys.shard_of(call_id)
+    store.redis.xadd(
+        store.keys.log(shard), {"call_id": call_id, "event": body(payload)}, id=f"{ms}-0"
+    )
+    return shard
+
+
+def test_maintenance_closes_silent_calls_via_the_log(context: jobs.Context) -> None:
+    store = context.store
+    now = store.server_time_ms()
+    silent = log_at(store, now - 120_000, event("silent", "ringing", 1))
+    log_at(store, now - 1_000, event("recent", "ringing", 1))
+    for shard in range(context.settings.shards):
+        jobs.drain_shard(shard)
+    result = jobs.maintain()
+    assert result["stale"] == 1
+    assert context.queue.count >= 1
+    assert store.has_backlog(silent)
+    jobs.drain_shard(silent)
+    doc = store.get_doc("silent")
+    assert doc is not None
+    assert doc["status"] == "ended"
+    assert doc["record"]["closed_by"] == "sweeper"
+    recent = store.get_doc("recent")
+    assert recent is not None
+    assert recent["status"] == "ringing"
+    assert store.stale_call_ids(now - 60_000, 10) == []
+    records = cast(StreamRows, store.redis.xrange(store.keys.records()))
+    assert [fields[b"call_id"] for _, fields in records] == [b"silent"]
+
+
+def test_maintenance_wakes_a_shard_whose_wake_up_was_lost(context: jobs.Context) -> None:
+    store = context.store
+    _, shard, _ = store.append_event("c-1", body(event("c-1", "ringing", 1)))
+    context.queue.empty()  # type: ignore[no-untyped-call]
+    assert jobs.maintain()["woken"] == 1
+    job = context.queue.jobs[0]
+    assert job.func_name == jobs.DRAIN_JOB
+    assert job.args == (shard,)
+
+
+def test_trim_keeps_entries_not_yet_applied(context: jobs.Context) -> None:
+    store = context.store
+    shard = log_at(store, 1_000, event("old", "ringing", 1))
+    log_at(store, 2_000, event("old", "answered", 2))
+    store.trim_logs(10_000)
+    assert len(store.read_entries(shard, None, 10)) == 2
+    jobs.drain_shard(shard)
+    log_at(store, 20_000, event("old", "ended", 3))
+    store.trim_logs(10_000)
+    assert [e.log_id for e in store.read_entries(shard, None, 10)] == ["2000-0", "20000-0"]
+
+
+def test_jobs_refuse_to_run_unconfigured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jobs, "_context", None)
+    with pytest.raises(RuntimeError, match=r"workers/events\.py"):
+        jobs.drain_shard(0)

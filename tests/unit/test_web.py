@@ -1,0 +1,282 @@
+"""The webhook and lookup endpoints through Flask's test client, on fakeredis."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from collections.abc import Callable
+from typing import Any, cast
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from redis import Redis
+from rq import Queue
+from werkzeug.test import TestResponse
+
+from callstate.config import Settings
+from callstate.drain import Drainer
+from callstate.signature import sign
+from callstate.store import Store, StreamRows
+from callstate.web import create_app
+from tests.factories import body, ended, event, example
+
+URL = "/webhooks/stringee"
+
+
+def json_of(response: TestResponse) -> Any:
+    data = response.get_json()
+    assert data is not None, response.data
+    return data
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+def app(settings: Settings, redis: Redis) -> Flask:
+    return create_app(settings, redis)
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def post(client: FlaskClient) -> Callable[..., Any]:
+    def send(payload: dict[str, Any]) -> Any:
+        return client.post(URL, data=body(payload), headers=JSON)
+
+    return send
+
+
+def drain_all(drainer: Drainer, settings: Settings) -> None:
+    for shard in range(settings.shards):
+        drainer.drain(shard)
+
+
+def stored_state(redis: Redis) -> dict[bytes, Any]:
+    """Every key and its content, to show a refused delivery changed nothing."""
+    state: dict[Any, Any] = {}
+    for key in redis.keys("*"):
+        kind = redis.type(key)
+        if kind == b"string":
+            state[key] = redis.get(key)
+        elif kind == b"stream":
+            state[key] = redis.xrange(key)
+        elif kind == b"zset":
+            state[key] = redis.zrange(key, 0, -1, withscores=True)
+        elif kind == b"list":
+            state[key] = redis.lrange(key, 0, -1)
+        else:
+            state[key] = kind
+    return state
+
+
+def test_webhook_logs_the_raw_event_and_queues_one_drain(
+    post: Callable[..., Any], store: Store, redis: Redis, settings: Settings
+) -> None:
+    payload = example("started")
+    response = post(payload)
+    assert response.status_code == 200
+    assert json_of(response)["status"] == "stored"
+    shard = store.keys.shard_of(payload["call_id"])
+    logged = cast(StreamRows, redis.xrange(store.keys.log(shard)))
+    assert len(logged) == 1
+    assert logged[0][1][b"event"] == body(payload)
+    assert json_of(response)["log_id"] == logged[0][0].decode()
+    post(event(payload["call_id"], "ringing", payload["timestamp_ms"] + 1))
+    assert Queue(settings.queue_name, connection=redis).count == 1
+
+
+def test_lookups_after_drain(
+    post: Callable[..., Any], client: FlaskClient, drainer: Drainer, settings: Settings
+) -> None:
+    call_id = "call-1"
+    for payload in (
+        event(call_id, "ringing", 1000),
+        event(call_id, "ringing", 1000),
+        event(call_id, "answered", 1002),
+        event(call_id, "started", 999),
+    ):
+        assert post(payload).status_code == 200
+    drain_all(drainer, settings)
+    call = json_of(client.get(f"/calls/{call_id}"))
+    assert call["status"] == "answered"
+    assert call["counts"] == {"accepted": 2, "duplicate": 1, "rejected": 1, "annotation": 0}
+    assert call["timeline"] == {"ringing": 1000, "answered": 1002, "started": 999}
+    assert call["active"] is True
+    assert call["version"] == 4
+    events = json_of(client.get(f"/calls/{call_id}/events"))["events"]
+    assert [(e["verdict"], e["reason"]) for e in events] == [
+        ("accepted", None),
+        ("duplicate", None),
+        ("accepted", None),
+        ("rejected", "out_of_order"),
+    ]
+    assert events[3]["payload"]["call_status"] == "started"
+    record = client.get(f"/calls/{call_id}/record")
+    assert record.status_code == 404
+    assert json_of(record)["error"] == "not_ended"
+    post(ended(call_id, 1100, "USER_END_CALL", 50))
+    drain_all(drainer, settings)
+    assert json_of(client.get(f"/calls/{call_id}/record"))["disposition"] == "answered"
+    assert json_of(client.get(f"/calls/{call_id}"))["active"] is False
+
+
+def test_unknown_call_is_404(client: FlaskClient) -> None:
+    for path in ("/calls/nope", "/calls/nope/events", "/calls/nope/record", "/calls/bad*id"):
+        response = client.get(path)
+        assert response.status_code == 404
+        assert json_of(response)["error"] == "not_found"
+
+
+def test_active_listing_filters_and_pages(
+    post: Callable[..., Any], client: FlaskClient, drainer: Drainer, settings: Settings
+) -> None:
+    for n in range(5):
+        post(
+            event(
+                f"a-{n}",
+                "ringing",
+                1000 + n,
+                request_from_user_id=f"user-{n % 2}",
+                to={"number": f"8490000000{n % 3}"},
+            )
+        )
+    post(ended("a-4", 2000, "486 Busy Here", 0))
+    drain_all(drainer, settings)
+    listing = json_of(client.get("/calls?active=true"))
+    assert listing["total"] == 4
+    assert {c["call_id"] for c in listing["calls"]} == {"a-0", "a-1", "a-2", "a-3"}
+    by_user = json_of(client.get("/calls?active=true&user=user-0"))
+    assert {c["call_id"] for c in by_user["calls"]} == {"a-0", "a-2"}
+    by_number = json_of(client.get("/calls?active=true&number=84900000000"))
+    assert {c["call_id"] for c in by_number["calls"]} == {"a-0", "a-3"}
+    caller = json_of(client.get("/calls?active=true&number=84899199866"))
+    assert caller["total"] == 4
+    both = json_of(client.get("/calls?active=true&number=84900000000&user=user-0"))
+    assert [c["call_id"] for c in both["calls"]] == ["a-0"]
+    assert both["total"] == 1
+    page = json_of(client.get("/calls?active=true&limit=2&offset=1"))
+    assert [c["call_id"] for c in page["calls"]] == ["a-2", "a-1"]
+    assert page["total"] == 4
+
+
+def test_index_follows_the_agent_of_a_call_center_call(
+    post: Callable[..., Any], client: FlaskClient, drainer: Drainer, settings: Settings
+) -> None:
+    post(event("cc-1", "ringing", 1, to={"number": "agent-1"}))
+    post(event("cc-1", "agentEnded", 2, to={"number": "agent-1"}))
+    post(event("cc-1", "ringing", 3, to={"number": "agent-2"}))
+    drain_all(drainer, settings)
+    assert json_of(client.get("/calls?active=true&number=agent-1"))["total"] == 0
+    assert json_of(client.get("/calls?active=true&number=agent-2"))["total"] == 1
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "",
+        "?active=false",
+        "?active=true&limit=0",
+        "?active=true&limit=x",
+        "?active=true&offset=-1",
+        "?active=true&limit=501",
+    ],
+)
+def test_bad_listing_query_is_400(client: FlaskClient, query: str) -> None:
+    response = client.get(f"/calls{query}")
+    assert response.status_code == 400
+    assert json_of(response)["field"] in ("active", "limit", "offset")
+
+
+@pytest.mark.parametrize(
+    ("data", "headers", "status", "error"),
+    [
+        (b"{oops", JSON, 400, "invalid_json"),
+        (b"[1]", JSON, 422, "invalid_payload"),
+        (body({"call_status": "ringing", "timestamp_ms": 1}), JSON, 422, "missing_field"),
+        (
+            body(event("c", "ringing", 1)),
+            {"Content-Type": "text/plain"},
+            415,
+            "unsupported_media_type",
+        ),
+        (body(event("c", "ringing", 1)), {}, 415, "unsupported_media_type"),
+        (b"{" + b" " * 70_000 + b"}", JSON, 413, "request_entity_too_large"),
+    ],
+)
+def test_bad_delivery_gets_a_json_error_and_changes_nothing(
+    client: FlaskClient,
+    post: Callable[..., Any],
+    store: Store,
+    redis: Redis,
+    data: bytes,
+    headers: dict[str, str],
+    status: int,
+    error: str,
+) -> None:
+    post(event("c", "ringing", 0))
+    before = stored_state(redis)
+    response = client.post(URL, data=data, headers=headers)
+    assert response.status_code == status
+    assert json_of(response)["error"] == error
+    assert json_of(response)["message"]
+    after = stored_state(redis)
+    quarantine = after.pop(store.keys.quarantine().encode(), [])
+    assert after == before
+    if status != 413:
+        assert len(quarantine) == 1
+
+
+def test_quarantine_is_bounded(client: FlaskClient, store: Store, settings: Settings) -> None:
+    for n in range(settings.quarantine_max + 5):
+        client.post(URL, data=b"garbage %d" % n, headers=JSON)
+    kept = store.quarantined(settings.quarantine_max + 10)
+    assert len(kept) == settings.quarantine_max
+    assert kept[0]["body"] == f"garbage {settings.quarantine_max + 4}"
+
+
+def signed_app(settings: Settings, redis: Redis) -> FlaskClient:
+    secret_settings = dataclasses.replace(settings, signing_secret="s3cret")
+    return create_app(secret_settings, redis).test_client()
+
+
+def test_signature_is_required_when_a_secret_is_set(settings: Settings, redis: Redis) -> None:
+    client = signed_app(settings, redis)
+    raw = body(example("started"))
+    good = {**JSON, "X-STRINGEE-SIGNATURE": sign("s3cret", raw)}
+    wrong = {**JSON, "X-STRINGEE-SIGNATURE": sign("other", raw)}
+    assert client.post(URL, data=raw, headers=JSON).status_code == 401
+    assert json_of(client.post(URL, data=raw, headers=wrong))["error"] == "bad_signature"
+    tampered = raw.replace(b"started", b"ringing")
+    assert client.post(URL, data=tampered, headers=good).status_code == 401
+    assert client.post(URL, data=raw, headers=good).status_code == 200
+
+
+def test_read_endpoints_need_the_api_token_when_set(settings: Settings, redis: Redis) -> None:
+    client = create_app(dataclasses.replace(settings, api_token="tok"), redis).test_client()
+    assert client.get("/calls?active=true").status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert json_of(client.get("/calls?active=true", headers=wrong))["error"] == "unauthorized"
+    good = {"Authorization": "Bearer tok"}
+    assert client.get("/calls?active=true", headers=good).status_code == 200
+    assert client.post(URL, data=body(example("started")), headers=JSON).status_code == 200
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def test_unreachable_redis_is_503_never_200(settings: Settings) -> None:
+    down = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{closed_port()}/0")
+    client = create_app(down).test_client()
+    response = client.post(URL, data=body(example("started")), headers=JSON)
+    assert response.status_code == 503
+    assert json_of(response)["error"] == "unavailable"
+    assert client.get("/calls/some-call").status_code == 503
