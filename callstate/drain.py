@@ -47,7 +47,7 @@ class Drainer:
             new_cursor = entries[-1].log_id
             changed_docs = {c: doc for c in changed if (doc := docs[c]) is not None}
             if not self.store.commit(
-                shard, cursor, new_cursor, changed_docs, indexed_before, records
+                shard, cursor, new_cursor, len(entries), changed_docs, indexed_before, records
             ):
                 log.warning("shard %s: cursor moved under this drainer; stopping", shard)
                 return applied

@@ -53,5 +53,9 @@ class Keys:
         """Stream of final call records for downstream consumer groups."""
         return f"{self.prefix}:records"
 
+    def applied_counter(self) -> str:
+        """Total log entries applied since the store was created: for monitoring and benchmarks."""
+        return f"{self.prefix}:stats:applied"
+
     def quarantine(self) -> str:
         return f"{self.prefix}:quarantine"

@@ -11,8 +11,10 @@ from redis.backoff import NoBackoff
 from redis.client import Pipeline
 from redis.exceptions import RedisError, WatchError
 from redis.retry import Retry
+from redis.typing import EncodableT, FieldT
 
 from callstate.calls import Doc, LogEntry, is_active
+from callstate.codec import pack, unpack
 from callstate.config import Settings
 from callstate.keys import Keys
 
@@ -32,6 +34,15 @@ def stream_id_key(log_id: str) -> tuple[int, int]:
 
 def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def pack_doc(doc: Doc) -> bytes:
+    return pack(dumps(doc).encode())
+
+
+def unpack_doc(stored: bytes) -> Doc:
+    doc: Doc = json.loads(unpack(stored))
+    return doc
 
 
 def connect(url: str) -> Redis:
@@ -56,7 +67,7 @@ class Store:
         """Log a raw event; return its log id, its shard and whether to wake a drain job."""
         shard = self.keys.shard_of(call_id)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(self.keys.log(shard), {"call_id": call_id, "event": raw})
+        pipe.xadd(self.keys.log(shard), event_fields(call_id, raw))
         # A flag lost with a crashed web process expires, and maintenance wakes backlogs anyway.
         pipe.set(self.keys.drain_pending(shard), 1, nx=True, ex=self.settings.drain_lock_seconds)
         log_id, first_waker = pipe.execute()
@@ -160,7 +171,7 @@ class Store:
             return {}
         raws = self.redis.mget([self.keys.call(call_id) for call_id in ids])
         return {
-            call_id: json.loads(raw) if raw else None
+            call_id: unpack_doc(cast(bytes, raw)) if raw else None
             for call_id, raw in zip(ids, raws, strict=True)
         }
 
@@ -194,6 +205,7 @@ class Store:
         shard: int,
         expected_cursor: str | None,
         new_cursor: str,
+        applied: int,
         docs: dict[str, Doc],
         indexed_before: dict[str, set[str]],
         records: list[Doc],
@@ -221,6 +233,7 @@ class Store:
                         approximate=True,
                     )
                 pipe.set(cursor_key, new_cursor)
+                pipe.incrby(self.keys.applied_counter(), applied)
                 pipe.execute()
                 return True
             except WatchError:
@@ -229,7 +242,7 @@ class Store:
     def _write_doc(self, pipe: Pipeline, doc: Doc, indexed_before: set[str]) -> None:
         call_id = doc["call_id"]
         retention_ms = None if is_active(doc) else self.settings.retention_seconds * 1000
-        pipe.set(self.keys.call(call_id), dumps(doc), px=retention_ms)
+        pipe.set(self.keys.call(call_id), pack_doc(doc), px=retention_ms)
         indexed_now = self.index_keys(doc)
         for key in indexed_before - indexed_now:
             pipe.zrem(key, call_id)
@@ -288,6 +301,9 @@ class Store:
         ids = self.redis.zrangebyscore(self.keys.active(), "-inf", f"({before_ms}", 0, limit)
         return [_text(member) for member in cast(list[bytes], ids)]
 
+    def applied_count(self) -> int:
+        return int(self.redis.get(self.keys.applied_counter()) or 0)
+
     def server_time_ms(self) -> int:
         seconds, micros = self.redis.time()
         return int(seconds) * 1000 + int(micros) // 1000
@@ -308,8 +324,13 @@ class Store:
         return [json.loads(raw) for raw in self.redis.lrange(self.keys.quarantine(), 0, limit - 1)]
 
 
+def event_fields(call_id: str, raw: bytes) -> dict[FieldT, EncodableT]:
+    """A webhook delivery as a log entry: its call, and the body as received, packed."""
+    return {"call_id": call_id, "event": pack(raw)}
+
+
 def _entry(log_id: bytes, fields: dict[bytes, bytes]) -> LogEntry:
     call_id = fields[b"call_id"].decode()
     if b"sweep_before_ms" in fields:
         return LogEntry(log_id.decode(), call_id, {}, int(fields[b"sweep_before_ms"]))
-    return LogEntry(log_id.decode(), call_id, json.loads(fields[b"event"]))
+    return LogEntry(log_id.decode(), call_id, json.loads(unpack(fields[b"event"])))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rq import Worker
+from rq.worker import SimpleWorker
 
 from callstate import jobs
 from workers.connect import connect
@@ -10,9 +10,10 @@ from workers.connect import connect
 
 def main() -> None:
     settings, redis = connect()
-    # Configured before RQ forks its work horses, so each job inherits the one state machine.
     jobs.configure(settings, redis)
-    Worker([settings.queue_name], connection=redis).work()
+    # Drain jobs last milliseconds, so a fork per job (RQ's default Worker) would cost more than
+    # the work; SimpleWorker runs them in this process, keeping one machine and one connection.
+    SimpleWorker([settings.queue_name], connection=redis).work()
 
 
 if __name__ == "__main__":

@@ -74,10 +74,28 @@ class RedisServer:
         return Redis.from_url(self.url)
 
 
+class ExternalRedis:
+    """A server someone else runs (REDIS_URL), in the role of RedisServer."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def start(self) -> None:
+        wait_for_redis(self.client(), timeout_seconds=20)
+
+    def stop(self) -> None:
+        """Not ours to stop."""
+
+    def client(self) -> Redis:
+        return Redis.from_url(self.url)
+
+
 class Stack:
     """The service as it runs in production, one process per role, talking over loopback."""
 
-    def __init__(self, redis: RedisServer, workdir: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, redis: RedisServer | ExternalRedis, workdir: Path, env: dict[str, str]
+    ) -> None:
         self.redis = redis
         self.workdir = workdir
         self.env = {
@@ -104,27 +122,18 @@ class Stack:
         self.processes[name] = process
         return process
 
-    def start_web(self) -> None:
+    def start_web(self, processes: int = 2, app: str = "app:app", name: str = "web") -> None:
+        """gunicorn as the Procfile runs it: `processes` workers of 4 threads each."""
         port = free_port()
         self.web_url = f"http://127.0.0.1:{port}"
-        self.spawn(
-            "web",
-            [
-                str(BIN / "gunicorn"),
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                "2",
-                "--threads",
-                "4",
-                "app:app",
-            ],
-        )
+        argv = [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--threads", "4"]
+        self.spawn(name, [*argv, "--workers", str(processes), app])
         wait_until(self.web_answers, 30, "gunicorn to answer")
 
     def web_answers(self) -> bool:
         try:
-            return requests.get(f"{self.web_url}/calls?active=true", timeout=2).ok
+            status = requests.get(f"{self.web_url}/calls?active=true", timeout=2).status_code
+            return status < 500
         except requests.ConnectionError:
             return False
 
@@ -136,6 +145,11 @@ class Stack:
 
     def start_scheduler(self) -> None:
         self.spawn("scheduler", [sys.executable, "-m", "workers.scheduler"])
+
+    def stop_process(self, name: str) -> None:
+        process = self.processes.pop(name)
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
 
     def kill(self, process: subprocess.Popen[bytes]) -> None:
         """SIGKILL the whole session: an RQ worker and the work horse it forked."""

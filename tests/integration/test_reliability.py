@@ -7,9 +7,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
-from callstate.store import StreamRows
+from callstate.store import StreamRows, unpack_doc
 from tests.factories import SCENARIOS, ended, event, scenario
-from tests.integration.stack import Stack, wait_until
+from tests.integration.stack import RedisServer, Stack, wait_until
 
 MakeStack = Callable[..., Stack]
 
@@ -48,7 +48,8 @@ def post_interleaved(
 def docs(stack: Stack, call_ids: list[str]) -> dict[str, Any]:
     redis = stack.redis.client()
     raws = redis.mget([f"cs:call:{call_id}" for call_id in call_ids])
-    return {c: json.loads(raw) if raw else None for c, raw in zip(call_ids, raws, strict=True)}
+    found = cast(list[bytes | None], raws)
+    return {c: unpack_doc(raw) if raw else None for c, raw in zip(call_ids, found, strict=True)}
 
 
 def all_ended(stack: Stack, call_ids: list[str]) -> bool:
@@ -117,17 +118,19 @@ def test_worker_killed_mid_drain_loses_nothing_and_applies_nothing_twice(
     assert_applied_exactly_once_in_order(stack, calls, acked)
 
 
-def test_acknowledged_events_survive_a_killed_redis(make_stack: MakeStack) -> None:
+def test_acknowledged_events_survive_a_killed_redis(
+    make_stack: MakeStack, redis_server: RedisServer
+) -> None:
     stack = make_stack()
     stack.start_web()
     calls = traffic(30, "redis")
     first = {c: events[:2] for c, events in calls.items()}
     acked = post_interleaved(stack, first, threads=4)
-    stack.redis.kill()
+    redis_server.kill()
     refused = stack.post(calls["redis-0"][2])
     assert refused.status_code == 503
     assert refused.json()["error"] == "unavailable"
-    stack.redis.start()
+    redis_server.start()
     rest = {c: events[2:] for c, events in calls.items()}
     for call_id, ids in post_interleaved(stack, rest, threads=4).items():
         acked[call_id] += ids

@@ -29,6 +29,7 @@ def test_drain_applies_the_whole_backlog_in_batches_in_order(
     assert {item["verdict"] for item in doc["journal"]} == {"accepted"}
     assert not store.has_backlog(shard)
     assert drainer.drain(shard) == 0
+    assert store.applied_count() == 20
 
 
 def test_commit_is_refused_when_another_drainer_moved_the_cursor(
@@ -41,10 +42,11 @@ def test_commit_is_refused_when_another_drainer_moved_the_cursor(
     assert drainer.drain(shard) == 3
     winner = store.get_doc("c-1")
     late = store.commit(
-        shard, None, entries[-1].log_id, {c: d for c in changed if (d := docs[c])}, {}, records
+        shard, None, entries[-1].log_id, 3, {c: d for c in changed if (d := docs[c])}, {}, records
     )
     assert late is False
     assert store.get_doc("c-1") == winner
+    assert store.applied_count() == 3
     assert winner is not None
     assert winner["counts"]["accepted"] == 3
 

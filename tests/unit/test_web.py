@@ -14,6 +14,7 @@ from redis import Redis
 from rq import Queue
 from werkzeug.test import TestResponse
 
+from callstate.codec import unpack
 from callstate.config import Settings
 from callstate.drain import Drainer
 from callstate.signature import sign
@@ -84,7 +85,7 @@ def test_webhook_logs_the_raw_event_and_queues_one_drain(
     shard = store.keys.shard_of(payload["call_id"])
     logged = cast(StreamRows, redis.xrange(store.keys.log(shard)))
     assert len(logged) == 1
-    assert logged[0][1][b"event"] == body(payload)
+    assert unpack(logged[0][1][b"event"]) == body(payload)
     assert json_of(response)["log_id"] == logged[0][0].decode()
     post(event(payload["call_id"], "ringing", payload["timestamp_ms"] + 1))
     assert Queue(settings.queue_name, connection=redis).count == 1

@@ -1,0 +1,198 @@
+"""The load generator, run as its own process: `python -m bench.load --url ... --out result.json`.
+
+Each thread owns a set of interleaved calls and sends each call's deliveries in order (the next
+one after the previous was answered), at a fixed offered rate or as fast as answers come. Some
+answers are followed by probes that poll `GET /calls/<id>` until the event is applied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+from bench.traffic import PlannedCall, plan_call
+
+HEADERS = {"Content-Type": "application/json"}
+PROBE_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Tally:
+    """What one thread saw; merged at the end."""
+
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+    calls: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class Client:
+    """One keep-alive HTTP connection, reopened after an error."""
+
+    def __init__(self, url: str) -> None:
+        parsed = urlparse(url)
+        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 80
+        self.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        try:
+            self.conn.request(method, path, body=body, headers=HEADERS if body else {})
+            response = self.conn.getresponse()
+            return response.status, response.read()
+        except (OSError, http.client.HTTPException):
+            self.conn.close()
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+            return 0, b""
+
+
+def percentiles(values: list[float]) -> dict[str, float | int]:
+    if not values:
+        return {"count": 0, "p50": 0.0, "p99": 0.0, "max": 0.0}
+    ordered = sorted(values)
+
+    def pick(share: float) -> float:
+        return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+    return {"count": len(ordered), "p50": pick(0.5), "p99": pick(0.99), "max": ordered[-1]}
+
+
+class Load:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.deadline = 0.0
+        self.probes: queue.Queue[tuple[str, int, float] | None] = queue.Queue()
+        self.lags_ms: list[float] = []
+        self.gets_ms: list[float] = []
+        self.lock = threading.Lock()
+
+    def run(self) -> dict[str, Any]:
+        args = self.args
+        tallies = [Tally() for _ in range(args.threads)]
+        senders = [
+            threading.Thread(target=self.send, args=(n, tallies[n])) for n in range(args.threads)
+        ]
+        probers = [threading.Thread(target=self.probe) for _ in range(args.probers)]
+        for thread in probers:
+            thread.start()
+        started = time.monotonic()
+        self.deadline = started + args.duration
+        for thread in senders:
+            thread.start()
+        for thread in senders:
+            thread.join()
+        elapsed = time.monotonic() - started
+        for _ in probers:
+            self.probes.put(None)
+        for thread in probers:
+            thread.join()
+        latencies = [ms for tally in tallies for ms in tally.latencies_ms]
+        calls: dict[str, dict[str, Any]] = {}
+        for tally in tallies:
+            calls.update(tally.calls)
+        return {
+            "sent": len(latencies),
+            "errors": sum(tally.errors for tally in tallies),
+            "seconds": elapsed,
+            "throughput": len(latencies) / elapsed,
+            "latency_ms": percentiles(latencies),
+            "apply_lag_ms": percentiles(self.lags_ms),
+            "get_ms": percentiles(self.gets_ms),
+            "calls": calls,
+        }
+
+    def send(self, thread: int, tally: Tally) -> None:
+        args = self.args
+        rng = random.Random(args.seed * 1000 + thread)
+        client = Client(args.url)
+        interval = args.threads / args.rate if args.rate else 0.0
+        next_at = time.monotonic() + rng.random() * interval
+        pool: list[tuple[PlannedCall, int]] = []
+        started_calls = 0
+        while True:
+            if time.monotonic() < self.deadline:
+                while len(pool) < args.calls_per_thread:
+                    call_id = f"{args.prefix}-{thread}-{started_calls}"
+                    pool.append(
+                        (plan_call(call_id, rng, 1_700_000_000_000 + started_calls * 100), 0)
+                    )
+                    started_calls += 1
+            if not pool:
+                return
+            slot = rng.randrange(len(pool))
+            planned, step = pool[slot]
+            if interval:
+                time.sleep(max(0.0, next_at - time.monotonic()))
+                next_at += interval
+            self.deliver(client, tally, planned, step, rng)
+            if step + 1 == len(planned.sends):
+                pool.pop(slot)
+            else:
+                pool[slot] = (planned, step + 1)
+
+    def deliver(
+        self, client: Client, tally: Tally, planned: PlannedCall, step: int, rng: random.Random
+    ) -> None:
+        body = json.dumps(planned.sends[step]).encode()
+        sent_at = time.monotonic()
+        status, reply = client.request("POST", "/webhooks/stringee", body)
+        answered_at = time.monotonic()
+        if status != 200:
+            tally.errors += 1
+            return
+        tally.latencies_ms.append((answered_at - sent_at) * 1000)
+        if self.args.echo:
+            return
+        record = tally.calls.setdefault(
+            planned.call_id,
+            {"expected": planned.expected, "acked": [], "sends": len(planned.sends)},
+        )
+        record["acked"].append(json.loads(reply)["log_id"])
+        if rng.random() < self.args.probe_share:
+            self.probes.put((planned.call_id, step + 1, answered_at))
+
+    def probe(self) -> None:
+        client = Client(self.args.url)
+        while (item := self.probes.get()) is not None:
+            call_id, version, answered_at = item
+            give_up = answered_at + PROBE_TIMEOUT_S
+            while time.monotonic() < give_up:
+                sent_at = time.monotonic()
+                status, reply = client.request("GET", f"/calls/{call_id}")
+                now = time.monotonic()
+                with self.lock:
+                    self.gets_ms.append((now - sent_at) * 1000)
+                if status == 200 and json.loads(reply)["version"] >= version:
+                    with self.lock:
+                        self.lags_ms.append((now - answered_at) * 1000)
+                    break
+                time.sleep(0.002)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--rate", type=float, default=0.0, help="offered events/s; 0 = max")
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--calls-per-thread", type=int, default=8)
+    parser.add_argument("--probers", type=int, default=2)
+    parser.add_argument("--probe-share", type=float, default=0.02)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--prefix", default="bench")
+    parser.add_argument("--echo", action="store_true", help="the target is the bare echo floor")
+    args = parser.parse_args()
+    result = Load(args).run()
+    with open(args.out, "w") as out:
+        json.dump(result, out)
+
+
+if __name__ == "__main__":
+    main()

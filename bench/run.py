@@ -1,0 +1,452 @@
+"""`make bench`: the whole pipeline under load, and the stack's own floors, in one run.
+
+Starts Redis (embedded, or REDIS_URL), gunicorn with G processes and W RQ worker processes on
+loopback, drives them from a separate load-generator process, checks every call against the
+traffic's reference model, prints one table and writes the figures to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+from redis import Redis
+from rq import Queue, Worker
+
+from bench.traffic import PlannedCall, check_call, plan_call
+from callstate.calls import apply_entries
+from callstate.config import Settings
+from callstate.jobs import enqueue_drain
+from callstate.machine import CallMachine
+from callstate.store import Store, StreamRows, dumps, event_fields, pack_doc
+from tests.integration.stack import ExternalRedis, RedisServer, Stack, wait_until
+
+RESULTS = Path(__file__).parent / "results"
+SHARDS = 16
+TARGETS = {
+    "applied_vs_empty_rq_jobs": 5.0,
+    "webhook_vs_bare_echo": 0.5,
+    "half_rate_webhook_p99_ms": 15.0,
+    "half_rate_apply_lag_p99_ms": 500.0,
+    "bytes_per_active_call": 2048.0,
+    "flat_cost_drop": 0.10,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--web", type=int, default=2, help="gunicorn processes (G)")
+    parser.add_argument("--workers", type=int, default=2, help="RQ worker processes (W)")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds at the max rate")
+    parser.add_argument("--half-duration", type=float, default=20.0)
+    parser.add_argument("--floor-duration", type=float, default=10.0)
+    parser.add_argument("--noop-jobs", type=int, default=3000)
+    parser.add_argument("--drain-events", type=int, default=100_000)
+    parser.add_argument("--seed-calls", type=int, default=200_000)
+    parser.add_argument("--active-calls", type=int, default=5000)
+    parser.add_argument("--threads", type=int, default=16, help="load-generator threads")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds of everything")
+    parser.add_argument("--out", type=Path, default=None, help="result file (JSON)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.web, args.workers, args.threads = 1, 1, 4
+        args.duration = args.half_duration = args.floor_duration = 2.0
+        args.noop_jobs, args.drain_events, args.seed_calls, args.active_calls = 100, 1000, 1000, 100
+    return args
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, stack: Stack, workdir: Path) -> None:
+        self.args = args
+        self.stack = stack
+        self.workdir = workdir
+        self.redis: Redis = stack.redis.client()
+        self.settings = Settings.from_env({**stack.env})
+        self.store = Store(self.redis, self.settings)
+        self.queue = Queue(self.settings.queue_name, connection=self.redis)
+
+    # Processes and load ----------------------------------------------------------------------
+
+    def load(self, name: str, duration: float, rate: float = 0.0, echo: bool = False) -> Any:
+        out = self.workdir / f"load-{name}.json"
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.load",
+            "--url",
+            self.stack.web_url,
+            "--out",
+            str(out),
+            "--duration",
+            str(duration),
+            "--rate",
+            str(rate),
+            "--prefix",
+            name,
+            "--threads",
+            str(self.args.threads),
+        ]
+        if echo:
+            argv.append("--echo")
+        subprocess.run(argv, check=True, cwd=Path(__file__).parents[1], env=self.stack.env)
+        return json.loads(out.read_text())
+
+    def start_workers(self) -> None:
+        self.stack.start_workers(self.args.workers)
+        wait_until(lambda: len(Worker.all(queue=self.queue)) == self.args.workers, 30, "workers")
+
+    def stop_workers(self) -> None:
+        for name in [n for n in self.stack.processes if n.startswith("worker")]:
+            self.stack.stop_process(name)
+
+    def logged(self) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in range(SHARDS):
+            pipe.xlen(self.store.keys.log(shard))
+        return sum(pipe.execute())
+
+    def wait_drained(self, timeout: float = 600) -> None:
+        wait_until(lambda: self.store.applied_count() >= self.logged(), timeout, "the drain")
+
+    def commands(self) -> int:
+        stats = self.redis.info("commandstats")
+        return sum(int(value["calls"]) for value in stats.values())
+
+    def used_memory(self) -> int:
+        return int(self.redis.info("memory")["used_memory"])
+
+    # Phases -----------------------------------------------------------------------------------
+
+    def echo_floor(self) -> dict[str, Any]:
+        self.stack.start_web(self.args.web, app="bench.echo_app:app", name="echo")
+        result = self.load("echo", self.args.floor_duration, echo=True)
+        self.stack.stop_process("echo")
+        return _summary(result)
+
+    def rq_floor(self) -> dict[str, Any]:
+        done_before = _jobs_done(self.queue)
+        jobs = [
+            Queue.prepare_data("bench.noop.noop", result_ttl=0) for _ in range(self.args.noop_jobs)
+        ]
+        started = time.monotonic()
+        self.queue.enqueue_many(jobs)
+        target = done_before + self.args.noop_jobs
+        wait_until(lambda: _jobs_done(self.queue) >= target, 600, "the empty jobs")
+        seconds = time.monotonic() - started
+        return {
+            "jobs": self.args.noop_jobs,
+            "seconds": seconds,
+            "jobs_per_s": self.args.noop_jobs / seconds,
+        }
+
+    def max_rate(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        applied_before, commands_before = self.store.applied_count(), self.commands()
+        memory_before = self.used_memory()
+        result = self.load("max", self.args.duration)
+        applied_during = self.store.applied_count() - applied_before
+        self.wait_drained()
+        applied_total = self.store.applied_count() - applied_before
+        summary = _summary(result)
+        summary["applied_per_s_during_load"] = applied_during / result["seconds"]
+        summary["redis_commands_per_event"] = (self.commands() - commands_before) / applied_total
+        summary["bytes_per_ended_call"] = (self.used_memory() - memory_before) / len(
+            result["calls"]
+        )
+        return summary, result
+
+    def half_rate(self, max_throughput: float) -> tuple[dict[str, Any], dict[str, Any]]:
+        rate = max_throughput / 2
+        result = self.load("half", self.args.half_duration, rate=rate)
+        self.wait_drained()
+        summary = _summary(result)
+        summary["offered_rate"] = rate
+        return summary, result
+
+    def correctness(self, *results: dict[str, Any]) -> dict[str, Any]:
+        calls: dict[str, Any] = {}
+        for result in results:
+            calls.update(result["calls"])
+        problems: list[str] = []
+        acked = lost = doubled = 0
+        ids = sorted(calls)
+        for chunk in _chunks(ids, 1000):
+            docs = self.store.load_docs(chunk)
+            for call_id in chunk:
+                info = calls[call_id]
+                planned = PlannedCall(call_id, [], info["expected"])
+                problems += check_call(planned, docs[call_id], info["acked"])
+                journal = [item["log_id"] for item in (docs[call_id] or {"journal": []})["journal"]]
+                acked += len(info["acked"])
+                lost += len(set(info["acked"]) - set(journal))
+                doubled += len(journal) - len(set(journal))
+        records: dict[str, int] = {}
+        for _, fields in cast(StreamRows, self.redis.xrange(self.store.keys.records())):
+            call_id = fields[b"call_id"].decode()
+            records[call_id] = records.get(call_id, 0) + 1
+        wrong_records = [c for c in ids if records.get(c) != 1]
+        return {
+            "calls": len(ids),
+            "events_acknowledged": acked,
+            "lost": lost,
+            "applied_twice": doubled,
+            "calls_differing": len(problems),
+            "calls_without_exactly_one_record": len(wrong_records),
+            "examples": problems[:5],
+        }
+
+    def active_memory(self) -> dict[str, Any]:
+        rng = random.Random(7)
+        before = self.used_memory()
+        for n in range(self.args.active_calls):
+            planned = plan_call(f"active-{n}", rng, 1_800_000_000_000 + n * 100)
+            for payload in planned.sends:
+                if payload["call_status"] != "ended":
+                    _, shard, wake = self.store.append_event(payload["call_id"], _raw(payload))
+                    if wake:
+                        enqueue_drain(self.queue, shard, 120)
+        self.wait_drained()
+        active = int(self.redis.zcard(self.store.keys.active()))
+        return {
+            "active_calls": active,
+            "bytes_per_active_call": (self.used_memory() - before) / max(active, 1),
+        }
+
+    def drain_rate(self, name: str) -> dict[str, Any]:
+        """Apply capacity: log a backlog directly (as the webhook would), then wake every shard."""
+        rng = random.Random(11)
+        applied_before = self.store.applied_count()
+        pipe = self.redis.pipeline(transaction=False)
+        count = calls = 0
+        while count < self.args.drain_events:
+            planned = plan_call(f"{name}-{calls}", rng, 1_900_000_000_000 + calls * 100)
+            calls += 1
+            for payload in planned.sends:
+                shard = self.store.keys.shard_of(payload["call_id"])
+                pipe.xadd(
+                    self.store.keys.log(shard), event_fields(payload["call_id"], _raw(payload))
+                )
+                count += 1
+            if len(pipe) >= 2000:
+                pipe.execute()
+        pipe.execute()
+        started = time.monotonic()
+        for shard in range(SHARDS):
+            enqueue_drain(self.queue, shard, 600)
+        target = applied_before + count
+        wait_until(lambda: self.store.applied_count() >= target, 900, f"the {name} backlog")
+        seconds = time.monotonic() - started
+        return {
+            "events": count,
+            "calls": calls,
+            "seconds": seconds,
+            "events_per_s": count / seconds,
+        }
+
+    def seed_ended_calls(self) -> int:
+        """Store ended calls directly, as the drainer would have, without their log entries."""
+        template = dumps(_ended_doc("SEEDED-CALL-ID"))
+        retention_ms = self.settings.retention_seconds * 1000
+        pipe = self.redis.pipeline(transaction=False)
+        for n in range(self.args.seed_calls):
+            call_id = f"seeded-{n}"
+            doc = json.loads(template.replace("SEEDED-CALL-ID", call_id))
+            pipe.set(self.store.keys.call(call_id), pack_doc(doc), px=retention_ms)
+            if len(pipe) >= 5000:
+                pipe.execute()
+        pipe.execute()
+        return int(self.args.seed_calls)
+
+    def flat_cost(self) -> dict[str, Any]:
+        self.stop_workers()
+        self.redis.flushdb()
+        self.start_workers()
+        empty = self.drain_rate("empty")
+        seeded = self.seed_ended_calls()
+        full = self.drain_rate("full")
+        return {
+            "empty_redis": empty,
+            "ended_calls_seeded": seeded,
+            "with_ended_calls": full,
+            "ratio": full["events_per_s"] / empty["events_per_s"],
+        }
+
+
+def _ended_doc(call_id: str) -> dict[str, Any]:
+    planned = plan_call(call_id, random.Random(3), 1_600_000_000_000)
+    docs: dict[str, Any] = {}
+    from callstate.calls import LogEntry
+
+    entries = [
+        LogEntry(f"{1_600_000_000_000 + n}-0", call_id, payload)
+        for n, payload in enumerate(planned.sends)
+    ]
+    apply_entries(docs, entries, CallMachine())
+    doc: dict[str, Any] = docs[call_id]
+    return doc
+
+
+def _raw(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload).encode()
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _jobs_done(queue: Queue) -> int:
+    return sum(int(worker.successful_job_count) for worker in Worker.all(queue=queue))
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in result.items() if name != "calls"}
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def verdicts(figures: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    half, flat = figures["half_rate"], figures["flat_cost"]
+    measured = {
+        "applied_vs_empty_rq_jobs": flat["empty_redis"]["events_per_s"]
+        / figures["rq_floor"]["jobs_per_s"],
+        "webhook_vs_bare_echo": figures["max_rate"]["throughput"]
+        / figures["echo_floor"]["throughput"],
+        "half_rate_webhook_p99_ms": half["latency_ms"]["p99"],
+        "half_rate_apply_lag_p99_ms": half["apply_lag_ms"]["p99"],
+        "bytes_per_active_call": figures["memory"]["bytes_per_active_call"],
+        "flat_cost_drop": 1 - flat["ratio"],
+    }
+    at_least = {"applied_vs_empty_rq_jobs", "webhook_vs_bare_echo"}
+    return {
+        name: {
+            "value": value,
+            "target": TARGETS[name],
+            "met": value >= TARGETS[name] if name in at_least else value <= TARGETS[name],
+        }
+        for name, value in measured.items()
+    }
+
+
+def table(figures: dict[str, Any]) -> str:
+    echo, rq, top, half = (figures[k] for k in ("echo_floor", "rq_floor", "max_rate", "half_rate"))
+    flat, memory, check = figures["flat_cost"], figures["memory"], figures["correctness"]
+    rows = [
+        ("machine", f"{figures['machine']['cpus']} cpus, {figures['machine']['cpu']}"),
+        ("set-up", f"G={figures['args']['web']} gunicorn, W={figures['args']['workers']} RQ"),
+        ("floor: bare Flask echo", f"{echo['throughput']:.0f} req/s"),
+        ("floor: empty RQ jobs", f"{rq['jobs_per_s']:.0f} jobs/s"),
+        (
+            "webhook at max rate",
+            f"{top['throughput']:.0f} req/s, p50 {top['latency_ms']['p50']:.1f}"
+            f" / p99 {top['latency_ms']['p99']:.1f} / max {top['latency_ms']['max']:.1f} ms",
+        ),
+        ("applied during max load", f"{top['applied_per_s_during_load']:.0f} events/s"),
+        ("GET /calls/<id> at max load", f"p99 {top['get_ms']['p99']:.1f} ms"),
+        (
+            "apply capacity (backlog)",
+            f"{flat['empty_redis']['events_per_s']:.0f} events/s over "
+            f"{flat['empty_redis']['seconds']:.0f} s",
+        ),
+        (
+            "  with ended calls stored",
+            f"{flat['with_ended_calls']['events_per_s']:.0f} events/s "
+            f"({flat['ended_calls_seeded']} ended calls)",
+        ),
+        ("half rate", f"{half['offered_rate']:.0f} offered, {half['throughput']:.0f} req/s"),
+        (
+            "  webhook latency",
+            f"p50 {half['latency_ms']['p50']:.1f} / p99 "
+            f"{half['latency_ms']['p99']:.1f} / max {half['latency_ms']['max']:.1f} ms",
+        ),
+        (
+            "  apply lag",
+            f"p50 {half['apply_lag_ms']['p50']:.1f} / p99 "
+            f"{half['apply_lag_ms']['p99']:.1f} ms ({half['apply_lag_ms']['count']} probes)",
+        ),
+        ("  GET /calls/<id>", f"p99 {half['get_ms']['p99']:.1f} ms"),
+        ("Redis commands per event", f"{top['redis_commands_per_event']:.2f}"),
+        ("Redis bytes per ended call", f"{top['bytes_per_ended_call']:.0f}"),
+        ("Redis bytes per active call", f"{memory['bytes_per_active_call']:.0f}"),
+        (
+            "correctness",
+            f"{check['calls']} calls, {check['events_acknowledged']} events: "
+            f"{check['lost']} lost, {check['applied_twice']} applied twice, "
+            f"{check['calls_differing']} differing",
+        ),
+    ]
+    for name, verdict in figures["targets"].items():
+        mark = "met" if verdict["met"] else "MISSED"
+        rows.append((f"target {name}", f"{verdict['value']:.3g} vs {verdict['target']} {mark}"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="callstate-bench-"))
+    url = os.environ.get("REDIS_URL")
+    redis = ExternalRedis(url) if url else RedisServer(workdir / "redis")
+    redis.start()
+    stack = Stack(redis, workdir, {"CALLSTATE_SHARDS": str(SHARDS)})
+    bench = Bench(args, stack, workdir)
+    figures: dict[str, Any] = {
+        "machine": machine(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+    try:
+        figures["echo_floor"] = bench.echo_floor()
+        bench.start_workers()
+        figures["rq_floor"] = bench.rq_floor()
+        stack.start_web(args.web)
+        stack.start_scheduler()
+        figures["max_rate"], top = bench.max_rate()
+        figures["half_rate"], half = bench.half_rate(figures["max_rate"]["throughput"])
+        figures["correctness"] = bench.correctness(top, half)
+        figures["memory"] = bench.active_memory()
+        figures["flat_cost"] = bench.flat_cost()
+        figures["targets"] = verdicts(figures)
+    finally:
+        stack.stop()
+        redis.stop()
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    figures = run(args)
+    print(table(figures))
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out or RESULTS / f"bench-{stamp}{'-smoke' if args.smoke else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=2))
+    print(f"figures written to {out}")
+    check = figures["correctness"]
+    return 0 if not (check["lost"] or check["applied_twice"] or check["calls_differing"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
