@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 WORKERS ?= 2
+G ?= 2
+W ?= 2
 
 .PHONY: run test lint bench
 
@@ -25,3 +27,7 @@ lint: $(BIN)/.installed
 
 test: lint
 	$(BIN)/pytest -q
+
+# The pipeline benchmark: G gunicorn processes, W RQ workers; BENCH_ARGS for more (see --help).
+bench: $(BIN)/.installed
+	$(BIN)/python -m bench.run --web $(G) --workers $(W) $(BENCH_ARGS)

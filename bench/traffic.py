@@ -66,6 +66,9 @@ def plan_call(call_id: str, rng: random.Random, start_ms: int) -> PlannedCall:
             "annotation": 0,
         },
         "disposition": DISPOSITION[kind],
+        # An end delivered before an earlier status: that status then fills the timeline after
+        # the end, which revises the record once.
+        "revision": 2 if rejected and sends[0]["call_status"] == "ended" else 1,
     }
     return PlannedCall(call_id, sends, expected)
 
@@ -90,6 +93,7 @@ def check_call(planned: PlannedCall, doc: dict[str, Any] | None, acked: list[str
         "timeline": doc["timeline"],
         "counts": doc["counts"],
         "disposition": record.get("disposition"),
+        "revision": record.get("revision"),
     }
     for name, value in planned.expected.items():
         if found[name] != value:

@@ -20,11 +20,13 @@ class Settings:
     signing_secret: str | None = None
     api_token: str | None = None
     max_body_bytes: int = 64 * 1024
-    shards: int = 16
+    shards: int = 4
     queue_name: str = "callstate"
     key_prefix: str = "cs"
     drain_batch: int = 500
     drain_lock_seconds: int = 30
+    drain_slice_ms: int = 100
+    drain_linger_ms: int = 20
     stale_after_seconds: int = 4 * 3600
     maintenance_interval_seconds: int = 10
     retention_seconds: int = 7 * 24 * 3600
@@ -50,6 +52,8 @@ class Settings:
             key_prefix=env.get("CALLSTATE_KEY_PREFIX", cls.key_prefix),
             drain_batch=_int(env, "CALLSTATE_DRAIN_BATCH", cls.drain_batch),
             drain_lock_seconds=_int(env, "CALLSTATE_DRAIN_LOCK_SECONDS", cls.drain_lock_seconds),
+            drain_slice_ms=_int(env, "CALLSTATE_DRAIN_SLICE_MS", cls.drain_slice_ms),
+            drain_linger_ms=_int(env, "CALLSTATE_DRAIN_LINGER_MS", cls.drain_linger_ms),
             stale_after_seconds=_int(env, "CALLSTATE_STALE_AFTER_SECONDS", cls.stale_after_seconds),
             maintenance_interval_seconds=_int(
                 env, "CALLSTATE_MAINTENANCE_INTERVAL_SECONDS", cls.maintenance_interval_seconds

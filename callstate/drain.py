@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
+from collections.abc import Callable
 
-from callstate.calls import apply_entries
+from callstate.calls import LogEntry, apply_entries
 from callstate.machine import CallMachine
 from callstate.store import Store
 
@@ -13,46 +15,82 @@ log = logging.getLogger(__name__)
 
 
 class Drainer:
-    """Applies a shard's new log entries in batches, each committed atomically with its cursor."""
+    """Applies a shard's new log entries in batches, each committed atomically with its cursor.
 
-    def __init__(self, store: Store, machine: CallMachine, batch: int) -> None:
+    A drain job keeps its shard for up to `slice_ms`, waiting up to `linger_ms` for more entries,
+    so a steady stream of events costs one RQ job per slice instead of one per event; when the
+    slice runs out the job queues its successor, so other shards get the worker in turn.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        machine: CallMachine,
+        batch: int,
+        slice_ms: int,
+        linger_ms: int,
+        requeue: Callable[[int], None],
+    ) -> None:
         self.store = store
         self.machine = machine
         self.batch = batch
+        self.slice_seconds = slice_ms / 1000
+        self.linger_ms = linger_ms
+        self.requeue = requeue
 
     def drain(self, shard: int) -> int:
-        """Apply everything logged in the shard so far; return how many entries it applied."""
-        # Cleared before taking the lock: an event logged from now on wakes another drain job,
-        # and a drain job that finds the lock taken leaves its events to the holder's re-check.
-        self.store.clear_drain_pending(shard)
+        """Apply what the shard logs until it is quiet or the slice ends; return how many."""
         applied = 0
         while True:
             token = uuid.uuid4().hex
             if not self.store.acquire_drain_lock(shard, token):
+                # The holder looks at the log again after it lets go, so nothing is left behind.
                 return applied
             try:
-                applied += self._drain_locked(shard, token)
+                count, quiet = self._drain_slice(shard, token)
+                applied += count
             finally:
                 self.store.release_drain_lock(shard, token)
+            if not quiet:
+                self.requeue(shard)
+                return applied
             if not self.store.has_backlog(shard):
                 return applied
 
-    def _drain_locked(self, shard: int, token: str) -> int:
+    def _drain_slice(self, shard: int, token: str) -> tuple[int, bool]:
+        """Apply entries until the log stays quiet; the flag says whether it did before the end."""
+        deadline = time.monotonic() + self.slice_seconds
         applied = 0
         cursor = self.store.cursor(shard)
-        while entries := self.store.read_entries(shard, cursor, self.batch):
-            docs = self.store.load_docs({entry.call_id for entry in entries})
-            indexed_before = {call_id: self.store.index_keys(doc) for call_id, doc in docs.items()}
-            changed, records = apply_entries(docs, entries, self.machine)
-            new_cursor = entries[-1].log_id
-            changed_docs = {c: doc for c in changed if (doc := docs[c]) is not None}
-            if not self.store.commit(
-                shard, cursor, new_cursor, len(entries), changed_docs, indexed_before, records
-            ):
-                log.warning("shard %s: cursor moved under this drainer; stopping", shard)
-                return applied
-            cursor = new_cursor
-            applied += len(entries)
-            if not self.store.extend_drain_lock(shard, token):
-                return applied
-        return applied
+        while True:
+            entries = self.store.read_entries(shard, cursor, self.batch)
+            if entries:
+                if not self._commit(shard, cursor, entries):
+                    return applied, True
+                cursor = entries[-1].log_id
+                applied += len(entries)
+                if not self.store.extend_drain_lock(shard, token):
+                    return applied, True
+                if time.monotonic() >= deadline:
+                    return applied, False
+                continue
+            wait_ms = min(self.linger_ms, int((deadline - time.monotonic()) * 1000))
+            if wait_ms > 0 and self.store.wait_for_entries(shard, cursor, wait_ms):
+                continue
+            # Quiet: from now on new events wake a job. Look once more, since an event logged
+            # before the flag was cleared found it set and woke nobody.
+            self.store.clear_drain_pending(shard)
+            if not self.store.read_entries(shard, cursor, 1):
+                return applied, True
+
+    def _commit(self, shard: int, cursor: str | None, entries: list[LogEntry]) -> bool:
+        docs = self.store.load_docs({entry.call_id for entry in entries})
+        indexed_before = {call_id: self.store.index_keys(doc) for call_id, doc in docs.items()}
+        changed, records = apply_entries(docs, entries, self.machine)
+        changed_docs = {c: doc for c in changed if (doc := docs[c]) is not None}
+        committed = self.store.commit(
+            shard, cursor, entries[-1].log_id, len(entries), changed_docs, indexed_before, records
+        )
+        if not committed:
+            log.warning("shard %s: cursor moved under this drainer; stopping", shard)
+        return committed

@@ -37,12 +37,16 @@ def configure(settings: Settings, redis: Redis) -> Context:
     """Set up this process's store, queue and its single state machine for the jobs below."""
     global _context
     store = Store(redis, settings)
-    _context = Context(
-        settings=settings,
-        store=store,
-        queue=Queue(settings.queue_name, connection=redis),
-        drainer=Drainer(store, CallMachine(), settings.drain_batch),
+    queue = Queue(settings.queue_name, connection=redis)
+    drainer = Drainer(
+        store,
+        CallMachine(),
+        batch=settings.drain_batch,
+        slice_ms=settings.drain_slice_ms,
+        linger_ms=settings.drain_linger_ms,
+        requeue=lambda shard: enqueue_drain(queue, shard, drain_timeout(settings)),
     )
+    _context = Context(settings=settings, store=store, queue=queue, drainer=drainer)
     return _context
 
 
@@ -50,6 +54,11 @@ def context() -> Context:
     if _context is None:
         raise RuntimeError("callstate jobs run in a worker started by workers/events.py")
     return _context
+
+
+def drain_timeout(settings: Settings) -> int:
+    """RQ's limit for one drain job: a slice is short, a lost lock is the real bound."""
+    return settings.drain_lock_seconds * 4
 
 
 def enqueue_drain(queue: Queue, shard: int, job_timeout: int) -> None:
@@ -79,7 +88,7 @@ def maintain() -> dict[str, int]:
     store.trim_logs(now_ms - settings.retention_seconds * 1000)
     backlogged = [shard for shard in range(settings.shards) if store.has_backlog(shard)]
     for shard in backlogged:
-        enqueue_drain(ctx.queue, shard, settings.drain_lock_seconds * 4)
+        enqueue_drain(ctx.queue, shard, drain_timeout(settings))
     if stale or backlogged:
         log.info("maintenance: %d calls to close, %d shards woken", len(stale), len(backlogged))
     return {"stale": len(stale), "woken": len(backlogged)}

@@ -107,6 +107,11 @@ class Store:
                 found[entry.log_id] = entry.payload
         return found
 
+    def wait_for_entries(self, shard: int, after: str | None, timeout_ms: int) -> bool:
+        """Block until the shard logs something after `after`, or the timeout passes."""
+        found = self.redis.xread({self.keys.log(shard): after or "0-0"}, count=1, block=timeout_ms)
+        return bool(found)
+
     def cursor(self, shard: int) -> str | None:
         raw = self.redis.get(self.keys.cursor(shard))
         return _text(raw) if raw else None

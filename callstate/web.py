@@ -16,7 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from callstate.calls import public_view
 from callstate.config import Settings
-from callstate.jobs import enqueue_drain
+from callstate.jobs import drain_timeout, enqueue_drain
 from callstate.schema import CALL_ID_PATTERN, PayloadError, parse_event
 from callstate.signature import SIGNATURE_HEADER, signature_matches
 from callstate.store import Store, connect
@@ -92,7 +92,7 @@ def receive_event() -> tuple[Response, int]:
         return error(503, "unavailable", "the event could not be stored; retry later")
     if wake:
         try:
-            enqueue_drain(svc.queue, shard, svc.settings.drain_lock_seconds * 4)
+            enqueue_drain(svc.queue, shard, drain_timeout(svc.settings))
         except RedisError as exc:
             # The event is logged; maintenance wakes any shard left with a backlog.
             log.warning("event %s stored but drain of shard %s not queued: %s", log_id, shard, exc)

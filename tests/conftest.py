@@ -42,8 +42,14 @@ def machine() -> CallMachine:
 
 
 @pytest.fixture
-def drainer(store: Store, machine: CallMachine) -> Drainer:
-    return Drainer(store, machine, batch=7)
+def requeued() -> list[int]:
+    """Shards whose drain job handed over to a successor."""
+    return []
+
+
+@pytest.fixture
+def drainer(store: Store, machine: CallMachine, requeued: list[int]) -> Drainer:
+    return Drainer(store, machine, batch=7, slice_ms=60_000, linger_ms=0, requeue=requeued.append)
 
 
 @pytest.fixture

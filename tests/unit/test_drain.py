@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from callstate.calls import apply_entries
 from callstate.drain import Drainer
 from callstate.machine import CallMachine
@@ -72,13 +74,54 @@ def test_drain_clears_the_wake_flag_so_the_next_event_wakes_a_new_job(
     assert after_drain is True
 
 
+def small_drainer(
+    store: Store, machine: CallMachine, slice_ms: int, requeued: list[int]
+) -> Drainer:
+    return Drainer(store, machine, batch=2, slice_ms=slice_ms, linger_ms=0, requeue=requeued.append)
+
+
 def test_drainer_that_lost_its_lock_stops_after_its_batch(
-    store: Store, machine: CallMachine
+    store: Store, machine: CallMachine, requeued: list[int]
 ) -> None:
     shard = log_events(store, "c-1", 6)
-    small = Drainer(store, machine, batch=2)
+    small = small_drainer(store, machine, 60_000, requeued)
     assert store.acquire_drain_lock(shard, "mine")
     store.redis.delete(store.keys.drain_lock(shard))
-    assert small._drain_locked(shard, "mine") == 2
+    assert small._drain_slice(shard, "mine") == (2, True)
     assert store.cursor(shard) is not None
     assert small.drain(shard) == 4
+
+
+def test_a_used_up_slice_hands_the_shard_to_a_new_job(
+    store: Store, machine: CallMachine, requeued: list[int]
+) -> None:
+    shard = log_events(store, "c-1", 6)
+    assert small_drainer(store, machine, 0, requeued).drain(shard) == 2
+    assert requeued == [shard]
+    assert store.has_backlog(shard)
+    _, _, woke = store.append_event("c-1", body(event("c-1", "ended", 9999)))
+    assert woke is False, "the queued successor will drain it; no second job"
+    assert small_drainer(store, machine, 60_000, requeued).drain(shard) == 5
+    assert requeued == [shard]
+
+
+def test_a_lingering_drain_applies_events_logged_while_it_waits(
+    store: Store, machine: CallMachine, requeued: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shard = log_events(store, "c-1", 1)
+    lingering = Drainer(
+        store, machine, batch=5, slice_ms=60_000, linger_ms=50, requeue=requeued.append
+    )
+    waits: list[int] = []
+    real_wait = store.wait_for_entries
+
+    def wait_and_log_one(shard_: int, after: str | None, timeout_ms: int) -> bool:
+        waits.append(timeout_ms)
+        if len(waits) == 1:
+            store.append_event("c-1", body(event("c-1", "answered", 5000)))
+        return real_wait(shard_, after, timeout_ms)
+
+    monkeypatch.setattr(store, "wait_for_entries", wait_and_log_one)
+    assert lingering.drain(shard) == 2
+    assert waits[0] == 50
+    assert not store.has_backlog(shard)

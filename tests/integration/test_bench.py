@@ -1,0 +1,41 @@
+"""A short run of the benchmark, so it cannot rot: it must run and find every call correct."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.integration.stack import REPO
+
+
+def test_benchmark_smoke_run(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    check = figures["correctness"]
+    assert check["calls"] > 0
+    assert check["events_acknowledged"] > check["calls"]
+    assert (check["lost"], check["applied_twice"], check["calls_differing"]) == (0, 0, 0)
+    assert check["calls_with_wrong_record_count"] == 0
+    assert set(figures["targets"]) == {
+        "applied_vs_empty_rq_jobs",
+        "webhook_vs_bare_echo",
+        "half_rate_webhook_p99_ms",
+        "half_rate_apply_lag_p99_ms",
+        "bytes_per_active_call",
+        "flat_cost_drop",
+    }
+    assert "floor: empty RQ jobs" in run.stdout
