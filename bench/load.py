@@ -1,4 +1,4 @@
-"""The load generator, run as its own process: `python -m bench.load --url ... --out result.json`.
+"""The load generator, run apart from the stack: `python -m bench.load --url ... --out result.json`.
 
 Each thread owns a set of interleaved calls and sends each call's deliveries in order (the next
 one after the previous was answered), at a fixed offered rate or as fast as answers come. Some
@@ -14,6 +14,7 @@ import queue
 import random
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -22,6 +23,7 @@ from bench.traffic import PlannedCall, plan_call
 
 HEADERS = {"Content-Type": "application/json"}
 PROBE_TIMEOUT_S = 30.0
+PROBE_INTERVAL_S = 0.01
 
 
 @dataclass
@@ -92,18 +94,15 @@ class Load:
             self.probes.put(None)
         for thread in probers:
             thread.join()
-        latencies = [ms for tally in tallies for ms in tally.latencies_ms]
         calls: dict[str, dict[str, Any]] = {}
         for tally in tallies:
             calls.update(tally.calls)
         return {
-            "sent": len(latencies),
+            "latencies": [ms for tally in tallies for ms in tally.latencies_ms],
+            "lags": self.lags_ms,
+            "gets": self.gets_ms,
             "errors": sum(tally.errors for tally in tallies),
             "seconds": elapsed,
-            "throughput": len(latencies) / elapsed,
-            "latency_ms": percentiles(latencies),
-            "apply_lag_ms": percentiles(self.lags_ms),
-            "get_ms": percentiles(self.gets_ms),
             "calls": calls,
         }
 
@@ -172,7 +171,7 @@ class Load:
                     with self.lock:
                         self.lags_ms.append((now - answered_at) * 1000)
                     break
-                time.sleep(0.002)
+                time.sleep(PROBE_INTERVAL_S)
 
 
 def main() -> None:
@@ -181,17 +180,53 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--rate", type=float, default=0.0, help="offered events/s; 0 = max")
-    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=16, help="in all processes together")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help="one Python process's threads contend for its GIL: spread them",
+    )
     parser.add_argument("--calls-per-thread", type=int, default=8)
-    parser.add_argument("--probers", type=int, default=2)
+    parser.add_argument("--probers", type=int, default=8)
     parser.add_argument("--probe-share", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--prefix", default="bench")
     parser.add_argument("--echo", action="store_true", help="the target is the bare echo floor")
     args = parser.parse_args()
-    result = Load(args).run()
+    with ProcessPoolExecutor(args.processes) as pool:
+        parts = list(pool.map(run_part, [args] * args.processes, range(args.processes)))
     with open(args.out, "w") as out:
-        json.dump(result, out)
+        json.dump(merge(parts), out)
+
+
+def run_part(args: argparse.Namespace, index: int) -> dict[str, Any]:
+    """One process's share of the load: its threads, its calls and its slice of the rate."""
+    share = args.processes
+    part = argparse.Namespace(**vars(args))
+    part.prefix, part.seed = f"{args.prefix}{index}", args.seed * 100 + index
+    part.threads = max(1, args.threads // share)
+    part.probers = max(1, args.probers // share)
+    part.rate = args.rate / share
+    return Load(part).run()
+
+
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    latencies = [ms for part in parts for ms in part["latencies"]]
+    seconds = max(part["seconds"] for part in parts)
+    calls: dict[str, Any] = {}
+    for part in parts:
+        calls.update(part["calls"])
+    return {
+        "sent": len(latencies),
+        "errors": sum(part["errors"] for part in parts),
+        "seconds": seconds,
+        "throughput": len(latencies) / seconds,
+        "latency_ms": percentiles(latencies),
+        "apply_lag_ms": percentiles([ms for part in parts for ms in part["lags"]]),
+        "get_ms": percentiles([ms for part in parts for ms in part["gets"]]),
+        "calls": calls,
+    }
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ class Settings:
     drain_lock_seconds: int = 30
     drain_slice_ms: int = 100
     drain_linger_ms: int = 20
+    drain_window_ms: int = 10
     stale_after_seconds: int = 4 * 3600
     maintenance_interval_seconds: int = 10
     retention_seconds: int = 7 * 24 * 3600
@@ -54,6 +55,7 @@ class Settings:
             drain_lock_seconds=_int(env, "CALLSTATE_DRAIN_LOCK_SECONDS", cls.drain_lock_seconds),
             drain_slice_ms=_int(env, "CALLSTATE_DRAIN_SLICE_MS", cls.drain_slice_ms),
             drain_linger_ms=_int(env, "CALLSTATE_DRAIN_LINGER_MS", cls.drain_linger_ms),
+            drain_window_ms=_int(env, "CALLSTATE_DRAIN_WINDOW_MS", cls.drain_window_ms),
             stale_after_seconds=_int(env, "CALLSTATE_STALE_AFTER_SECONDS", cls.stale_after_seconds),
             maintenance_interval_seconds=_int(
                 env, "CALLSTATE_MAINTENANCE_INTERVAL_SECONDS", cls.maintenance_interval_seconds

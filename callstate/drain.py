@@ -19,7 +19,8 @@ class Drainer:
 
     A drain job keeps its shard for up to `slice_ms`, waiting up to `linger_ms` for more entries,
     so a steady stream of events costs one RQ job per slice instead of one per event; when the
-    slice runs out the job queues its successor, so other shards get the worker in turn.
+    slice runs out the job queues its successor, so other shards get the worker in turn. After a
+    partial batch it waits `window_ms` so the next transaction carries several events.
     """
 
     def __init__(
@@ -29,6 +30,7 @@ class Drainer:
         batch: int,
         slice_ms: int,
         linger_ms: int,
+        window_ms: int,
         requeue: Callable[[int], None],
     ) -> None:
         self.store = store
@@ -36,6 +38,7 @@ class Drainer:
         self.batch = batch
         self.slice_seconds = slice_ms / 1000
         self.linger_ms = linger_ms
+        self.window_seconds = window_ms / 1000
         self.requeue = requeue
 
     def drain(self, shard: int) -> int:
@@ -47,7 +50,7 @@ class Drainer:
                 # The holder looks at the log again after it lets go, so nothing is left behind.
                 return applied
             try:
-                count, quiet = self._drain_slice(shard, token)
+                count, quiet = self._drain_slice(shard)
                 applied += count
             finally:
                 self.store.release_drain_lock(shard, token)
@@ -57,7 +60,7 @@ class Drainer:
             if not self.store.has_backlog(shard):
                 return applied
 
-    def _drain_slice(self, shard: int, token: str) -> tuple[int, bool]:
+    def _drain_slice(self, shard: int) -> tuple[int, bool]:
         """Apply entries until the log stays quiet; the flag says whether it did before the end."""
         deadline = time.monotonic() + self.slice_seconds
         applied = 0
@@ -69,19 +72,25 @@ class Drainer:
                     return applied, True
                 cursor = entries[-1].log_id
                 applied += len(entries)
-                if not self.store.extend_drain_lock(shard, token):
-                    return applied, True
                 if time.monotonic() >= deadline:
                     return applied, False
+                if len(entries) < self.batch:
+                    self._gather(deadline)
                 continue
             wait_ms = min(self.linger_ms, int((deadline - time.monotonic()) * 1000))
-            if wait_ms > 0 and self.store.wait_for_entries(shard, cursor, wait_ms):
+            if wait_ms > 0 and self.store.read_entries(shard, cursor, 1, block_ms=wait_ms):
+                self._gather(deadline)
                 continue
             # Quiet: from now on new events wake a job. Look once more, since an event logged
             # before the flag was cleared found it set and woke nobody.
             self.store.clear_drain_pending(shard)
             if not self.store.read_entries(shard, cursor, 1):
                 return applied, True
+
+    def _gather(self, deadline: float) -> None:
+        """Let a batch build up: one transaction for the events of the next few milliseconds,
+        instead of one per event, for at most `window_ms` of extra lag."""
+        time.sleep(max(0.0, min(self.window_seconds, deadline - time.monotonic())))
 
     def _commit(self, shard: int, cursor: str | None, entries: list[LogEntry]) -> bool:
         docs = self.store.load_docs({entry.call_id for entry in entries})

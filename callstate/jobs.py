@@ -44,6 +44,7 @@ def configure(settings: Settings, redis: Redis) -> Context:
         batch=settings.drain_batch,
         slice_ms=settings.drain_slice_ms,
         linger_ms=settings.drain_linger_ms,
+        window_ms=settings.drain_window_ms,
         requeue=lambda shard: enqueue_drain(queue, shard, drain_timeout(settings)),
     )
     _context = Context(settings=settings, store=store, queue=queue, drainer=drainer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
@@ -18,8 +19,19 @@ from callstate.codec import pack, unpack
 from callstate.config import Settings
 from callstate.keys import Keys
 
+log = logging.getLogger(__name__)
+
 # redis-py types replies as bytes-or-str (it cannot know decode_responses); RQ needs bytes.
 StreamRows = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+# Log an event and set its shard's wake flag as one command with one reply: the webhook's only
+# Redis call. A flag lost with a crashed web process expires, and maintenance wakes backlogs.
+APPEND_EVENT = """
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+local woke = redis.call('SET', KEYS[2], 1, 'NX', 'EX', ARGV[1])
+return {id, woke and 1 or 0}
+"""
 
 
 def _text(raw: bytes | str) -> str:
@@ -60,18 +72,19 @@ class Store:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.key_prefix, settings.shards)
+        self._append_event = redis.register_script(APPEND_EVENT)
 
     # Event log -----------------------------------------------------------------------------
 
     def append_event(self, call_id: str, raw: bytes) -> tuple[str, int, bool]:
         """Log a raw event; return its log id, its shard and whether to wake a drain job."""
         shard = self.keys.shard_of(call_id)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(self.keys.log(shard), event_fields(call_id, raw))
-        # A flag lost with a crashed web process expires, and maintenance wakes backlogs anyway.
-        pipe.set(self.keys.drain_pending(shard), 1, nx=True, ex=self.settings.drain_lock_seconds)
-        log_id, first_waker = pipe.execute()
-        return log_id.decode(), shard, bool(first_waker)
+        fields = event_fields(call_id, raw)
+        log_id, first_waker = self._append_event(
+            keys=[self.keys.log(shard), self.keys.drain_pending(shard)],
+            args=[self.settings.drain_lock_seconds, *(x for pair in fields.items() for x in pair)],
+        )
+        return _text(log_id), shard, bool(first_waker)
 
     def append_sweep(self, call_id: str, stale_before_ms: int) -> int:
         """Log a request to close a call that has been silent since before `stale_before_ms`."""
@@ -81,10 +94,17 @@ class Store:
         )
         return shard
 
-    def read_entries(self, shard: int, after: str | None, count: int) -> list[LogEntry]:
-        """Up to `count` log entries of the shard that come after the log id `after`."""
-        start = f"({after}" if after else "-"
-        rows = cast(StreamRows, self.redis.xrange(self.keys.log(shard), start, "+", count=count))
+    def read_entries(
+        self, shard: int, after: str | None, count: int, block_ms: int = 0
+    ) -> list[LogEntry]:
+        """Up to `count` entries logged after `after`; with `block_ms`, wait that long for one."""
+        found = cast(
+            list[tuple[bytes, StreamRows]] | None,
+            self.redis.xread(
+                {self.keys.log(shard): after or "0-0"}, count=count, block=block_ms or None
+            ),
+        )
+        rows = found[0][1] if found else []
         return [_entry(log_id, fields) for log_id, fields in rows]
 
     def iter_log(self, shard: int, batch: int) -> Iterator[list[LogEntry]]:
@@ -106,11 +126,6 @@ class Store:
                 entry = _entry(raw_id, fields)
                 found[entry.log_id] = entry.payload
         return found
-
-    def wait_for_entries(self, shard: int, after: str | None, timeout_ms: int) -> bool:
-        """Block until the shard logs something after `after`, or the timeout passes."""
-        found = self.redis.xread({self.keys.log(shard): after or "0-0"}, count=1, block=timeout_ms)
-        return bool(found)
 
     def cursor(self, shard: int) -> str | None:
         raw = self.redis.get(self.keys.cursor(shard))
@@ -146,10 +161,6 @@ class Store:
     def acquire_drain_lock(self, shard: int, token: str) -> bool:
         ms = self.settings.drain_lock_seconds * 1000
         return bool(self.redis.set(self.keys.drain_lock(shard), token, nx=True, px=ms))
-
-    def extend_drain_lock(self, shard: int, token: str) -> bool:
-        ms = self.settings.drain_lock_seconds * 1000
-        return self._if_holding(shard, token, lambda pipe, key: pipe.pexpire(key, ms))
 
     def release_drain_lock(self, shard: int, token: str) -> bool:
         return self._if_holding(shard, token, lambda pipe, key: pipe.delete(key))
@@ -239,6 +250,8 @@ class Store:
                     )
                 pipe.set(cursor_key, new_cursor)
                 pipe.incrby(self.keys.applied_counter(), applied)
+                # Renews the drainer's lock; if it was lost, the cursor check above already fences.
+                pipe.pexpire(self.keys.drain_lock(shard), self.settings.drain_lock_seconds * 1000)
                 pipe.execute()
                 return True
             except WatchError:
@@ -322,8 +335,8 @@ class Store:
             pipe.lpush(self.keys.quarantine(), dumps(item))
             pipe.ltrim(self.keys.quarantine(), 0, self.settings.quarantine_max - 1)
             pipe.execute()
-        except RedisError:
-            pass
+        except RedisError as exc:
+            log.warning("rejected delivery not quarantined: %s", exc)
 
     def quarantined(self, limit: int) -> list[dict[str, Any]]:
         return [json.loads(raw) for raw in self.redis.lrange(self.keys.quarantine(), 0, limit - 1)]

@@ -49,7 +49,9 @@ def requeued() -> list[int]:
 
 @pytest.fixture
 def drainer(store: Store, machine: CallMachine, requeued: list[int]) -> Drainer:
-    return Drainer(store, machine, batch=7, slice_ms=60_000, linger_ms=0, requeue=requeued.append)
+    return Drainer(
+        store, machine, batch=7, slice_ms=60_000, linger_ms=0, window_ms=0, requeue=requeued.append
+    )
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
+from rq.worker import BaseWorker, Worker
+
 from callstate.store import StreamRows, unpack_doc
 from tests.factories import SCENARIOS, ended, event, scenario
 from tests.integration.stack import RedisServer, Stack, wait_until
@@ -83,9 +85,7 @@ def test_events_of_a_call_apply_in_order_across_several_workers(make_stack: Make
     assert len(busy_workers) > 1, "the drains really ran in several worker processes"
 
 
-def _rq_workers(stack: Stack) -> list[Any]:
-    from rq import Worker
-
+def _rq_workers(stack: Stack) -> list[BaseWorker]:
     return list(Worker.all(connection=stack.redis.client()))
 
 

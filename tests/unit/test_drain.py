@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from callstate.calls import apply_entries
+from callstate.calls import LogEntry, apply_entries
 from callstate.drain import Drainer
 from callstate.machine import CallMachine
 from callstate.store import Store
@@ -77,19 +77,25 @@ def test_drain_clears_the_wake_flag_so_the_next_event_wakes_a_new_job(
 def small_drainer(
     store: Store, machine: CallMachine, slice_ms: int, requeued: list[int]
 ) -> Drainer:
-    return Drainer(store, machine, batch=2, slice_ms=slice_ms, linger_ms=0, requeue=requeued.append)
+    return Drainer(
+        store,
+        machine,
+        batch=2,
+        slice_ms=slice_ms,
+        linger_ms=0,
+        window_ms=0,
+        requeue=requeued.append,
+    )
 
 
-def test_drainer_that_lost_its_lock_stops_after_its_batch(
+def test_each_commit_renews_the_drain_lock(
     store: Store, machine: CallMachine, requeued: list[int]
 ) -> None:
-    shard = log_events(store, "c-1", 6)
-    small = small_drainer(store, machine, 60_000, requeued)
+    shard = log_events(store, "c-1", 1)
     assert store.acquire_drain_lock(shard, "mine")
-    store.redis.delete(store.keys.drain_lock(shard))
-    assert small._drain_slice(shard, "mine") == (2, True)
-    assert store.cursor(shard) is not None
-    assert small.drain(shard) == 4
+    store.redis.pexpire(store.keys.drain_lock(shard), 50)
+    assert small_drainer(store, machine, 60_000, requeued)._drain_slice(shard) == (1, True)
+    assert store.redis.pttl(store.keys.drain_lock(shard)) > 50
 
 
 def test_a_used_up_slice_hands_the_shard_to_a_new_job(
@@ -110,18 +116,28 @@ def test_a_lingering_drain_applies_events_logged_while_it_waits(
 ) -> None:
     shard = log_events(store, "c-1", 1)
     lingering = Drainer(
-        store, machine, batch=5, slice_ms=60_000, linger_ms=50, requeue=requeued.append
+        store,
+        machine,
+        batch=5,
+        slice_ms=60_000,
+        linger_ms=50,
+        window_ms=1,
+        requeue=requeued.append,
     )
-    waits: list[int] = []
-    real_wait = store.wait_for_entries
+    blocking_reads: list[int] = []
+    real_read = store.read_entries
 
-    def wait_and_log_one(shard_: int, after: str | None, timeout_ms: int) -> bool:
-        waits.append(timeout_ms)
-        if len(waits) == 1:
-            store.append_event("c-1", body(event("c-1", "answered", 5000)))
-        return real_wait(shard_, after, timeout_ms)
+    def read_and_log_one_while_blocked(
+        shard_: int, after: str | None, count: int, block_ms: int = 0
+    ) -> list[LogEntry]:
+        if block_ms:
+            blocking_reads.append(block_ms)
+            if len(blocking_reads) == 1:
+                store.append_event("c-1", body(event("c-1", "answered", 5000)))
+        return real_read(shard_, after, count, block_ms)
 
-    monkeypatch.setattr(store, "wait_for_entries", wait_and_log_one)
+    monkeypatch.setattr(store, "read_entries", read_and_log_one_while_blocked)
     assert lingering.drain(shard) == 2
-    assert waits[0] == 50
+    assert blocking_reads[0] == 50
+    assert len(blocking_reads) == 2, "waited again after the late event, then finished"
     assert not store.has_backlog(shard)
