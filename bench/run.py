@@ -299,7 +299,8 @@ class Bench:
         self.fresh_redis()
         calibration = self.drain_rate("calibration", self.args.calibration_events)
         rate = calibration["events_per_s"]
-        events = max(self.args.calibration_events, int(rate * self.args.drain_seconds))
+        # Headroom: a warm drain runs faster than the short calibration said.
+        events = max(self.args.calibration_events, int(rate * self.args.drain_seconds * 1.25))
         self.fresh_redis()
         empty = self.drain_rate("empty", events)
         seeded = self.seed_ended_calls()
