@@ -25,7 +25,7 @@ class Settings:
     key_prefix: str = "cs"
     drain_batch: int = 500
     drain_lock_seconds: int = 30
-    drain_slice_ms: int = 100
+    drain_slice_ms: int = 50
     drain_linger_ms: int = 20
     drain_window_ms: int = 10
     stale_after_seconds: int = 4 * 3600
