@@ -163,9 +163,7 @@ class Store:
         return bool(self.redis.set(self.keys.drain_lock(shard), token, nx=True, px=ms))
 
     def release_drain_lock(self, shard: int, token: str) -> bool:
-        return self._if_holding(shard, token, lambda pipe, key: pipe.delete(key))
-
-    def _if_holding(self, shard: int, token: str, action: Any) -> bool:
+        """Delete the lock only if `token` still holds it (it may have expired and moved on)."""
         key = self.keys.drain_lock(shard)
         with self.redis.pipeline() as pipe:
             try:
@@ -173,7 +171,7 @@ class Store:
                 if pipe.get(key) != token.encode():
                     return False
                 pipe.multi()
-                action(pipe, key)
+                pipe.delete(key)
                 pipe.execute()
                 return True
             except WatchError:
