@@ -80,15 +80,7 @@ def _close_by_sweeper(doc: Doc, entry: LogEntry) -> None:
     doc["swept_from"] = doc["status"]
     doc["status"] = FINAL
     doc["closed_by"] = "sweeper"
-    doc["journal"].append(
-        {
-            "log_id": entry.log_id,
-            "verdict": "swept",
-            "reason": "stale",
-            "call_status": None,
-            "timestamp_ms": None,
-        }
-    )
+    doc["journal"].append(_journal_entry(entry, "swept", "stale"))
 
 
 def _apply_event(doc: Doc, entry: LogEntry, machine: CallMachine) -> None:
@@ -178,17 +170,18 @@ def _merge_fields(
 
 
 def _journal(doc: Doc, entry: LogEntry, verdict: str, reason: str | None) -> None:
-    payload = entry.payload
     doc["counts"][verdict] += 1
-    doc["journal"].append(
-        {
-            "log_id": entry.log_id,
-            "verdict": verdict,
-            "reason": reason,
-            "call_status": payload.get("call_status"),
-            "timestamp_ms": payload.get("timestamp_ms"),
-        }
-    )
+    doc["journal"].append(_journal_entry(entry, verdict, reason))
+
+
+def _journal_entry(entry: LogEntry, verdict: str, reason: str | None) -> dict[str, Any]:
+    return {
+        "log_id": entry.log_id,
+        "verdict": verdict,
+        "reason": reason,
+        "call_status": entry.payload.get("call_status"),
+        "timestamp_ms": entry.payload.get("timestamp_ms"),
+    }
 
 
 def public_view(doc: Doc) -> dict[str, Any]:
