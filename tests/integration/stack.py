@@ -122,13 +122,11 @@ class Stack:
         self.processes[name] = process
         return process
 
-    def start_web(
-        self, processes: int = 2, app: str = "app:app", name: str = "web", threads: int = 4
-    ) -> None:
-        """gunicorn as the Procfile runs it: `processes` workers of `threads` threads each."""
+    def start_web(self, processes: int = 2, app: str = "app:app", name: str = "web") -> None:
+        """gunicorn as the Procfile runs it: `processes` workers of 4 threads each."""
         port = free_port()
         self.web_url = f"http://127.0.0.1:{port}"
-        argv = [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--threads", str(threads)]
+        argv = [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--threads", "4"]
         self.spawn(name, [*argv, "--workers", str(processes), app])
         wait_until(self.web_answers, 30, "gunicorn to answer")
 
