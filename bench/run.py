@@ -25,11 +25,12 @@ from redis import Redis
 from rq import Queue, Worker
 
 from bench.traffic import PlannedCall, check_call, plan_call
-from callstate.calls import LogEntry, apply_entries
+from callstate.calls import LogEntry, apply_batch
+from callstate.codec import dumps, pack_doc
 from callstate.config import Settings
 from callstate.jobs import enqueue_drain
 from callstate.machine import CallMachine
-from callstate.store import Store, StreamRows, dumps, event_fields, pack_doc
+from callstate.store import Store, StreamRows, event_fields
 from tests.integration.stack import ExternalRedis, RedisServer, Stack, wait_until
 
 RESULTS = Path(__file__).parent / "results"
@@ -315,14 +316,12 @@ class Bench:
 
 def _ended_doc(call_id: str) -> dict[str, Any]:
     planned = plan_call(call_id, random.Random(3), 1_600_000_000_000)
-    docs: dict[str, Any] = {}
     entries = [
         LogEntry(f"{1_600_000_000_000 + n}-0", call_id, payload)
         for n, payload in enumerate(planned.sends)
     ]
-    apply_entries(docs, entries, CallMachine())
-    doc: dict[str, Any] = docs[call_id]
-    return doc
+    applied = apply_batch({}, dict, entries, CallMachine(), Settings.max_events_per_call)
+    return applied.docs[call_id]
 
 
 def _raw(payload: dict[str, Any]) -> bytes:

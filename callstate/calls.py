@@ -6,30 +6,64 @@ derive exactly the same state from the same log.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+from callstate.codec import pack_doc, unpack_doc
 from callstate.machine import FINAL, CallMachine
 from callstate.record import refresh_record
-from callstate.schema import is_annotation
+from callstate.schema import CALL_ID_PATTERN, MAX_SAFE_INTEGER, is_annotation
 
 Doc = dict[str, Any]
 RESERVED_FIELDS = frozenset({"call_id", "call_status", "timestamp_ms"})
+STATUS_TEXT_LIMIT = 64
 
 
 @dataclass(frozen=True)
 class LogEntry:
-    """One entry of a shard's event log: a provider event, or a sweeper's close request."""
+    """One entry of a shard's event log: a provider event, or a sweeper's close request.
+
+    `problem` names the error that kept the entry from being decoded, if one did.
+    """
 
     log_id: str
     call_id: str
     payload: dict[str, Any]
     stale_before_ms: int | None = None
+    problem: str | None = None
 
     @property
     def received_ms(self) -> int:
         """Stream ids start with the Redis server's clock in ms when the entry was logged."""
         return int(self.log_id.split("-", 1)[0])
+
+
+@dataclass(frozen=True)
+class Unprocessable:
+    """A log entry set aside because applying it failed: where it is and the error's class."""
+
+    log_id: str
+    call_id: str
+    error: str
+
+
+@dataclass
+class Applied:
+    """What a batch changed: documents (and their stored form), records, entries set aside."""
+
+    changed: set[str] = field(default_factory=set)
+    records: list[Doc] = field(default_factory=list)
+    unprocessable: list[Unprocessable] = field(default_factory=list)
+    docs: dict[str, Doc] = field(default_factory=dict)
+    packed: dict[str, bytes] = field(default_factory=dict)
+
+    def pack(self, docs: dict[str, Doc | None]) -> Applied:
+        """Keep the changed documents and their stored form; packing fails on what cannot be
+        stored, which is why it happens here, before anything is committed."""
+        self.docs = {call_id: _present(docs, call_id) for call_id in self.changed}
+        self.packed = {call_id: pack_doc(doc) for call_id, doc in self.docs.items()}
+        return self
 
 
 def new_doc(call_id: str) -> Doc:
@@ -56,19 +90,36 @@ def is_active(doc: Doc) -> bool:
 
 
 def apply_entry(
-    doc: Doc | None, entry: LogEntry, machine: CallMachine
+    doc: Doc | None, entry: LogEntry, machine: CallMachine, max_events: int
 ) -> tuple[Doc | None, Doc | None]:
-    """Apply one log entry; return the updated document and the record revision to emit, if any."""
+    """Apply one log entry; return the updated document and the record revision to emit, if any.
+
+    Past `max_events` journaled events a call's further events are only counted, so no sender
+    can grow one document without bound.
+    """
     if entry.stale_before_ms is not None:
         if doc is None or not _is_stale(doc, entry.stale_before_ms):
             return doc, None
         _close_by_sweeper(doc, entry)
     else:
         doc = doc or new_doc(entry.call_id)
-        _apply_event(doc, entry, machine)
+        if len(doc["journal"]) >= max_events:
+            _count_overflow(doc, entry)
+        else:
+            _apply_event(doc, entry, machine)
         doc["last_received_ms"] = entry.received_ms
     doc["version"] += 1
     return doc, refresh_record(doc)
+
+
+def _count_overflow(doc: Doc, entry: LogEntry) -> None:
+    """`rejected: too_many_events`: counted, and the range of log ids kept, nothing else."""
+    overflow = doc.setdefault(
+        "overflow", {"reason": "too_many_events", "count": 0, "first_log_id": entry.log_id}
+    )
+    overflow["count"] += 1
+    overflow["last_log_id"] = entry.log_id
+    doc["counts"]["rejected"] += 1
 
 
 def _is_stale(doc: Doc, stale_before_ms: int) -> bool:
@@ -184,6 +235,34 @@ def _journal_entry(entry: LogEntry, verdict: str, reason: str | None) -> dict[st
     }
 
 
+def _set_aside(
+    docs: dict[str, Doc | None], entry: LogEntry, error: str, max_events: int, applied: Applied
+) -> None:
+    """`rejected: unprocessable`: journaled on its call when the call id is readable, and
+    reported, while the rest of the batch goes on."""
+    applied.unprocessable.append(Unprocessable(entry.log_id, entry.call_id, error))
+    if not CALL_ID_PATTERN.fullmatch(entry.call_id):
+        return
+    doc = docs.get(entry.call_id) or new_doc(entry.call_id)
+    if len(doc["journal"]) >= max_events:
+        _count_overflow(doc, entry)
+    else:
+        doc["counts"]["rejected"] += 1
+        doc["journal"].append(
+            {
+                "log_id": entry.log_id,
+                "verdict": "rejected",
+                "reason": "unprocessable",
+                "call_status": _plain(entry.payload.get("call_status"), str),
+                "timestamp_ms": _plain(entry.payload.get("timestamp_ms"), int),
+                "error": error,
+            }
+        )
+    doc["version"] += 1
+    docs[entry.call_id] = doc
+    applied.changed.add(entry.call_id)
+
+
 def public_view(doc: Doc) -> dict[str, Any]:
     """What `GET /calls/<id>` shows: the live state, without the journal and bookkeeping."""
     fields = doc["fields"]
@@ -200,24 +279,107 @@ def public_view(doc: Doc) -> dict[str, Any]:
         "version": doc["version"],
         "counts": doc["counts"],
         "closed_by": doc["closed_by"],
+        "overflow": doc.get("overflow"),
     }
 
 
-def apply_entries(
-    docs: dict[str, Doc | None], entries: list[LogEntry], machine: CallMachine
-) -> tuple[set[str], list[Doc]]:
-    """Apply entries in log order to `docs` in place; return the changed call ids and records."""
-    changed: set[str] = set()
-    records: list[Doc] = []
+def _plain(value: Any, kind: type) -> Any:
+    """A payload value fit to journal beside an error: short text or a safe integer, else None."""
+    if kind is str and isinstance(value, str) and len(value) <= STATUS_TEXT_LIMIT:
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if kind is int and type(value) is int and 0 <= value <= MAX_SAFE_INTEGER:
+        return value
+    return None
+
+
+def apply_batch(
+    docs: dict[str, Doc | None],
+    reload: Callable[[], dict[str, Doc | None]],
+    entries: list[LogEntry],
+    machine: CallMachine,
+    max_events: int,
+) -> Applied:
+    """Apply entries in log order to `docs`; an entry that fails is set aside, never the batch.
+
+    The batch is first applied and packed as a whole, so isolation costs nothing while every
+    entry succeeds. If anything fails, it is redone from `reload()` (the documents as they were
+    before the batch) one entry at a time, keeping each document as it was before the entry that
+    broke it. Only the entry and the documents decide, so live draining and rebuild agree.
+    """
+    try:
+        return _apply_together(docs, entries, machine, max_events)
+    except Exception:  # whatever broke, the entry-by-entry pass names the entry
+        return _apply_one_by_one(reload(), entries, machine, max_events)
+
+
+def _apply_together(
+    docs: dict[str, Doc | None], entries: list[LogEntry], machine: CallMachine, max_events: int
+) -> Applied:
+    applied = Applied()
     for entry in entries:
-        doc = docs.get(entry.call_id)
-        version = doc["version"] if doc else None
-        doc, record = apply_entry(doc, entry, machine)
-        if doc is None:
-            continue
-        docs[entry.call_id] = doc
-        if doc["version"] != version:
-            changed.add(entry.call_id)
-        if record is not None:
-            records.append(record)
-    return changed, records
+        if entry.problem is not None:
+            _set_aside(docs, entry, entry.problem, max_events, applied)
+        else:
+            _apply_into(docs, entry, machine, max_events, applied)
+    return applied.pack(docs)
+
+
+def _apply_one_by_one(
+    docs: dict[str, Doc | None], entries: list[LogEntry], machine: CallMachine, max_events: int
+) -> Applied:
+    applied = Applied()
+    for entry in entries:
+        before = docs.get(entry.call_id)
+        kept = pack_doc(before) if before is not None else None
+        changed, records = set(applied.changed), len(applied.records)
+        try:
+            if entry.problem is not None:
+                raise UnprocessableEntryError(entry.problem)
+            _apply_into(docs, entry, machine, max_events, applied)
+            if entry.call_id in applied.changed:
+                pack_doc(_present(docs, entry.call_id))  # must stay storable after this entry
+        except Exception as exc:  # any failure sets this one entry aside
+            docs[entry.call_id] = unpack_doc(kept) if kept is not None else None
+            applied.changed, applied.records = changed, applied.records[:records]
+            error = exc.args[0] if isinstance(exc, UnprocessableEntryError) else error_name(exc)
+            _set_aside(docs, entry, error, max_events, applied)
+    return applied.pack(docs)
+
+
+def error_name(exc: BaseException) -> str:
+    """An exception's class, qualified unless built in: `KeyError`, `zlib.error`."""
+    kind = type(exc)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+
+
+class UnprocessableEntryError(Exception):
+    """A log entry that could not even be decoded; its argument is the decoding error's class."""
+
+
+def _apply_into(
+    docs: dict[str, Doc | None],
+    entry: LogEntry,
+    machine: CallMachine,
+    max_events: int,
+    applied: Applied,
+) -> None:
+    doc = docs.get(entry.call_id)
+    version = doc["version"] if doc else None
+    doc, record = apply_entry(doc, entry, machine, max_events)
+    if doc is None:
+        return
+    docs[entry.call_id] = doc
+    if doc["version"] != version:
+        applied.changed.add(entry.call_id)
+    if record is not None:
+        applied.records.append(record)
+
+
+def _present(docs: dict[str, Doc | None], call_id: str) -> Doc:
+    doc = docs[call_id]
+    assert doc is not None, call_id
+    return doc

@@ -8,7 +8,9 @@ stored, so the dictionary can only ever be added to under a new version byte, ne
 
 from __future__ import annotations
 
+import json
 import zlib
+from typing import Any
 
 ZLIB_V1 = b"\x01"
 
@@ -56,3 +58,17 @@ def unpack(stored: bytes) -> bytes:
         return stored
     decompressor = zlib.decompressobj(zdict=DICTIONARY_V1)
     return decompressor.decompress(stored[1:]) + decompressor.flush()
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON text, as stored and published."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def pack_doc(doc: dict[str, Any]) -> bytes:
+    return pack(dumps(doc).encode())
+
+
+def unpack_doc(stored: bytes) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(unpack(stored))
+    return doc

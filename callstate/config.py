@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ class Settings:
     embedded_redis: bool
     var_dir: Path
     signing_secret: str | None = None
+    signing_secret_previous: str | None = None
     api_token: str | None = None
+    host: str = "127.0.0.1"
     max_body_bytes: int = 64 * 1024
     shards: int = 4
     queue_name: str = "callstate"
@@ -33,6 +36,18 @@ class Settings:
     retention_seconds: int = 7 * 24 * 3600
     records_stream_maxlen: int = 1_000_000
     quarantine_max: int = 1000
+    max_clock_skew_seconds: int = 600
+    max_events_per_call: int = 500
+
+    @property
+    def signing_secrets(self) -> tuple[str, ...]:
+        """The secrets a webhook signature may be made with: during a rotation, two."""
+        return tuple(s for s in (self.signing_secret, self.signing_secret_previous) if s)
+
+    @property
+    def exposed(self) -> bool:
+        """Whether the web is bound beyond loopback, where others can reach it."""
+        return not ipaddress.ip_address(_bind_address(self.host)).is_loopback
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -46,6 +61,8 @@ class Settings:
             embedded_redis=not url,
             var_dir=var_dir,
             signing_secret=env.get("STRINGEE_SIGNING_SECRET") or None,
+            signing_secret_previous=env.get("STRINGEE_SIGNING_SECRET_PREVIOUS") or None,
+            host=env.get("HOST") or cls.host,
             api_token=env.get("CALLSTATE_API_TOKEN") or None,
             max_body_bytes=_int(env, "CALLSTATE_MAX_BODY_BYTES", cls.max_body_bytes),
             shards=_int(env, "CALLSTATE_SHARDS", cls.shards),
@@ -65,6 +82,10 @@ class Settings:
                 env, "CALLSTATE_RECORDS_STREAM_MAXLEN", cls.records_stream_maxlen
             ),
             quarantine_max=_int(env, "CALLSTATE_QUARANTINE_MAX", cls.quarantine_max),
+            max_clock_skew_seconds=_int(
+                env, "CALLSTATE_MAX_CLOCK_SKEW_SECONDS", cls.max_clock_skew_seconds
+            ),
+            max_events_per_call=_int(env, "CALLSTATE_MAX_EVENTS_PER_CALL", cls.max_events_per_call),
         )
 
 
@@ -79,3 +100,14 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
     return value
+
+
+def _bind_address(host: str) -> str:
+    """The address a host name binds to, as far as it can be told without DNS."""
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return "0.0.0.0"  # noqa: S104 - a name we do not resolve counts as reachable
+    return host

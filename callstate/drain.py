@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from callstate.calls import LogEntry, apply_entries
+from callstate.calls import Applied, LogEntry, apply_batch
 from callstate.machine import CallMachine
 from callstate.store import Store
 
@@ -93,13 +93,45 @@ class Drainer:
         time.sleep(max(0.0, min(self.window_seconds, deadline - time.monotonic())))
 
     def _commit(self, shard: int, cursor: str | None, entries: list[LogEntry]) -> bool:
-        docs = self.store.load_docs({entry.call_id for entry in entries})
+        call_ids = {entry.call_id for entry in entries}
+        docs = self.store.load_docs(call_ids)
         indexed_before = {call_id: self.store.index_keys(doc) for call_id, doc in docs.items()}
-        changed, records = apply_entries(docs, entries, self.machine)
-        changed_docs = {c: doc for c in changed if (doc := docs[c]) is not None}
+        applied = apply_batch(
+            docs,
+            lambda: self.store.load_docs(call_ids),
+            entries,
+            self.machine,
+            self.store.settings.max_events_per_call,
+        )
         committed = self.store.commit(
-            shard, cursor, entries[-1].log_id, len(entries), changed_docs, indexed_before, records
+            shard, cursor, entries[-1].log_id, len(entries), applied, indexed_before
         )
         if not committed:
             log.warning("shard %s: cursor moved under this drainer; stopping", shard)
+        elif applied.unprocessable:
+            self._report_unprocessable(shard, applied)
         return committed
+
+    def _report_unprocessable(self, shard: int, applied: Applied) -> None:
+        """Log and quarantine what was set aside: ids and error classes, never payload text."""
+        received_ms = self.store.server_time_ms()
+        for item in applied.unprocessable:
+            log.error(
+                "shard %s: log entry %s (call %s) could not be applied (%s); set aside",
+                shard,
+                item.log_id,
+                item.call_id or "unreadable",
+                item.error,
+            )
+            self.store.quarantine(
+                {
+                    "received_ms": received_ms,
+                    "status": None,
+                    "error": "unprocessable",
+                    "field": None,
+                    "message": f"applying the logged entry raised {item.error}",
+                    "log_id": item.log_id,
+                    "shard": shard,
+                    "call_id": item.call_id,
+                }
+            )

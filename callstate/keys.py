@@ -57,5 +57,9 @@ class Keys:
         """Total log entries applied since the store was created: for monitoring and benchmarks."""
         return f"{self.prefix}:stats:applied"
 
+    def unprocessable_counter(self, shard: int) -> str:
+        """Log entries of the shard set aside because they could not be applied."""
+        return f"{self.prefix}:stats:unprocessable:{shard}"
+
     def quarantine(self) -> str:
         return f"{self.prefix}:quarantine"

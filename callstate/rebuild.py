@@ -5,7 +5,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from callstate.calls import Doc, apply_entries
+from callstate.calls import Doc, LogEntry, apply_batch
+from callstate.codec import unpack_doc
+from callstate.config import Settings
 from callstate.machine import CallMachine
 from callstate.store import Store
 
@@ -19,17 +21,32 @@ class Derived:
 
 
 def derive(store: Store, machine: CallMachine, batch: int) -> Derived:
-    """Replay every shard's log from its first entry, exactly as the drainers applied it."""
+    """Replay every shard's log from its first entry, exactly as the drainers applied it.
+
+    Documents are kept in their stored form between batches, as in Redis, so an entry that
+    cannot be applied is set aside here exactly as a drainer sets it aside.
+    """
     derived = Derived()
-    docs: dict[str, Doc | None] = {}
+    packed: dict[str, bytes] = {}
     for shard in range(store.settings.shards):
         cursor = None
         for entries in store.iter_log(shard, batch):
-            apply_entries(docs, entries, machine)
+            packed.update(_apply_stored(packed, entries, machine, store.settings))
             cursor = entries[-1].log_id
         derived.cursors[shard] = cursor
-    derived.docs = {call_id: doc for call_id, doc in docs.items() if doc is not None}
+    derived.docs = {call_id: unpack_doc(stored) for call_id, stored in packed.items()}
     return derived
+
+
+def _apply_stored(
+    packed: dict[str, bytes], entries: list[LogEntry], machine: CallMachine, settings: Settings
+) -> dict[str, bytes]:
+    call_ids = {entry.call_id for entry in entries}
+
+    def load() -> dict[str, Doc | None]:
+        return {c: unpack_doc(packed[c]) if c in packed else None for c in call_ids}
+
+    return apply_batch(load(), load, entries, machine, settings.max_events_per_call).packed
 
 
 def differences(store: Store, derived: Derived) -> list[str]:

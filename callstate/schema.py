@@ -1,13 +1,27 @@
-"""What a Stringee webhook body must look like, and the error that names what is wrong with it."""
+"""What a Stringee webhook body must look like, and the error that names what is wrong with it.
+
+The checks here are the webhook's wall: a body that passes them can be stored, re-encoded as
+UTF-8 JSON and applied by the workers, so no sender can stop a shard with what it sends.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
 CALL_STATUSES = ("created", "started", "ringing", "answered", "agentEnded", "ended")
 CALL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+
+# Stringee's bodies are two levels deep; this leaves room for unknown fields while staying far
+# below the depth at which a recursive parser or encoder overflows.
+MAX_DEPTH = 16
+# JavaScript consumers of a record read numbers as doubles: beyond this they lose digits.
+MAX_SAFE_INTEGER = 2**53 - 1
+# A call of a day is already implausible; a duration beyond it is a sender's mistake or attack.
+MAX_DURATION_SECONDS = 86_400
+FIELD_NAME_LIMIT = 64
 
 # Documented optional fields and the JSON types they must have; unknown fields are kept as-is.
 OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {
@@ -32,6 +46,10 @@ PARTY_FIELDS: dict[str, tuple[type, ...]] = {
     "is_online": (bool,),
     "type": (str,),
 }
+DURATION_FIELDS = ("duration", "answerDuration")
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_BRACKET = re.compile(rb"[\[\]{}]")
 
 
 class PayloadError(Exception):
@@ -51,16 +69,91 @@ class PayloadError(Exception):
         return body
 
 
-def parse_event(raw: bytes) -> dict[str, Any]:
-    """Decode and validate one webhook body; raise PayloadError naming the problem."""
+def parse_event(raw: bytes, latest_timestamp_ms: int) -> dict[str, Any]:
+    """Decode and validate one webhook body; raise PayloadError naming the problem.
+
+    `latest_timestamp_ms` is the newest event time believed: the server's clock plus the skew
+    allowed, so that one far-future timestamp cannot make every later event of a call look late.
+    """
+    payload = decode_body(raw)
+    check_storable(payload, "")
+    validate_event(payload, latest_timestamp_ms)
+    return payload
+
+
+def decode_body(raw: bytes) -> dict[str, Any]:
+    """A JSON object in strict JSON: UTF-8 without a byte-order mark, no NaN or Infinity, and
+    nesting bounded before parsing (a recursion limit depends on the caller's stack, a bound
+    does not). The workers decode logged bodies with this same function."""
+    if nesting_exceeds(raw, MAX_DEPTH):
+        raise PayloadError(422, "too_deep", f"JSON nested deeper than {MAX_DEPTH} levels")
     try:
-        payload = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+        payload = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except ValueError as exc:
         raise PayloadError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise PayloadError(422, "invalid_payload", "body must be a JSON object")
-    validate_event(payload)
     return payload
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def nesting_exceeds(raw: bytes, limit: int) -> bool:
+    """Whether brackets outside strings nest deeper than `limit`, decided without parsing."""
+    if raw.count(b"{") + raw.count(b"[") <= limit:
+        return False
+    depth = 0
+    for match in _BRACKET.finditer(_JSON_STRING.sub(b"", raw)):
+        if match.group() in b"[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def check_storable(value: Any, path: str) -> None:
+    """Every string must be encodable as UTF-8 (no lone surrogate), every number exact in JSON
+    readers that use doubles, and finite; raise PayloadError naming the first one that is not."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            child = f"{path}.{_printable(key)}" if path else _printable(key)
+            if not _encodable(key):
+                raise PayloadError(422, "invalid_field", "field name is not valid UTF-8", child)
+            check_storable(item, child)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_storable(item, f"{path}[{index}]")
+    elif isinstance(value, str):
+        if not _encodable(value):
+            raise PayloadError(422, "invalid_field", f"{path} is not valid UTF-8 text", path)
+    elif isinstance(value, bool) or value is None:
+        return
+    elif isinstance(value, int):
+        if abs(value) > MAX_SAFE_INTEGER:
+            message = f"{path} is beyond ±(2^53-1), which JSON readers cannot hold exactly"
+            raise PayloadError(422, "out_of_range", message, path)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise PayloadError(422, "out_of_range", f"{path} is not a finite number", path)
+
+
+def _encodable(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(name: str) -> str:
+    """A field name fit to quote back in an error: UTF-8 safe and short."""
+    safe = name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return safe if len(safe) <= FIELD_NAME_LIMIT else safe[:FIELD_NAME_LIMIT] + "..."
 
 
 def is_annotation(payload: dict[str, Any]) -> bool:
@@ -68,20 +161,20 @@ def is_annotation(payload: dict[str, Any]) -> bool:
     return "call_status" not in payload and "recording_url" in payload
 
 
-def validate_event(payload: dict[str, Any]) -> None:
+def validate_event(payload: dict[str, Any], latest_timestamp_ms: int) -> None:
     """Check the fields callstate relies on; raise PayloadError for the first one that is wrong."""
     _check_call_id(payload)
     if not is_annotation(payload):
         _check_status(payload)
-        _check_timestamp(payload, required=True)
-    else:
-        _check_timestamp(payload, required=False)
+    _check_timestamp(payload, latest_timestamp_ms, required=not is_annotation(payload))
     for name, types in OPTIONAL_FIELDS.items():
         _check_type(payload, name, types, prefix="")
     for party in ("from", "to"):
         if isinstance(payload.get(party), dict):
             for name, types in PARTY_FIELDS.items():
                 _check_type(payload[party], name, types, prefix=f"{party}.")
+    for name in DURATION_FIELDS:
+        _check_duration(payload, name)
 
 
 def _check_call_id(payload: dict[str, Any]) -> None:
@@ -110,7 +203,7 @@ def _check_status(payload: dict[str, Any]) -> None:
         )
 
 
-def _check_timestamp(payload: dict[str, Any], *, required: bool) -> None:
+def _check_timestamp(payload: dict[str, Any], latest_ms: int, *, required: bool) -> None:
     if "timestamp_ms" not in payload:
         if required:
             raise PayloadError(422, "missing_field", "timestamp_ms is required", "timestamp_ms")
@@ -122,6 +215,24 @@ def _check_timestamp(payload: dict[str, Any], *, required: bool) -> None:
             "invalid_field",
             "timestamp_ms must be a non-negative integer (milliseconds)",
             "timestamp_ms",
+        )
+    if value > latest_ms:
+        raise PayloadError(
+            422,
+            "out_of_range",
+            f"timestamp_ms is in the future (after {latest_ms}): check the sender's clock",
+            "timestamp_ms",
+        )
+
+
+def _check_duration(payload: dict[str, Any], name: str) -> None:
+    value = payload.get(name)
+    if isinstance(value, int) and not 0 <= value <= MAX_DURATION_SECONDS:
+        raise PayloadError(
+            422,
+            "out_of_range",
+            f"{name} must be between 0 and {MAX_DURATION_SECONDS} seconds",
+            name,
         )
 
 

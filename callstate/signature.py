@@ -14,8 +14,11 @@ def sign(secret: str, raw: bytes) -> str:
     return base64.b64encode(digest).decode()
 
 
-def signature_matches(secret: str, raw: bytes, received: str | None) -> bool:
-    """Compare in constant time, on the raw bytes exactly as they arrived."""
+def signature_matches(secrets: tuple[str, ...], raw: bytes, received: str | None) -> bool:
+    """Whether any of `secrets` (two during a rotation) signed the raw bytes exactly as they
+    arrived; every secret is compared, each in constant time, so timing tells nothing."""
     if not received:
         return False
-    return hmac.compare_digest(sign(secret, raw).encode(), received.strip().encode())
+    sent = received.strip().encode()
+    matches = [hmac.compare_digest(sign(secret, raw).encode(), sent) for secret in secrets]
+    return any(matches)

@@ -14,10 +14,11 @@ from redis.exceptions import RedisError, WatchError
 from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
 
-from callstate.calls import Doc, LogEntry, is_active
-from callstate.codec import pack, unpack
+from callstate.calls import Applied, Doc, LogEntry, error_name, is_active
+from callstate.codec import dumps, pack, pack_doc, unpack, unpack_doc
 from callstate.config import Settings
 from callstate.keys import Keys
+from callstate.schema import PayloadError, decode_body
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +43,6 @@ def stream_id_key(log_id: str) -> tuple[int, int]:
     """Stream ids compare as (ms, seq) pairs, not as strings."""
     ms, _, seq = log_id.partition("-")
     return int(ms), int(seq or 0)
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def pack_doc(doc: Doc) -> bytes:
-    return pack(dumps(doc).encode())
-
-
-def unpack_doc(stored: bytes) -> Doc:
-    doc: Doc = json.loads(unpack(stored))
-    return doc
 
 
 def connect(url: str) -> Redis:
@@ -206,10 +194,10 @@ class Store:
         fields = doc["fields"]
         found = set()
         for party in ("from", "to"):
-            number = (fields.get(party) or {}).get("number")
+            number = _text_field(fields.get(party), "number")
             if number:
                 found.add(self.keys.active_by("number", number))
-        user = fields.get("request_from_user_id")
+        user = _text_field(fields, "request_from_user_id")
         if user:
             found.add(self.keys.active_by("user", user))
         return found
@@ -219,10 +207,9 @@ class Store:
         shard: int,
         expected_cursor: str | None,
         new_cursor: str,
-        applied: int,
-        docs: dict[str, Doc],
+        entries: int,
+        applied: Applied,
         indexed_before: dict[str, set[str]],
-        records: list[Doc],
     ) -> bool:
         """Write a batch's documents, indexes, records and the new cursor in one transaction.
 
@@ -237,9 +224,9 @@ class Store:
                 if (_text(current) if current else None) != expected_cursor:
                     return False
                 pipe.multi()
-                for call_id, doc in docs.items():
-                    self._write_doc(pipe, doc, indexed_before.get(call_id, set()))
-                for record in records:
+                for call_id, doc in applied.docs.items():
+                    self._write_doc(pipe, doc, applied.packed[call_id], indexed_before[call_id])
+                for record in applied.records:
                     pipe.xadd(
                         self.keys.records(),
                         {"call_id": record["call_id"], "record": dumps(record)},
@@ -247,7 +234,9 @@ class Store:
                         approximate=True,
                     )
                 pipe.set(cursor_key, new_cursor)
-                pipe.incrby(self.keys.applied_counter(), applied)
+                pipe.incrby(self.keys.applied_counter(), entries)
+                if applied.unprocessable:
+                    pipe.incrby(self.keys.unprocessable_counter(shard), len(applied.unprocessable))
                 # Renews the drainer's lock; if it was lost, the cursor check above already fences.
                 pipe.pexpire(self.keys.drain_lock(shard), self.settings.drain_lock_seconds * 1000)
                 pipe.execute()
@@ -255,10 +244,10 @@ class Store:
             except WatchError:
                 return False
 
-    def _write_doc(self, pipe: Pipeline, doc: Doc, indexed_before: set[str]) -> None:
+    def _write_doc(self, pipe: Pipeline, doc: Doc, packed: bytes, indexed_before: set[str]) -> None:
         call_id = doc["call_id"]
         retention_ms = None if is_active(doc) else self.settings.retention_seconds * 1000
-        pipe.set(self.keys.call(call_id), pack_doc(doc), px=retention_ms)
+        pipe.set(self.keys.call(call_id), packed, px=retention_ms)
         indexed_now = self.index_keys(doc)
         for key in indexed_before - indexed_now:
             pipe.zrem(key, call_id)
@@ -279,7 +268,7 @@ class Store:
         if stale:
             pipe.delete(*stale)
         for doc in docs.values():
-            self._write_doc(pipe, doc, set())
+            self._write_doc(pipe, doc, pack_doc(doc), set())
         for shard, cursor in cursors.items():
             if cursor is None:
                 pipe.delete(self.keys.cursor(shard))
@@ -330,7 +319,8 @@ class Store:
         """Keep a rejected delivery for inspection; best effort, the list is bounded."""
         try:
             pipe = self.redis.pipeline(transaction=True)
-            pipe.lpush(self.keys.quarantine(), dumps(item))
+            # ASCII escapes: a rejected body's text may not even be encodable as UTF-8.
+            pipe.lpush(self.keys.quarantine(), json.dumps(item))
             pipe.ltrim(self.keys.quarantine(), 0, self.settings.quarantine_max - 1)
             pipe.execute()
         except RedisError as exc:
@@ -345,8 +335,21 @@ def event_fields(call_id: str, raw: bytes) -> dict[FieldT, EncodableT]:
     return {"call_id": call_id, "event": pack(raw)}
 
 
-def _entry(log_id: bytes, fields: dict[bytes, bytes]) -> LogEntry:
-    call_id = fields[b"call_id"].decode()
-    if b"sweep_before_ms" in fields:
-        return LogEntry(log_id.decode(), call_id, {}, int(fields[b"sweep_before_ms"]))
-    return LogEntry(log_id.decode(), call_id, json.loads(unpack(fields[b"event"])))
+def _entry(raw_id: bytes, fields: dict[bytes, bytes]) -> LogEntry:
+    """Decode a log entry; one that cannot be decoded comes back with its `problem` named."""
+    log_id = raw_id.decode()
+    call_id = fields.get(b"call_id", b"").decode("utf-8", "replace")
+    try:
+        if b"sweep_before_ms" in fields:
+            return LogEntry(log_id, call_id, {}, int(fields[b"sweep_before_ms"]))
+        payload = decode_body(unpack(fields[b"event"]))
+    except PayloadError as exc:
+        return LogEntry(log_id, call_id, {}, problem=exc.error)
+    except Exception as exc:  # anything a malformed entry raises names it, nothing stops
+        return LogEntry(log_id, call_id, {}, problem=error_name(exc))
+    return LogEntry(log_id, call_id, payload)
+
+
+def _text_field(container: Any, name: str) -> str | None:
+    value = container.get(name) if isinstance(container, dict) else None
+    return value if isinstance(value, str) else None

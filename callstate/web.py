@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 from callstate.calls import public_view
 from callstate.config import Settings
 from callstate.jobs import drain_timeout, enqueue_drain
+from callstate.redact import mask_personal
 from callstate.schema import CALL_ID_PATTERN, PayloadError, parse_event
 from callstate.signature import SIGNATURE_HEADER, signature_matches
 from callstate.store import Store, connect
@@ -49,7 +50,26 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     app.register_blueprint(calls)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(RedisError, _redis_down)
+    warn_if_exposed(settings)
     return app
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    """Say loudly at start when anyone who can reach the port can forge events or read calls."""
+    if not settings.exposed:
+        return
+    if not settings.signing_secrets:
+        log.warning(
+            "SECURITY: bound to %s without STRINGEE_SIGNING_SECRET: anyone who can reach this "
+            "port can post call events",
+            settings.host,
+        )
+    if settings.api_token is None:
+        log.warning(
+            "SECURITY: bound to %s without CALLSTATE_API_TOKEN: anyone who can reach this port "
+            "can read calls and phone numbers",
+            settings.host,
+        )
 
 
 def services() -> Services:
@@ -103,11 +123,12 @@ def receive_event() -> tuple[Response, int]:
 def _checked_payload(settings: Settings, raw: bytes) -> dict[str, Any]:
     if request.mimetype != "application/json":
         raise PayloadError(415, "unsupported_media_type", "Content-Type must be application/json")
-    if settings.signing_secret is not None and not signature_matches(
-        settings.signing_secret, raw, request.headers.get(SIGNATURE_HEADER)
+    if settings.signing_secrets and not signature_matches(
+        settings.signing_secrets, raw, request.headers.get(SIGNATURE_HEADER)
     ):
         raise PayloadError(401, "bad_signature", f"missing or wrong {SIGNATURE_HEADER} header")
-    return parse_event(raw)
+    latest_ms = int(time.time() * 1000) + settings.max_clock_skew_seconds * 1000
+    return parse_event(raw, latest_timestamp_ms=latest_ms)
 
 
 def _quarantine(store: Store, raw: bytes, exc: PayloadError) -> None:
@@ -118,7 +139,8 @@ def _quarantine(store: Store, raw: bytes, exc: PayloadError) -> None:
             "error": exc.error,
             "field": exc.field,
             "message": exc.message,
-            "body": raw[:QUARANTINE_PREVIEW_BYTES].decode("utf-8", "replace"),
+            "bytes": len(raw),
+            "body": mask_personal(raw[:QUARANTINE_PREVIEW_BYTES].decode("utf-8", "replace")),
         }
     )
 

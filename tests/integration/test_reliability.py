@@ -9,7 +9,8 @@ from typing import Any, cast
 
 from rq.worker import BaseWorker, Worker
 
-from callstate.store import StreamRows, unpack_doc
+from callstate.codec import unpack_doc
+from callstate.store import StreamRows
 from tests.factories import SCENARIOS, ended, event, scenario
 from tests.integration.stack import RedisServer, Stack, wait_until
 

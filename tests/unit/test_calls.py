@@ -6,11 +6,14 @@ from collections.abc import Callable
 from typing import Any
 
 from callstate.calls import Doc, LogEntry, apply_entry, new_doc
+from callstate.config import Settings
 from callstate.machine import CallMachine
 from tests.factories import ended, event, to_agent
 
 Deliver = Callable[..., Doc]
 CALL = "call-vn-1-TEST-1"
+
+MAX_EVENTS = Settings.max_events_per_call
 
 
 def verdicts(doc: Doc) -> list[tuple[str, str | None]]:
@@ -99,7 +102,7 @@ def test_any_new_status_after_end_is_rejected_after_end(deliver: Deliver) -> Non
 def test_first_event_of_a_call_may_be_any_status(machine: CallMachine) -> None:
     for status in ("created", "started", "ringing", "answered", "agentEnded", "ended"):
         entry = LogEntry("5-0", f"c-{status}", event(f"c-{status}", status, 1))
-        doc, _ = apply_entry(None, entry, machine)
+        doc, _ = apply_entry(None, entry, machine, MAX_EVENTS)
         assert doc is not None
         assert doc["status"] == status
         assert doc["journal"][0]["verdict"] == "accepted"
@@ -154,12 +157,14 @@ def test_call_center_legs_follow_agents(deliver: Deliver) -> None:
 
 
 def sweep(doc: Doc | None, machine: CallMachine, log_id: str, before_ms: int) -> Doc | None:
-    found, _ = apply_entry(doc, LogEntry(log_id, CALL, {}, stale_before_ms=before_ms), machine)
+    found, _ = apply_entry(
+        doc, LogEntry(log_id, CALL, {}, stale_before_ms=before_ms), machine, MAX_EVENTS
+    )
     return found
 
 
 def accepted(doc: Doc | None, machine: CallMachine, log_id: str, payload: dict[str, Any]) -> Doc:
-    found, _ = apply_entry(doc, LogEntry(log_id, CALL, payload), machine)
+    found, _ = apply_entry(doc, LogEntry(log_id, CALL, payload), machine, MAX_EVENTS)
     assert found is not None
     return found
 
@@ -185,14 +190,16 @@ def test_real_end_after_sweeper_close_revises_the_record(machine: CallMachine) -
         accepted(None, machine, "1000-0", event(CALL, "answered", 10)), machine, "9000-0", 8000
     )
     doc, record = apply_entry(
-        swept, LogEntry("9500-0", CALL, ended(CALL, 50, "USER_END_CALL", 40)), machine
+        swept, LogEntry("9500-0", CALL, ended(CALL, 50, "USER_END_CALL", 40)), machine, MAX_EVENTS
     )
     assert doc is not None and record is not None
     assert doc["journal"][-1]["verdict"] == "accepted"
     assert record["closed_by"] == "ended_event"
     assert record["revision"] == 2
     assert record["disposition"] == "answered"
-    after, _ = apply_entry(doc, LogEntry("9600-0", CALL, event(CALL, "ringing", 60)), machine)
+    after, _ = apply_entry(
+        doc, LogEntry("9600-0", CALL, event(CALL, "ringing", 60)), machine, MAX_EVENTS
+    )
     assert after is not None
     assert after["journal"][-1]["reason"] == "after_end"
 
@@ -201,12 +208,12 @@ def test_annotation_after_end_makes_a_new_revision(machine: CallMachine) -> None
     first = accepted(None, machine, "1000-0", ended(CALL, 50, "486 Busy Here", 0))
     assert first["record"]["revision"] == 1
     notice = {"type": "recording", "call_id": CALL, "recording_url": "https://rec.example/2"}
-    doc, record = apply_entry(first, LogEntry("2000-0", CALL, notice), machine)
+    doc, record = apply_entry(first, LogEntry("2000-0", CALL, notice), machine, MAX_EVENTS)
     assert record is not None
     assert record["revision"] == 2
     assert record["recording_url"] == "https://rec.example/2"
     again, unchanged = apply_entry(
-        doc, LogEntry("3000-0", CALL, ended(CALL, 50, "486 Busy Here", 0)), machine
+        doc, LogEntry("3000-0", CALL, ended(CALL, 50, "486 Busy Here", 0)), machine, MAX_EVENTS
     )
     assert unchanged is None
     assert again is not None

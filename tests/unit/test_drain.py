@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from callstate.calls import LogEntry, apply_entries
+from callstate.calls import LogEntry, apply_batch
 from callstate.drain import Drainer
 from callstate.machine import CallMachine
 from callstate.store import Store
@@ -40,12 +40,10 @@ def test_commit_is_refused_when_another_drainer_moved_the_cursor(
     shard = log_events(store, "c-1", 3)
     entries = store.read_entries(shard, None, 10)
     docs = store.load_docs({"c-1"})
-    changed, records = apply_entries(docs, entries, machine)
+    applied = apply_batch(docs, dict, entries, machine, store.settings.max_events_per_call)
     assert drainer.drain(shard) == 3
     winner = store.get_doc("c-1")
-    late = store.commit(
-        shard, None, entries[-1].log_id, 3, {c: d for c in changed if (d := docs[c])}, {}, records
-    )
+    late = store.commit(shard, None, entries[-1].log_id, 3, applied, {"c-1": set()})
     assert late is False
     assert store.get_doc("c-1") == winner
     assert store.applied_count() == 3

@@ -7,30 +7,43 @@ from typing import Any
 
 import pytest
 
-from callstate.schema import PayloadError, parse_event
+from callstate.schema import (
+    MAX_DEPTH,
+    MAX_DURATION_SECONDS,
+    MAX_SAFE_INTEGER,
+    PayloadError,
+    parse_event,
+)
 from tests.factories import body, event, example
 
+# The newest event time the tests' webhook believes: far enough ahead for every fixture.
+LATEST_MS = 2**53 - 1
 
-def refusal(raw: bytes) -> PayloadError:
+
+def parse(raw: bytes) -> dict[str, Any]:
+    return parse_event(raw, LATEST_MS)
+
+
+def refusal(raw: bytes, latest_ms: int = LATEST_MS) -> PayloadError:
     with pytest.raises(PayloadError) as caught:
-        parse_event(raw)
+        parse_event(raw, latest_ms)
     return caught.value
 
 
 def test_documented_examples_are_valid() -> None:
     for name in ("started", "ended"):
         payload = example(name)
-        assert parse_event(body(payload)) == payload
+        assert parse(body(payload)) == payload
 
 
 def test_unknown_fields_are_kept() -> None:
     payload = event("c-1", "ringing", 5, queueId="q1", agent_status="AVAILABLE")
-    assert parse_event(body(payload))["queueId"] == "q1"
+    assert parse(body(payload))["queueId"] == "q1"
 
 
 def test_recording_notice_without_status_is_valid() -> None:
     notice = {"type": "recording", "call_id": "c-1", "recording_url": "https://r.example/1"}
-    assert parse_event(body(notice)) == notice
+    assert parse(body(notice)) == notice
 
 
 def test_not_json_is_400() -> None:
@@ -87,4 +100,98 @@ def test_bad_field_is_422_naming_it(raw: bytes, field: str) -> None:
 
 def test_call_id_of_128_safe_characters_is_accepted() -> None:
     call_id = "call-vn-1." + "A" * 118
-    assert parse_event(broken(call_id=call_id))["call_id"] == call_id
+    assert parse(broken(call_id=call_id))["call_id"] == call_id
+
+
+def with_field(name: str, value_json: str) -> bytes:
+    """A valid event with one field's JSON text spliced in as written (escapes kept)."""
+    return body(event("c-1", "ringing", 5))[:-1] + f', "{name}": {value_json}}}'.encode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (with_field("clientCustomData", r'"x\ud800y"'), "clientCustomData"),
+        (with_field("queueId", r'"\udfff"'), "queueId"),
+        (with_field("extra", r'{"deep": ["ok", "\udbff"]}'), "extra.deep[1]"),
+        (with_field("from", r'{"number": "8490", "alias": "\ud800"}'), "from.alias"),
+        (with_field("x\\ud800", '"value"'), "x\\ud800"),
+    ],
+)
+def test_a_lone_surrogate_anywhere_is_422_naming_where(raw: bytes, field: str) -> None:
+    exc = refusal(raw)
+    assert (exc.status, exc.error, exc.field) == (422, "invalid_field", field)
+    json.dumps(exc.to_json(), ensure_ascii=False).encode()
+
+
+def test_a_surrogate_pair_is_a_character_and_accepted() -> None:
+    assert parse(with_field("clientCustomData", r'"\ud83d\ude00"'))["clientCustomData"] == "😀"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"call_id": "c-1", "x": "\xed\xa0\x80"}',  # a surrogate encoded as UTF-8 bytes
+        b"\xef\xbb\xbf" + body(event("c-1", "ringing", 5)),  # byte-order mark
+        with_field("x", "NaN"),
+        with_field("x", "-Infinity"),
+        with_field("x", "1" * 5000),  # beyond Python's own integer-parsing limit
+    ],
+)
+def test_not_strict_utf8_json_is_400(raw: bytes) -> None:
+    assert (refusal(raw).status, refusal(raw).error) == (400, "invalid_json")
+
+
+def nested(depth: int, inner: str = "1") -> str:
+    return "[" * depth + inner + "]" * depth
+
+
+def test_nesting_is_bounded_before_parsing() -> None:
+    # The body itself is level 1: an extra field nested MAX_DEPTH - 1 deep is the most allowed.
+    assert parse(with_field("extra", nested(MAX_DEPTH - 1)))["extra"]
+    for raw in (
+        with_field("extra", nested(MAX_DEPTH)),
+        with_field("from", '{"number": "1", "x": ' + nested(MAX_DEPTH) + "}"),
+        with_field("extra", nested(100_000)),  # would overflow a recursive parser
+        b"[" * 60_000,
+    ):
+        exc = refusal(raw)
+        assert (exc.status, exc.error) == (422, "too_deep")
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    text = json.dumps("[" * 100 + '\\"{' * 50)
+    assert parse(with_field("clientCustomData", text))["clientCustomData"].startswith("[[[")
+
+
+@pytest.mark.parametrize(
+    ("name", "value_json"),
+    [
+        ("timestamp_ms", str(10**40)),
+        ("timestamp_ms", str(MAX_SAFE_INTEGER + 1)),
+        ("project_id", str(-(MAX_SAFE_INTEGER + 1))),
+        ("serial", str(2**64)),
+        ("weight", "1e400"),
+        ("duration", "-1"),
+        ("answerDuration", str(MAX_DURATION_SECONDS + 1)),
+    ],
+)
+def test_numbers_out_of_range_are_422_naming_the_field(name: str, value_json: str) -> None:
+    exc = refusal(with_field(name, value_json))
+    assert (exc.status, exc.error, exc.field) == (422, "out_of_range", name)
+
+
+def test_numbers_at_their_bounds_are_accepted() -> None:
+    assert parse(with_field("serial", str(MAX_SAFE_INTEGER)))["serial"] == MAX_SAFE_INTEGER
+    assert parse(with_field("weight", "-1.5e300"))["weight"] == -1.5e300
+    assert parse(with_field("duration", str(MAX_DURATION_SECONDS)))["duration"] > 0
+    assert parse(with_field("answerDuration", "0"))["answerDuration"] == 0
+
+
+def test_timestamp_beyond_the_allowed_skew_is_422() -> None:
+    raw = body(event("c-1", "ringing", 5_000))
+    assert parse_event(raw, latest_timestamp_ms=5_000)["timestamp_ms"] == 5_000
+    exc = refusal(raw, latest_ms=4_999)
+    assert (exc.status, exc.error, exc.field) == (422, "out_of_range", "timestamp_ms")
+    notice = {"call_id": "c-1", "recording_url": "https://r.example/1", "timestamp_ms": 5_000}
+    assert refusal(body(notice), latest_ms=4_999).field == "timestamp_ms"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import socket
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -23,6 +25,7 @@ from callstate.web import create_app
 from tests.factories import body, ended, event, example
 
 URL = "/webhooks/stringee"
+FAR_FUTURE_MS = int(time.time() * 1000) + 3600 * 1000
 
 
 def json_of(response: TestResponse) -> Any:
@@ -207,6 +210,11 @@ def test_bad_listing_query_is_400(client: FlaskClient, query: str) -> None:
         ),
         (body(event("c", "ringing", 1)), {}, 415, "unsupported_media_type"),
         (b"{" + b" " * 70_000 + b"}", JSON, 413, "request_entity_too_large"),
+        (body(event("c", "ringing", 1))[:-1] + rb', "x": "\ud800"}', JSON, 422, "invalid_field"),
+        (b'{"call_id": "c", "x": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", JSON, 422, "too_deep"),
+        (body(event("c", "ringing", 10**40)), JSON, 422, "out_of_range"),
+        (body(event("c", "ringing", FAR_FUTURE_MS)), JSON, 422, "out_of_range"),
+        (body(ended("c", 1, "486 Busy Here", -5)), JSON, 422, "out_of_range"),
     ],
 )
 def test_bad_delivery_gets_a_json_error_and_changes_nothing(
@@ -232,6 +240,16 @@ def test_bad_delivery_gets_a_json_error_and_changes_nothing(
         assert len(quarantine) == 1
 
 
+def test_quarantine_preview_masks_phone_numbers(client: FlaskClient, store: Store) -> None:
+    refused = body(event("c", "ringing", 1, call_status="hungup"))
+    assert client.post(URL, data=refused, headers=JSON).status_code == 422
+    [item] = store.quarantined(5)
+    assert "84909985668" not in item["body"] and "84899199866" not in item["body"]
+    assert '"number": "********668"' in item["body"]
+    assert '"call_status": "hungup"' in item["body"]
+    assert (item["field"], item["bytes"]) == ("call_status", len(refused))
+
+
 def test_quarantine_is_bounded(client: FlaskClient, store: Store, settings: Settings) -> None:
     for n in range(settings.quarantine_max + 5):
         client.post(URL, data=b"garbage %d" % n, headers=JSON)
@@ -255,6 +273,45 @@ def test_signature_is_required_when_a_secret_is_set(settings: Settings, redis: R
     tampered = raw.replace(b"started", b"ringing")
     assert client.post(URL, data=tampered, headers=good).status_code == 401
     assert client.post(URL, data=raw, headers=good).status_code == 200
+
+
+def test_previous_secret_is_accepted_during_a_rotation(settings: Settings, redis: Redis) -> None:
+    rotating = dataclasses.replace(
+        settings, signing_secret="new-secret", signing_secret_previous="old-secret"
+    )
+    client = create_app(rotating, redis).test_client()
+    raw = body(example("started"))
+    for secret, status in (("new-secret", 200), ("old-secret", 200), ("other", 401)):
+        headers = {**JSON, "X-STRINGEE-SIGNATURE": sign(secret, raw)}
+        assert client.post(URL, data=raw, headers=headers).status_code == status
+
+
+@pytest.mark.parametrize(
+    ("host", "secret", "token", "warnings"),
+    [
+        ("127.0.0.1", None, None, []),
+        ("localhost", None, None, []),
+        ("0.0.0.0", None, None, ["STRINGEE_SIGNING_SECRET", "CALLSTATE_API_TOKEN"]),
+        ("10.1.2.3", "s", None, ["CALLSTATE_API_TOKEN"]),
+        ("my-host", None, "t", ["STRINGEE_SIGNING_SECRET"]),
+        ("0.0.0.0", "s", "t", []),
+    ],
+)
+def test_start_warns_when_reachable_without_secret_or_token(
+    settings: Settings,
+    redis: Redis,
+    caplog: pytest.LogCaptureFixture,
+    host: str,
+    secret: str | None,
+    token: str | None,
+    warnings: list[str],
+) -> None:
+    exposed = dataclasses.replace(settings, host=host, signing_secret=secret, api_token=token)
+    with caplog.at_level(logging.WARNING, logger="callstate.web"):
+        create_app(exposed, redis)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SECURITY")]
+    assert [name for name in warnings if any(name in line for line in said)] == warnings
+    assert len(said) == len(warnings)
 
 
 def test_read_endpoints_need_the_api_token_when_set(settings: Settings, redis: Redis) -> None:
