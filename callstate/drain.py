@@ -19,8 +19,13 @@ class Drainer:
 
     A drain job keeps its shard for up to `slice_ms`, waiting up to `linger_ms` for more entries,
     so a steady stream of events costs one RQ job per slice instead of one per event; when the
-    slice runs out the job queues its successor, so other shards get the worker in turn. After a
+    slice runs out the job wakes a successor, so other shards get the worker in turn. After a
     partial batch it waits `window_ms` so the next transaction carries several events.
+
+    No lost wake-up, and at most one queued job per shard: a job clears the shard's wake flag as
+    it starts, so every event logged after that start claims the flag and queues a job, or finds
+    it claimed by a queued job that has not started yet. A job that finds the shard locked leaves:
+    the holder looks at the log again after it lets go.
     """
 
     def __init__(
@@ -31,7 +36,7 @@ class Drainer:
         slice_ms: int,
         linger_ms: int,
         window_ms: int,
-        requeue: Callable[[int], None],
+        wake: Callable[[int], None],
     ) -> None:
         self.store = store
         self.machine = machine
@@ -39,10 +44,11 @@ class Drainer:
         self.slice_seconds = slice_ms / 1000
         self.linger_ms = linger_ms
         self.window_seconds = window_ms / 1000
-        self.requeue = requeue
+        self.wake = wake
 
     def drain(self, shard: int) -> int:
         """Apply what the shard logs until it is quiet or the slice ends; return how many."""
+        self.store.clear_wake(shard)
         applied = 0
         while True:
             token = uuid.uuid4().hex
@@ -55,7 +61,7 @@ class Drainer:
             finally:
                 self.store.release_drain_lock(shard, token)
             if not quiet:
-                self.requeue(shard)
+                self.wake(shard)
                 return applied
             if not self.store.has_backlog(shard):
                 return applied
@@ -77,15 +83,14 @@ class Drainer:
                 if len(entries) < self.batch:
                     self._gather(deadline)
                 continue
-            wait_ms = min(self.linger_ms, int((deadline - time.monotonic()) * 1000))
+            # A shard that had nothing for this job is idle: lingering there would only keep
+            # the worker from other shards.
+            linger_ms = self.linger_ms if applied else 0
+            wait_ms = min(linger_ms, int((deadline - time.monotonic()) * 1000))
             if wait_ms > 0 and self.store.read_entries(shard, cursor, 1, block_ms=wait_ms):
                 self._gather(deadline)
                 continue
-            # Quiet: from now on new events wake a job. Look once more, since an event logged
-            # before the flag was cleared found it set and woke nobody.
-            self.store.clear_drain_pending(shard)
-            if not self.store.read_entries(shard, cursor, 1):
-                return applied, True
+            return applied, True
 
     def _gather(self, deadline: float) -> None:
         """Let a batch build up: one transaction for the events of the next few milliseconds,

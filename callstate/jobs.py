@@ -45,10 +45,14 @@ def configure(settings: Settings, redis: Redis) -> Context:
         slice_ms=settings.drain_slice_ms,
         linger_ms=settings.drain_linger_ms,
         window_ms=settings.drain_window_ms,
-        requeue=lambda shard: enqueue_drain(queue, shard, drain_timeout(settings)),
+        wake=lambda shard: _wake(store, queue, shard, settings),
     )
     _context = Context(settings=settings, store=store, queue=queue, drainer=drainer)
     return _context
+
+
+def _wake(store: Store, queue: Queue, shard: int, settings: Settings) -> None:
+    wake_drain(store, queue, shard, drain_timeout(settings))
 
 
 def context() -> Context:
@@ -60,6 +64,14 @@ def context() -> Context:
 def drain_timeout(settings: Settings) -> int:
     """RQ's limit for one drain job: a slice is short, a lost lock is the real bound."""
     return settings.drain_lock_seconds * 4
+
+
+def wake_drain(store: Store, queue: Queue, shard: int, job_timeout: int) -> bool:
+    """Queue a drain of the shard unless one is queued already; True if this call queued it."""
+    if not store.claim_wake(shard):
+        return False
+    enqueue_drain(queue, shard, job_timeout)
+    return True
 
 
 def enqueue_drain(queue: Queue, shard: int, job_timeout: int) -> None:
@@ -78,18 +90,26 @@ def drain_shard(shard: int) -> int:
 
 
 def maintain() -> dict[str, int]:
-    """Ask for silent calls to be closed, trim the log past retention, wake stuck shards."""
+    """Trim the log past retention, wake stuck shards, ask for silent calls to be closed.
+
+    In that order: trimming frees memory and waking needs none, so a Redis that is full still
+    gets its backlog woken.
+    """
     ctx = context()
     settings, store = ctx.settings, ctx.store
     now_ms = store.server_time_ms()
+    store.trim_logs(now_ms - settings.retention_seconds * 1000)
+    woken = [
+        shard
+        for shard in range(settings.shards)
+        if store.has_backlog(shard) and wake_drain(store, ctx.queue, shard, drain_timeout(settings))
+    ]
     stale_before = now_ms - settings.stale_after_seconds * 1000
     stale = store.stale_call_ids(stale_before, SWEEP_BATCH)
     for call_id in stale:
-        store.append_sweep(call_id, stale_before)
-    store.trim_logs(now_ms - settings.retention_seconds * 1000)
-    backlogged = [shard for shard in range(settings.shards) if store.has_backlog(shard)]
-    for shard in backlogged:
-        enqueue_drain(ctx.queue, shard, drain_timeout(settings))
-    if stale or backlogged:
-        log.info("maintenance: %d calls to close, %d shards woken", len(stale), len(backlogged))
-    return {"stale": len(stale), "woken": len(backlogged)}
+        _, shard, claimed = store.append_sweep(call_id, stale_before)
+        if claimed:
+            enqueue_drain(ctx.queue, shard, drain_timeout(settings))
+    if stale or woken:
+        log.info("maintenance: %d calls to close, %d shards woken", len(stale), len(woken))
+    return {"stale": len(stale), "woken": len(woken)}

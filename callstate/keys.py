@@ -28,9 +28,10 @@ class Keys:
     def drain_lock(self, shard: int) -> str:
         return f"{self.prefix}:drain-lock:{shard}"
 
-    def drain_pending(self, shard: int) -> str:
-        """Set while a drain job for the shard is queued, so a burst enqueues one job."""
-        return f"{self.prefix}:drain-pending:{shard}"
+    def wake(self, shard: int) -> str:
+        """The shard's wake flag: set while a drain job for it is queued and not yet started.
+        Only whoever sets it queues a job, so a shard never has two queued."""
+        return f"{self.prefix}:wake:{shard}"
 
     def call(self, call_id: str) -> str:
         return f"{self.prefix}:call:{call_id}"

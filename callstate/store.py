@@ -10,6 +10,7 @@ from typing import Any, cast
 from redis import Redis
 from redis.backoff import NoBackoff
 from redis.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
@@ -26,13 +27,26 @@ log = logging.getLogger(__name__)
 StreamRows = list[tuple[bytes, dict[bytes, bytes]]]
 
 
-# Log an event and set its shard's wake flag as one command with one reply: the webhook's only
-# Redis call. A flag lost with a crashed web process expires, and maintenance wakes backlogs.
+# Log an event and claim its shard's wake flag as one command with one reply: the webhook's
+# only Redis call. A flag whose job was never queued (a web process that died in between)
+# expires, and maintenance then wakes the shard.
 APPEND_EVENT = """
 local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
-local woke = redis.call('SET', KEYS[2], 1, 'NX', 'EX', ARGV[1])
-return {id, woke and 1 or 0}
+local claimed = redis.call('SET', KEYS[2], 1, 'NX', 'EX', ARGV[1])
+return {id, claimed and 1 or 0}
 """
+
+
+# Compare-and-delete in one command: unlike WATCH/MULTI it still runs when Redis is at its
+# memory limit (a transaction is refused there), so a drainer that failed for lack of memory
+# does not leave its shard locked until the lock's TTL.
+RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+REDIS_TIMEOUT_SECONDS = 5
 
 
 def _text(raw: bytes | str) -> str:
@@ -47,9 +61,14 @@ def stream_id_key(log_id: str) -> tuple[int, int]:
 
 def connect(url: str) -> Redis:
     """A client that fails fast: redis-py's default retries back off for seconds, and a webhook
-    that cannot store an event must answer 503 before the provider gives up on it."""
+    that cannot store an event must answer 503 before the provider gives up on it.
+
+    One immediate retry on a broken connection (a restarted server), none on a timeout: a
+    command that timed out may have run, and an append run twice would log the event twice.
+    """
+    retry = Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,))
     return Redis.from_url(
-        url, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), retries=1)
+        url, socket_timeout=REDIS_TIMEOUT_SECONDS, socket_connect_timeout=2, retry=retry
     )
 
 
@@ -61,26 +80,27 @@ class Store:
         self.settings = settings
         self.keys = Keys(settings.key_prefix, settings.shards)
         self._append_event = redis.register_script(APPEND_EVENT)
+        self._release_lock = redis.register_script(RELEASE_LOCK)
 
     # Event log -----------------------------------------------------------------------------
 
     def append_event(self, call_id: str, raw: bytes) -> tuple[str, int, bool]:
-        """Log a raw event; return its log id, its shard and whether to wake a drain job."""
+        """Log a raw event; return its log id, its shard and whether it claimed the wake flag
+        (then the caller queues the shard's drain job)."""
+        return self._append(call_id, event_fields(call_id, raw))
+
+    def append_sweep(self, call_id: str, stale_before_ms: int) -> tuple[str, int, bool]:
+        """Log a request to close a call that has been silent since before `stale_before_ms`;
+        return as `append_event` does."""
+        return self._append(call_id, {"call_id": call_id, "sweep_before_ms": stale_before_ms})
+
+    def _append(self, call_id: str, fields: dict[FieldT, EncodableT]) -> tuple[str, int, bool]:
         shard = self.keys.shard_of(call_id)
-        fields = event_fields(call_id, raw)
-        log_id, first_waker = self._append_event(
-            keys=[self.keys.log(shard), self.keys.drain_pending(shard)],
+        log_id, claimed = self._append_event(
+            keys=[self.keys.log(shard), self.keys.wake(shard)],
             args=[self.settings.drain_lock_seconds, *(x for pair in fields.items() for x in pair)],
         )
-        return _text(log_id), shard, bool(first_waker)
-
-    def append_sweep(self, call_id: str, stale_before_ms: int) -> int:
-        """Log a request to close a call that has been silent since before `stale_before_ms`."""
-        shard = self.keys.shard_of(call_id)
-        self.redis.xadd(
-            self.keys.log(shard), {"call_id": call_id, "sweep_before_ms": stale_before_ms}
-        )
-        return shard
+        return _text(log_id), shard, bool(claimed)
 
     def read_entries(
         self, shard: int, after: str | None, count: int, block_ms: int = 0
@@ -143,8 +163,15 @@ class Store:
 
     # Drain coordination --------------------------------------------------------------------
 
-    def clear_drain_pending(self, shard: int) -> None:
-        self.redis.delete(self.keys.drain_pending(shard))
+    def claim_wake(self, shard: int) -> bool:
+        """Set the shard's wake flag unless a drain job is queued; True obliges the caller to
+        queue one."""
+        ttl = self.settings.drain_lock_seconds
+        return bool(self.redis.set(self.keys.wake(shard), 1, nx=True, ex=ttl))
+
+    def clear_wake(self, shard: int) -> None:
+        """A drain job has started: it is no longer queued, so the next event must queue one."""
+        self.redis.delete(self.keys.wake(shard))
 
     def acquire_drain_lock(self, shard: int, token: str) -> bool:
         ms = self.settings.drain_lock_seconds * 1000
@@ -152,18 +179,7 @@ class Store:
 
     def release_drain_lock(self, shard: int, token: str) -> bool:
         """Delete the lock only if `token` still holds it (it may have expired and moved on)."""
-        key = self.keys.drain_lock(shard)
-        with self.redis.pipeline() as pipe:
-            try:
-                pipe.watch(key)  # type: ignore[no-untyped-call]
-                if pipe.get(key) != token.encode():
-                    return False
-                pipe.multi()
-                pipe.delete(key)
-                pipe.execute()
-                return True
-            except WatchError:
-                return False
+        return bool(self._release_lock(keys=[self.keys.drain_lock(shard)], args=[token]))
 
     # Call documents ------------------------------------------------------------------------
 

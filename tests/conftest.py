@@ -42,16 +42,25 @@ def machine() -> CallMachine:
 
 
 @pytest.fixture
-def requeued() -> list[int]:
-    """Shards whose drain job handed over to a successor."""
+def woken() -> list[int]:
+    """Shards for which a drain job handed over to a queued successor."""
     return []
 
 
 @pytest.fixture
-def drainer(store: Store, machine: CallMachine, requeued: list[int]) -> Drainer:
-    return Drainer(
-        store, machine, batch=7, slice_ms=60_000, linger_ms=0, window_ms=0, requeue=requeued.append
-    )
+def wake(store: Store, woken: list[int]) -> Callable[[int], None]:
+    """What a drain job does at the end of its slice, with the queueing recorded in `woken`."""
+
+    def claim_and_record(shard: int) -> None:
+        if store.claim_wake(shard):
+            woken.append(shard)
+
+    return claim_and_record
+
+
+@pytest.fixture
+def drainer(store: Store, machine: CallMachine, wake: Callable[[int], None]) -> Drainer:
+    return Drainer(store, machine, batch=7, slice_ms=60_000, linger_ms=0, window_ms=0, wake=wake)
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from callstate.calls import LogEntry, apply_batch
@@ -73,7 +75,7 @@ def test_drain_clears_the_wake_flag_so_the_next_event_wakes_a_new_job(
 
 
 def small_drainer(
-    store: Store, machine: CallMachine, slice_ms: int, requeued: list[int]
+    store: Store, machine: CallMachine, slice_ms: int, wake: Callable[[int], None]
 ) -> Drainer:
     return Drainer(
         store,
@@ -82,35 +84,35 @@ def small_drainer(
         slice_ms=slice_ms,
         linger_ms=0,
         window_ms=0,
-        requeue=requeued.append,
+        wake=wake,
     )
 
 
 def test_each_commit_renews_the_drain_lock(
-    store: Store, machine: CallMachine, requeued: list[int]
+    store: Store, machine: CallMachine, wake: Callable[[int], None]
 ) -> None:
     shard = log_events(store, "c-1", 1)
     assert store.acquire_drain_lock(shard, "mine")
     store.redis.pexpire(store.keys.drain_lock(shard), 50)
-    assert small_drainer(store, machine, 60_000, requeued)._drain_slice(shard) == (1, True)
+    assert small_drainer(store, machine, 60_000, wake)._drain_slice(shard) == (1, True)
     assert store.redis.pttl(store.keys.drain_lock(shard)) > 50
 
 
 def test_a_used_up_slice_hands_the_shard_to_a_new_job(
-    store: Store, machine: CallMachine, requeued: list[int]
+    store: Store, machine: CallMachine, wake: Callable[[int], None], woken: list[int]
 ) -> None:
     shard = log_events(store, "c-1", 6)
-    assert small_drainer(store, machine, 0, requeued).drain(shard) == 2
-    assert requeued == [shard]
+    assert small_drainer(store, machine, 0, wake).drain(shard) == 2
+    assert woken == [shard]
     assert store.has_backlog(shard)
-    _, _, woke = store.append_event("c-1", body(event("c-1", "ended", 9999)))
-    assert woke is False, "the queued successor will drain it; no second job"
-    assert small_drainer(store, machine, 60_000, requeued).drain(shard) == 5
-    assert requeued == [shard]
+    _, _, claimed = store.append_event("c-1", body(event("c-1", "ended", 9999)))
+    assert claimed is False, "the queued successor will drain it; no second job"
+    assert small_drainer(store, machine, 60_000, wake).drain(shard) == 5
+    assert woken == [shard]
 
 
 def test_a_lingering_drain_applies_events_logged_while_it_waits(
-    store: Store, machine: CallMachine, requeued: list[int], monkeypatch: pytest.MonkeyPatch
+    store: Store, machine: CallMachine, wake: Callable[[int], None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     shard = log_events(store, "c-1", 1)
     lingering = Drainer(
@@ -120,7 +122,7 @@ def test_a_lingering_drain_applies_events_logged_while_it_waits(
         slice_ms=60_000,
         linger_ms=50,
         window_ms=1,
-        requeue=requeued.append,
+        wake=wake,
     )
     blocking_reads: list[int] = []
     real_read = store.read_entries

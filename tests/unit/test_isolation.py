@@ -163,7 +163,7 @@ def _lock_holder(store: Store) -> str:
 def bounded_store(redis: Redis, settings: Settings, limit: int) -> tuple[Store, Drainer]:
     store = Store(redis, dataclasses.replace(settings, max_events_per_call=limit))
     drainer = Drainer(
-        store, CallMachine(), batch=7, slice_ms=60_000, linger_ms=0, window_ms=0, requeue=print
+        store, CallMachine(), batch=7, slice_ms=60_000, linger_ms=0, window_ms=0, wake=print
     )
     return store, drainer
 

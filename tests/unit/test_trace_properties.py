@@ -391,7 +391,7 @@ def test_any_delivery_order_ends_in_the_state_the_model_predicts(trace: Trace) -
             slice_ms=60_000,
             linger_ms=0,
             window_ms=0,
-            requeue=list[int]().append,
+            wake=list[int]().append,
         )
         model = {call_id: ModelCall(call_id) for call_id in trace.call_ids}
         log_ids: dict[str, list[str]] = {call_id: [] for call_id in trace.call_ids}

@@ -1,0 +1,183 @@
+"""Wake-ups: a shard never has two queued drain jobs, and no logged event is left unapplied,
+whatever the order in which webhooks, drain jobs and maintenance interleave."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import fakeredis
+from flask.testing import FlaskClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from redis import Redis
+from rq.job import Job
+
+from callstate import jobs
+from callstate.calls import LogEntry
+from callstate.config import Settings
+from callstate.store import Store
+from callstate.web import create_app
+from tests.factories import body, event
+
+JSON = {"Content-Type": "application/json"}
+CALLS = ("wake-a", "wake-b", "wake-c")
+
+
+class World:
+    """The web, RQ's queue and drain jobs on one fakeredis, stepped in a chosen order."""
+
+    def __init__(self, settings: Settings, redis: Redis) -> None:
+        self.context = jobs.configure(settings, redis)
+        self.client: FlaskClient = create_app(settings, redis).test_client()
+        self.store: Store = self.context.store
+        self.sent = 0
+        self.most_queued = 0
+
+    def queued_drains(self) -> dict[int, int]:
+        found: dict[int, int] = {}
+        for job in self.context.queue.get_jobs():
+            if job.func_name == jobs.DRAIN_JOB:
+                found[job.args[0]] = found.get(job.args[0], 0) + 1
+        self.most_queued = max([self.most_queued, *found.values()])
+        return found
+
+    def post(self, call_id: str) -> None:
+        self.sent += 1
+        payload = event(call_id, ("ringing", "agentEnded")[self.sent % 2], self.sent)
+        assert (
+            self.client.post("/webhooks/stringee", data=body(payload), headers=JSON).status_code
+            == 200
+        )
+
+    def run_one_job(self) -> bool:
+        """What a worker does: take the oldest queued job and run it."""
+        if self.context.queue.count == 0:
+            return False
+        job = Job.fetch(str(self.context.queue.pop_job_id()), connection=self.store.redis)
+        if job.func_name == jobs.DRAIN_JOB:
+            jobs.drain_shard(*job.args)
+        return True
+
+    def act(self, action: tuple[str, int]) -> None:
+        kind, n = action
+        if kind == "post":
+            self.post(CALLS[n % len(CALLS)])
+        elif kind == "maintain":
+            jobs.maintain()
+        else:
+            self.run_one_job()
+        self.queued_drains()
+
+
+def world(slice_ms: int, batch: int) -> World:
+    redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    base = Settings(redis_url="redis://fake", embedded_redis=False, var_dir=Path("var"), shards=2)
+    tuned = dataclasses.replace(
+        base, drain_slice_ms=slice_ms, drain_batch=batch, drain_linger_ms=0, drain_window_ms=0
+    )
+    return World(tuned, redis)
+
+
+actions = st.lists(
+    st.tuples(st.sampled_from(["post", "post", "post", "maintain", "run"]), st.integers(0, 2)),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    steps=actions,
+    inside=actions,
+    slice_ms=st.sampled_from([0, 60_000]),
+    batch=st.sampled_from([1, 2, 50]),
+)
+def test_one_queued_drain_per_shard_and_no_lost_wake_up(
+    steps: list[tuple[str, int]], inside: list[tuple[str, int]], slice_ms: int, batch: int
+) -> None:
+    """`inside` actions happen while a drain job is between two reads of the log, as another
+    process would interleave with it; nested once, so a job can start while another drains."""
+    w = world(slice_ms, batch)
+    pending: Iterator[tuple[str, int]] = iter(inside)
+    depth = {"now": 0}
+
+    def others_act(times: int) -> None:
+        if depth["now"] < 2:
+            depth["now"] += 1
+            try:
+                for _ in range(times):
+                    w.act(next(pending, ("nothing", 0)))
+            finally:
+                depth["now"] -= 1
+
+    real_read, real_release = w.store.read_entries, w.store.release_drain_lock
+
+    def read_while_others_act(
+        shard: int, after: str | None, count: int, block_ms: int = 0
+    ) -> list[LogEntry]:
+        others_act(1)
+        return real_read(shard, after, count, block_ms)
+
+    def release_after_others_act(shard: int, token: str) -> bool:
+        # After the holder's last read and before it lets go: an event, then a job that
+        # finds the shard still locked, is the race the holder's second look is for.
+        others_act(2)
+        return real_release(shard, token)
+
+    w.store.read_entries = read_while_others_act  # type: ignore[method-assign]
+    w.store.release_drain_lock = release_after_others_act  # type: ignore[method-assign]
+    for action in steps:
+        w.act(action)
+        assert max(w.queued_drains().values(), default=0) <= 1
+    assert w.most_queued <= 1
+    w.store.read_entries = real_read  # type: ignore[method-assign]
+    w.store.release_drain_lock = real_release  # type: ignore[method-assign]
+    for _ in range(100):
+        if not w.run_one_job():
+            break
+    assert not any(w.store.has_backlog(shard) for shard in range(w.store.settings.shards))
+    assert w.store.applied_count() == w.sent
+
+
+def test_a_burst_a_successor_and_maintenance_queue_one_job(
+    settings: Settings, redis: Redis
+) -> None:
+    w = World(dataclasses.replace(settings, shards=1, drain_slice_ms=0, drain_batch=2), redis)
+    for _ in range(10):
+        w.post("burst")
+    assert w.queued_drains() == {0: 1}
+    jobs.maintain()
+    assert w.queued_drains() == {0: 1}
+    assert w.run_one_job()  # a used-up slice: it hands over to one successor
+    assert w.queued_drains() == {0: 1}
+    w.post("burst")
+    jobs.maintain()
+    assert w.queued_drains() == {0: 1}
+    while w.run_one_job():
+        pass
+    assert w.store.applied_count() == 11
+    assert w.queued_drains() == {}
+
+
+def test_the_holder_looks_again_for_an_event_whose_job_found_the_shard_locked(
+    settings: Settings, redis: Redis
+) -> None:
+    w = World(dataclasses.replace(settings, shards=1), redis)
+    w.post("race")
+    real_release = w.store.release_drain_lock
+    raced: list[bool] = []
+
+    def release_after_a_race(shard: int, token: str) -> bool:
+        if not raced:
+            # After the holder's last read: an event, and its job, which finds the lock held.
+            raced.append(w.sent == 1)
+            w.post("race")
+            assert w.run_one_job()
+        return real_release(shard, token)
+
+    w.store.release_drain_lock = release_after_a_race  # type: ignore[method-assign]
+    assert w.run_one_job()
+    assert raced == [True]
+    assert w.store.applied_count() == 2, "the holder applied the event its job could not"
+    assert w.queued_drains() == {}
