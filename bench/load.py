@@ -26,6 +26,10 @@ PROBE_TIMEOUT_S = 30.0
 PROBE_INTERVAL_S = 0.01
 
 
+RETRY_PAUSE_S = 0.05
+RETRY_GIVE_UP_S = 120.0
+
+
 @dataclass
 class Tally:
     """What one thread saw; merged at the end."""
@@ -33,6 +37,9 @@ class Tally:
     latencies_ms: list[float] = field(default_factory=list)
     errors: int = 0
     calls: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Refusal windows: from a refused delivery to the next accepted one, in seconds.
+    outages_s: list[float] = field(default_factory=list)
+    slowest_ms: float = 0.0
 
 
 class Client:
@@ -98,6 +105,8 @@ class Load:
         for tally in tallies:
             calls.update(tally.calls)
         return {
+            "outages": [s for tally in tallies for s in tally.outages_s],
+            "slowest_ms": max(tally.slowest_ms for tally in tallies),
             "latencies": [ms for tally in tallies for ms in tally.latencies_ms],
             "lags": self.lags_ms,
             "gets": self.gets_ms,
@@ -139,20 +148,38 @@ class Load:
         self, client: Client, tally: Tally, planned: PlannedCall, step: int, rng: random.Random
     ) -> None:
         body = json.dumps(planned.sends[step]).encode()
-        sent_at = time.monotonic()
-        status, reply = client.request("POST", "/webhooks/stringee", body)
-        answered_at = time.monotonic()
-        if status != 200:
+        refused_since: float | None = None
+        while True:
+            sent_at = time.monotonic()
+            status, reply = client.request("POST", "/webhooks/stringee", body)
+            answered_at = time.monotonic()
+            tally.slowest_ms = max(tally.slowest_ms, (answered_at - sent_at) * 1000)
+            if status == 200:
+                break
             tally.errors += 1
-            return
+            # As the provider does: deliver again until it is taken, or give up.
+            if not self.args.retry:
+                return
+            refused_since = refused_since or sent_at
+            if answered_at - refused_since > RETRY_GIVE_UP_S:
+                return
+            time.sleep(RETRY_PAUSE_S)
+        if refused_since is not None:
+            tally.outages_s.append(answered_at - refused_since)
         tally.latencies_ms.append((answered_at - sent_at) * 1000)
         if self.args.echo:
             return
         record = tally.calls.setdefault(
             planned.call_id,
-            {"expected": planned.expected, "acked": [], "sends": len(planned.sends)},
+            {
+                "expected": planned.expected,
+                "acked": [],
+                "statuses": [],
+                "sends": len(planned.sends),
+            },
         )
         record["acked"].append(json.loads(reply)["log_id"])
+        record["statuses"].append(planned.sends[step]["call_status"])
         if rng.random() < self.args.probe_share:
             self.probes.put((planned.call_id, step + 1, answered_at))
 
@@ -193,6 +220,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--prefix", default="bench")
     parser.add_argument("--echo", action="store_true", help="the target is the bare echo floor")
+    parser.add_argument(
+        "--retry", action="store_true", help="deliver a refused event again until it is taken"
+    )
     args = parser.parse_args()
     with ProcessPoolExecutor(args.processes) as pool:
         parts = list(pool.map(run_part, [args] * args.processes, range(args.processes)))
@@ -220,6 +250,8 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "sent": len(latencies),
         "errors": sum(part["errors"] for part in parts),
+        "longest_refusal_s": max((s for part in parts for s in part["outages"]), default=0.0),
+        "slowest_answer_ms": max(part["slowest_ms"] for part in parts),
         "seconds": seconds,
         "throughput": len(latencies) / seconds,
         "latency_ms": percentiles(latencies),

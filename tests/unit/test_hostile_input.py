@@ -95,7 +95,7 @@ def test_any_body_gets_a_json_4xx_or_is_stored_and_applied(raw: bytes, content_t
     store = Store(redis, SETTINGS)
     client = create_app(SETTINGS, redis).test_client()
     drainer = Drainer(
-        store, MACHINE, batch=50, slice_ms=60_000, linger_ms=0, window_ms=0, requeue=print
+        store, MACHINE, batch=50, slice_ms=60_000, linger_ms=0, window_ms=0, wake=print
     )
 
     response = client.post("/webhooks/stringee", data=raw, headers={"Content-Type": content_type})

@@ -1,0 +1,96 @@
+"""What the guarantees assume of a Redis server, checked against a live one.
+
+callstate acknowledges an event once Redis has it; that promise only holds if Redis keeps what
+it acknowledged (append-only file, fsync policy) and refuses writes rather than evicting data
+when full. `callstate doctor` and every process's start-up check a server against this.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, cast
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+SAFE_FSYNC = ("always", "everysec")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One setting: what it is on the server, what the guarantees need, and whether it holds."""
+
+    setting: str
+    found: str
+    needed: str
+    ok: bool
+    why: str
+
+
+def examine(redis: Redis) -> list[Finding]:
+    """Read the server's settings (INFO, and CONFIG where the server allows it) and judge each."""
+    persistence = _info(redis, "persistence")
+    memory = _info(redis, "memory")
+    aof = str(persistence.get("aof_enabled", "unknown"))
+    policy = str(memory.get("maxmemory_policy", "unknown"))
+    fsync = _config(redis, "appendfsync")
+    return [
+        Finding(
+            "appendonly",
+            {"1": "yes", "0": "no"}.get(aof, aof),
+            "yes",
+            aof == "1",
+            "without the append-only file a restart loses every acknowledged event since the "
+            "last snapshot",
+        ),
+        Finding(
+            "appendfsync",
+            fsync,
+            " or ".join(SAFE_FSYNC),
+            fsync in SAFE_FSYNC,
+            "with 'no' the operating system decides when acknowledged events reach the disk"
+            if fsync != "unknown"
+            else "CONFIG is not allowed on this server: check the fsync policy by hand",
+        ),
+        Finding(
+            "maxmemory-policy",
+            policy,
+            "noeviction",
+            policy == "noeviction",
+            "any other policy lets a full Redis evict logged events, documents or queued jobs",
+        ),
+    ]
+
+
+def warn_if_unsafe(redis: Redis) -> None:
+    """Log, once, each setting that breaks a guarantee; never stop the process for it."""
+    try:
+        findings = examine(redis)
+    except RedisError as exc:
+        log.warning("could not check the Redis server's settings: %s", exc)
+        return
+    for finding in findings:
+        if not finding.ok:
+            log.warning(
+                "Redis %s is %s, the guarantees need %s: %s",
+                finding.setting,
+                finding.found,
+                finding.needed,
+                finding.why,
+            )
+
+
+def _info(redis: Redis, section: str) -> dict[str, Any]:
+    found: dict[str, Any] = redis.info(section)
+    return found
+
+
+def _config(redis: Redis, name: str) -> str:
+    try:
+        found = cast(dict[Any, Any], redis.config_get(name))
+    except RedisError:
+        return "unknown"
+    value = found.get(name) or found.get(name.encode())
+    return value.decode() if isinstance(value, bytes) else str(value or "unknown")
