@@ -8,7 +8,7 @@ WORKERS ?= 2
 G ?= 2
 W ?= 2
 
-.PHONY: run test lint bench
+.PHONY: run test lint bench faults
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,7 @@ test: lint
 # The pipeline benchmark: G gunicorn processes, W RQ workers; BENCH_ARGS for more (see --help).
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench.run --web $(G) --workers $(W) $(BENCH_ARGS)
+
+# The fault suite (a minute of load per fault) and a 10-minute soak; a quick run is in `make test`.
+faults: $(BIN)/.installed
+	$(BIN)/python -m bench.faults $(FAULTS_ARGS)

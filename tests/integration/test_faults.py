@@ -1,0 +1,37 @@
+"""A CI-sized run of the fault suite (`make faults` runs the full one): it must find nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.faults import FAULTS
+from tests.integration.stack import REPO
+
+
+def test_fault_suite_quick_run(tmp_path: Path) -> None:
+    out = tmp_path / "faults.json"
+    env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.faults", "--quick", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    figures = json.loads(out.read_text())
+    assert [phase["fault"] for phase in figures["faults"]] == list(FAULTS)
+    for phase in figures["faults"]:
+        assert phase["acknowledged"] > 0
+        assert (phase["lost"], phase["applied_twice"], phase["calls_differing"]) == (0, 0, 0)
+        assert phase["quarantined"] == 0 and phase["rebuild_check_clean"]
+    assert figures["faults"][2]["refused_deliveries"] > 0, "Redis was down: some 503s expected"
+    soak = figures["soak"]
+    assert soak["acknowledged"] > 0 and soak["lost"] == 0
+    assert max(minute["drain_jobs_per_shard_max"] for minute in soak["minutes"]) <= 1
