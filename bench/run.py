@@ -27,7 +27,7 @@ from rq import Queue, Worker
 from bench.traffic import PlannedCall, check_call, plan_call
 from callstate.calls import LogEntry, apply_batch
 from callstate.codec import dumps, pack_doc
-from callstate.config import Settings
+from callstate.config import FSYNC_POLICIES, Limits, Settings
 from callstate.jobs import enqueue_drain
 from callstate.machine import CallMachine
 from callstate.store import Store, StreamRows, event_fields
@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--web", type=int, default=2, help="gunicorn processes (G)")
     parser.add_argument("--workers", type=int, default=2, help="RQ worker processes (W)")
     parser.add_argument("--shards", type=int, default=Settings.shards, help="event-log shards")
+    parser.add_argument(
+        "--fsync", choices=FSYNC_POLICIES, default=Settings.fsync, help="the embedded Redis's"
+    )
     parser.add_argument("--duration", type=float, default=30.0, help="seconds at the max rate")
     parser.add_argument("--half-duration", type=float, default=20.0)
     parser.add_argument("--floor-duration", type=float, default=10.0)
@@ -320,7 +323,8 @@ def _ended_doc(call_id: str) -> dict[str, Any]:
         LogEntry(f"{1_600_000_000_000 + n}-0", call_id, payload)
         for n, payload in enumerate(planned.sends)
     ]
-    applied = apply_batch({}, dict, entries, CallMachine(), Settings.max_events_per_call)
+    limits = Limits(Settings.max_events_per_call, Settings.max_call_bytes)
+    applied = apply_batch({}, dict, entries, CallMachine(), limits)
     return applied.docs[call_id]
 
 
@@ -385,7 +389,11 @@ def table(figures: dict[str, Any]) -> str:
     flat, memory, check = figures["flat_cost"], figures["memory"], figures["correctness"]
     rows = [
         ("machine", f"{figures['machine']['cpus']} cpus, {figures['machine']['cpu']}"),
-        ("set-up", f"G={figures['args']['web']} gunicorn, W={figures['args']['workers']} RQ"),
+        (
+            "set-up",
+            f"G={figures['args']['web']} gunicorn, W={figures['args']['workers']} RQ, "
+            f"appendfsync {figures['args']['fsync']}",
+        ),
         (
             "floor: bare Flask echo",
             f"{echo['throughput']:.0f} req/s (best of "
@@ -441,7 +449,7 @@ def table(figures: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="callstate-bench-"))
     url = os.environ.get("REDIS_URL")
-    redis = ExternalRedis(url) if url else RedisServer(workdir / "redis")
+    redis = ExternalRedis(url) if url else RedisServer(workdir / "redis", args.fsync)
     redis.start()
     stack = Stack(redis, workdir, {"CALLSTATE_SHARDS": str(args.shards)})
     bench = Bench(args, stack, workdir)

@@ -10,12 +10,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from callstate.codec import pack_doc, unpack_doc
+from rq.timeouts import BaseTimeoutException
+
+from callstate.codec import dumps, pack, pack_doc, unpack_doc
+from callstate.config import Limits
 from callstate.machine import FINAL, CallMachine
 from callstate.record import refresh_record
 from callstate.schema import CALL_ID_PATTERN, MAX_SAFE_INTEGER, is_annotation
 
 Doc = dict[str, Any]
+# Failures of the process, not of the entry being applied: they must stop the batch (it is retried
+# later), never set an acknowledged event aside. RQ's job timeout arrives as an exception raised
+# wherever the job happens to be.
+PROCESS_ERRORS: tuple[type[BaseException], ...] = (
+    MemoryError,
+    RecursionError,
+    BaseTimeoutException,
+)
 RESERVED_FIELDS = frozenset({"call_id", "call_status", "timestamp_ms"})
 STATUS_TEXT_LIMIT = 64
 
@@ -48,6 +59,10 @@ class Unprocessable:
     error: str
 
 
+class DocumentTooLargeError(Exception):
+    """Applying an entry would make its call's document larger than `Limits.max_doc_bytes`."""
+
+
 @dataclass
 class Applied:
     """What a batch changed: documents (and their stored form), records, entries set aside."""
@@ -58,12 +73,21 @@ class Applied:
     docs: dict[str, Doc] = field(default_factory=dict)
     packed: dict[str, bytes] = field(default_factory=dict)
 
-    def pack(self, docs: dict[str, Doc | None]) -> Applied:
+    def pack(self, docs: dict[str, Doc | None], max_doc_bytes: int | None) -> Applied:
         """Keep the changed documents and their stored form; packing fails on what cannot be
-        stored, which is why it happens here, before anything is committed."""
+        stored (or, given `max_doc_bytes`, is too large), which is why it happens here, before
+        anything is committed."""
         self.docs = {call_id: _present(docs, call_id) for call_id in self.changed}
-        self.packed = {call_id: pack_doc(doc) for call_id, doc in self.docs.items()}
+        self.packed = {c: pack_within(doc, max_doc_bytes) for c, doc in self.docs.items()}
         return self
+
+
+def pack_within(doc: Doc, max_doc_bytes: int | None) -> bytes:
+    """The stored form of a document, refused when its JSON text exceeds `max_doc_bytes`."""
+    text = dumps(doc).encode()
+    if max_doc_bytes is not None and len(text) > max_doc_bytes:
+        raise DocumentTooLargeError(len(text))
+    return pack(text)
 
 
 def new_doc(call_id: str) -> Doc:
@@ -236,28 +260,32 @@ def _journal_entry(entry: LogEntry, verdict: str, reason: str | None) -> dict[st
 
 
 def _set_aside(
-    docs: dict[str, Doc | None], entry: LogEntry, error: str, max_events: int, applied: Applied
+    docs: dict[str, Doc | None],
+    entry: LogEntry,
+    reason: str,
+    error: str | None,
+    limits: Limits,
+    applied: Applied,
 ) -> None:
-    """`rejected: unprocessable`: journaled on its call when the call id is readable, and
-    reported, while the rest of the batch goes on."""
-    applied.unprocessable.append(Unprocessable(entry.log_id, entry.call_id, error))
+    """`rejected: unprocessable` (reported, with the error's class) or `rejected: too_large`:
+    journaled on its call when the call id is readable, while the rest of the batch goes on."""
+    if error is not None:
+        applied.unprocessable.append(Unprocessable(entry.log_id, entry.call_id, error))
     if not CALL_ID_PATTERN.fullmatch(entry.call_id):
         return
     doc = docs.get(entry.call_id) or new_doc(entry.call_id)
-    if len(doc["journal"]) >= max_events:
+    if len(doc["journal"]) >= limits.max_events:
         _count_overflow(doc, entry)
     else:
         doc["counts"]["rejected"] += 1
-        doc["journal"].append(
-            {
-                "log_id": entry.log_id,
-                "verdict": "rejected",
-                "reason": "unprocessable",
-                "call_status": _plain(entry.payload.get("call_status"), str),
-                "timestamp_ms": _plain(entry.payload.get("timestamp_ms"), int),
-                "error": error,
-            }
-        )
+        item = {
+            "log_id": entry.log_id,
+            "verdict": "rejected",
+            "reason": reason,
+            "call_status": _plain(entry.payload.get("call_status"), str),
+            "timestamp_ms": _plain(entry.payload.get("timestamp_ms"), int),
+        }
+        doc["journal"].append(item if error is None else item | {"error": error})
     doc["version"] += 1
     docs[entry.call_id] = doc
     applied.changed.add(entry.call_id)
@@ -297,7 +325,7 @@ def apply_batch(
     reload: Callable[[], dict[str, Doc | None]],
     entries: list[LogEntry],
     machine: CallMachine,
-    max_events: int,
+    limits: Limits,
 ) -> Applied:
     """Apply entries in log order to `docs`; an entry that fails is set aside, never the batch.
 
@@ -305,27 +333,31 @@ def apply_batch(
     entry succeeds. If anything fails, it is redone from `reload()` (the documents as they were
     before the batch) one entry at a time, keeping each document as it was before the entry that
     broke it. Only the entry and the documents decide, so live draining and rebuild agree.
+    Documents only grow, so a batch whose documents end within the size bound never had one
+    beyond it on the way.
     """
     try:
-        return _apply_together(docs, entries, machine, max_events)
+        return _apply_together(docs, entries, machine, limits)
+    except PROCESS_ERRORS:
+        raise
     except Exception:  # whatever broke, the entry-by-entry pass names the entry
-        return _apply_one_by_one(reload(), entries, machine, max_events)
+        return _apply_one_by_one(reload(), entries, machine, limits)
 
 
 def _apply_together(
-    docs: dict[str, Doc | None], entries: list[LogEntry], machine: CallMachine, max_events: int
+    docs: dict[str, Doc | None], entries: list[LogEntry], machine: CallMachine, limits: Limits
 ) -> Applied:
     applied = Applied()
     for entry in entries:
         if entry.problem is not None:
-            _set_aside(docs, entry, entry.problem, max_events, applied)
+            _set_aside(docs, entry, "unprocessable", entry.problem, limits, applied)
         else:
-            _apply_into(docs, entry, machine, max_events, applied)
-    return applied.pack(docs)
+            _apply_into(docs, entry, machine, limits, applied)
+    return applied.pack(docs, limits.max_doc_bytes)
 
 
 def _apply_one_by_one(
-    docs: dict[str, Doc | None], entries: list[LogEntry], machine: CallMachine, max_events: int
+    docs: dict[str, Doc | None], entries: list[LogEntry], machine: CallMachine, limits: Limits
 ) -> Applied:
     applied = Applied()
     for entry in entries:
@@ -335,15 +367,21 @@ def _apply_one_by_one(
         try:
             if entry.problem is not None:
                 raise UnprocessableEntryError(entry.problem)
-            _apply_into(docs, entry, machine, max_events, applied)
+            _apply_into(docs, entry, machine, limits, applied)
             if entry.call_id in applied.changed:
-                pack_doc(_present(docs, entry.call_id))  # must stay storable after this entry
-        except Exception as exc:  # any failure sets this one entry aside
+                pack_within(_present(docs, entry.call_id), limits.max_doc_bytes)
+        except PROCESS_ERRORS:
+            raise
+        except Exception as exc:  # any other failure sets this one entry aside
             docs[entry.call_id] = unpack_doc(kept) if kept is not None else None
             applied.changed, applied.records = changed, applied.records[:records]
-            error = exc.args[0] if isinstance(exc, UnprocessableEntryError) else error_name(exc)
-            _set_aside(docs, entry, error, max_events, applied)
-    return applied.pack(docs)
+            if isinstance(exc, DocumentTooLargeError):
+                _set_aside(docs, entry, "too_large", None, limits, applied)
+            else:
+                error = exc.args[0] if isinstance(exc, UnprocessableEntryError) else error_name(exc)
+                _set_aside(docs, entry, "unprocessable", error, limits, applied)
+    # Set-aside verdicts may take a document past the size bound: they are kept all the same.
+    return applied.pack(docs, None)
 
 
 def error_name(exc: BaseException) -> str:
@@ -364,12 +402,12 @@ def _apply_into(
     docs: dict[str, Doc | None],
     entry: LogEntry,
     machine: CallMachine,
-    max_events: int,
+    limits: Limits,
     applied: Applied,
 ) -> None:
     doc = docs.get(entry.call_id)
     version = doc["version"] if doc else None
-    doc, record = apply_entry(doc, entry, machine, max_events)
+    doc, record = apply_entry(doc, entry, machine, limits.max_events)
     if doc is None:
         return
     docs[entry.call_id] = doc

@@ -13,6 +13,14 @@ FSYNC_POLICIES = ("always", "everysec")
 
 
 @dataclass(frozen=True)
+class Limits:
+    """How large one call may grow: journaled events, and its document's JSON text in bytes."""
+
+    max_events: int
+    max_doc_bytes: int
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the web, the workers, the scheduler and the CLI need to agree on."""
 
@@ -40,6 +48,11 @@ class Settings:
     max_clock_skew_seconds: int = 600
     fsync: str = "everysec"
     max_events_per_call: int = 500
+    max_call_bytes: int = 256 * 1024
+
+    @property
+    def call_limits(self) -> Limits:
+        return Limits(self.max_events_per_call, self.max_call_bytes)
 
     @property
     def signing_secrets(self) -> tuple[str, ...]:
@@ -89,6 +102,7 @@ class Settings:
             ),
             fsync=_choice(env, "CALLSTATE_FSYNC", FSYNC_POLICIES, cls.fsync),
             max_events_per_call=_int(env, "CALLSTATE_MAX_EVENTS_PER_CALL", cls.max_events_per_call),
+            max_call_bytes=_int(env, "CALLSTATE_MAX_CALL_BYTES", cls.max_call_bytes),
         )
 
 

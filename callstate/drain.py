@@ -106,7 +106,7 @@ class Drainer:
             lambda: self.store.load_docs(call_ids),
             entries,
             self.machine,
-            self.store.settings.max_events_per_call,
+            self.store.settings.call_limits,
         )
         committed = self.store.commit(
             shard, cursor, entries[-1].log_id, len(entries), applied, indexed_before

@@ -46,7 +46,7 @@ def _apply_stored(
     def load() -> dict[str, Doc | None]:
         return {c: unpack_doc(packed[c]) if c in packed else None for c in call_ids}
 
-    return apply_batch(load(), load, entries, machine, settings.max_events_per_call).packed
+    return apply_batch(load(), load, entries, machine, settings.call_limits).packed
 
 
 def differences(store: Store, derived: Derived) -> list[str]:

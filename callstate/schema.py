@@ -48,8 +48,12 @@ PARTY_FIELDS: dict[str, tuple[type, ...]] = {
 }
 DURATION_FIELDS = ("duration", "answerDuration")
 
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_BRACKET = re.compile(rb"[\[\]{}]")
+# One left-to-right pass over strings and brackets: a string that never closes swallows the
+# rest of the text instead of being retried at every later quote (which would be quadratic).
+_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]', re.DOTALL)
+# Bodies logged by earlier versions were not bounded at 16; the workers must still read every
+# one those versions applied, and bound the rest before any parser recurses.
+LOGGED_MAX_DEPTH = 200
 
 
 class PayloadError(Exception):
@@ -84,11 +88,31 @@ def parse_event(raw: bytes, latest_timestamp_ms: int) -> dict[str, Any]:
 def decode_body(raw: bytes) -> dict[str, Any]:
     """A JSON object in strict JSON: UTF-8 without a byte-order mark, no NaN or Infinity, and
     nesting bounded before parsing (a recursion limit depends on the caller's stack, a bound
-    does not). The workers decode logged bodies with this same function."""
-    if nesting_exceeds(raw, MAX_DEPTH):
-        raise PayloadError(422, "too_deep", f"JSON nested deeper than {MAX_DEPTH} levels")
+    does not)."""
     try:
-        payload = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PayloadError(400, "invalid_json", f"body is not UTF-8: {exc}") from None
+    return _parse_object(text, MAX_DEPTH, parse_constant=_refuse_constant)
+
+
+def decode_logged(raw: bytes) -> dict[str, Any]:
+    """A body as logged by any version of the webhook, as the workers read it: earlier versions
+    took what the standard library takes (UTF-16, a byte-order mark, NaN), and the workers must
+    keep applying those as they did; only nesting is bounded, so that no recursion limit ever
+    decides a verdict."""
+    try:
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise PayloadError(400, "invalid_json", f"body is not JSON text: {exc}") from None
+    return _parse_object(text, LOGGED_MAX_DEPTH)
+
+
+def _parse_object(text: str, max_depth: int, **options: Any) -> dict[str, Any]:
+    if nesting_exceeds(text, max_depth):
+        raise PayloadError(422, "too_deep", f"JSON nested deeper than {max_depth} levels")
+    try:
+        payload = json.loads(text, **options)
     except ValueError as exc:
         raise PayloadError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
@@ -100,17 +124,19 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def nesting_exceeds(raw: bytes, limit: int) -> bool:
-    """Whether brackets outside strings nest deeper than `limit`, decided without parsing."""
-    if raw.count(b"{") + raw.count(b"[") <= limit:
+def nesting_exceeds(text: str, limit: int) -> bool:
+    """Whether brackets outside strings nest deeper than `limit`, decided in linear time
+    without parsing."""
+    if text.count("{") + text.count("[") <= limit:
         return False
     depth = 0
-    for match in _BRACKET.finditer(_JSON_STRING.sub(b"", raw)):
-        if match.group() in b"[{":
+    for match in _TOKEN.finditer(text):
+        first = match.group()[0]
+        if first in "[{":
             depth += 1
             if depth > limit:
                 return True
-        else:
+        elif first in "]}":
             depth -= 1
     return False
 

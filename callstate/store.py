@@ -19,7 +19,7 @@ from callstate.calls import Applied, Doc, LogEntry, error_name, is_active
 from callstate.codec import dumps, pack, pack_doc, unpack, unpack_doc
 from callstate.config import Settings
 from callstate.keys import Keys
-from callstate.schema import PayloadError, decode_body
+from callstate.schema import PayloadError, decode_logged
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +358,7 @@ def _entry(raw_id: bytes, fields: dict[bytes, bytes]) -> LogEntry:
     try:
         if b"sweep_before_ms" in fields:
             return LogEntry(log_id, call_id, {}, int(fields[b"sweep_before_ms"]))
-        payload = decode_body(unpack(fields[b"event"]))
+        payload = decode_logged(unpack(fields[b"event"]))
     except PayloadError as exc:
         return LogEntry(log_id, call_id, {}, problem=exc.error)
     except Exception as exc:  # anything a malformed entry raises names it, nothing stops

@@ -42,7 +42,7 @@ def test_commit_is_refused_when_another_drainer_moved_the_cursor(
     shard = log_events(store, "c-1", 3)
     entries = store.read_entries(shard, None, 10)
     docs = store.load_docs({"c-1"})
-    applied = apply_batch(docs, dict, entries, machine, store.settings.max_events_per_call)
+    applied = apply_batch(docs, dict, entries, machine, store.settings.call_limits)
     assert drainer.drain(shard) == 3
     winner = store.get_doc("c-1")
     late = store.commit(shard, None, entries[-1].log_id, 3, applied, {"c-1": set()})

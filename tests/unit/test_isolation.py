@@ -10,15 +10,16 @@ import pytest
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.typing import EncodableT, FieldT
+from rq.timeouts import JobTimeoutException
 
 import callstate.calls
-from callstate.calls import Doc
+from callstate.calls import Doc, LogEntry
 from callstate.codec import pack
 from callstate.config import Settings
 from callstate.drain import Drainer
 from callstate.machine import CallMachine
 from callstate.rebuild import derive, differences
-from callstate.store import Store, event_fields
+from callstate.store import Store, StreamRows, event_fields
 from tests.factories import body, ended, event
 
 SHARD = 1
@@ -199,3 +200,80 @@ def test_a_call_at_its_bound_still_gets_swept(redis: Redis, settings: Settings) 
     doc = store.get_doc(call)
     assert doc is not None and doc["status"] == "ended" and doc["closed_by"] == "sweeper"
     assert json.loads(json.dumps(doc)) == doc
+
+
+def test_a_job_timeout_stops_the_batch_and_sets_nothing_aside(
+    store: Store, drainer: Drainer, machine: CallMachine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure of the process (RQ's job timeout, memory) is not the entry's: the batch is
+    retried later, and no acknowledged event is set aside for it."""
+    legacy, victim = ids_in_shard(store, "t", 2)
+    # Forces the entry-by-entry pass: a body an older web logged without checking surrogates.
+    log_raw(store, legacy, POISON["UnicodeEncodeError"] % legacy.encode())
+    log_raw(store, victim, body(event(victim, "ringing", 1)))
+    real_apply, seen = callstate.calls.apply_entry, []
+
+    def times_out_in_the_second_pass(doc: Doc | None, entry: LogEntry, *rest: Any) -> Any:
+        seen.append(entry.call_id)
+        if seen.count(victim) == 2:
+            raise JobTimeoutException("Task exceeded maximum timeout value")
+        return real_apply(doc, entry, *rest)
+
+    monkeypatch.setattr(callstate.calls, "apply_entry", times_out_in_the_second_pass)
+    with pytest.raises(JobTimeoutException):
+        drainer.drain(SHARD)
+    monkeypatch.undo()
+    assert store.get_doc(victim) is None and store.has_backlog(SHARD)
+    store.release_drain_lock(SHARD, _lock_holder(store))
+    drainer.drain(SHARD)
+    assert verdicts(store.get_doc(victim)) == [("accepted", None)]
+    assert differences(store, derive(store, machine, batch=7)) == []
+
+
+LEGACY = {"call_id": "legacy-1", "call_status": "ringing", "timestamp_ms": 1}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\xef\xbb\xbf" + body(LEGACY),
+        json.dumps(LEGACY).encode("utf-16"),
+        body(LEGACY)[:-1] + b', "x": NaN}',
+        body(LEGACY)[:-1] + b', "x": ' + b"[" * 20 + b"]" * 20 + b"}",
+    ],
+)
+def test_bodies_earlier_versions_logged_still_apply(
+    store: Store, drainer: Drainer, raw: bytes
+) -> None:
+    """Earlier webhooks took what the standard library parses; their logged bodies must keep
+    applying as they did, or a rebuild after an upgrade would change acknowledged calls."""
+    log_fields(store, {"call_id": "legacy-1", "event": pack(raw)})
+    drainer.drain(SHARD)
+    assert verdicts(store.get_doc("legacy-1")) == [("accepted", None)]
+
+
+def test_a_call_stops_growing_at_its_size_bound(redis: Redis, settings: Settings) -> None:
+    """Bytes are bounded as events are: otherwise every notice bringing a new large field after
+    the end republishes a record carrying all the earlier ones (quadratic in what was posted)."""
+    store = Store(redis, dataclasses.replace(settings, max_call_bytes=40_000))
+    drainer = Drainer(
+        store, CallMachine(), batch=50, slice_ms=60_000, linger_ms=0, window_ms=0, wake=print
+    )
+    [call] = ids_in_shard(store, "big", 1)
+    log_raw(store, call, body(ended(call, 10, "486 Busy Here", 0)))
+    posted = 0
+    for n in range(10):
+        raw = json.dumps({"call_id": call, "recording_url": "https://r", f"f{n}": "A" * 15_000})
+        posted += len(raw)
+        log_raw(store, call, raw.encode())
+    drainer.drain(SHARD)
+
+    doc = store.get_doc(call)
+    assert doc is not None
+    # The record holds a copy of the fields: one 15 kB notice fits in 40 kB, a second does not.
+    assert [r for _, r in verdicts(doc)] == [None, None] + ["too_large"] * 9
+    assert doc["record"]["revision"] == 2 and "f1" not in doc["record"]
+    records = cast(StreamRows, redis.xrange(store.keys.records()))
+    assert sum(len(fields[b"record"]) for _, fields in records) < posted
+    assert store.quarantined(5) == []
+    assert differences(store, derive(store, CallMachine(), batch=3)) == []

@@ -215,6 +215,10 @@ def test_bad_listing_query_is_400(client: FlaskClient, query: str) -> None:
         (body(event("c", "ringing", 10**40)), JSON, 422, "out_of_range"),
         (body(event("c", "ringing", FAR_FUTURE_MS)), JSON, 422, "out_of_range"),
         (body(ended("c", 1, "486 Busy Here", -5)), JSON, 422, "out_of_range"),
+        # An unterminated string of escaped quotes: a scan that retried at every quote was
+        # quadratic here (about 20 s of CPU for 64 KiB).
+        ((b"[" * 17 + b'"' + b'\\"' * 30_000)[:65_000], JSON, 422, "too_deep"),
+        ((b'{"a": "' + b'x\\"' * 20_000 + b"[" * 20), JSON, 400, "invalid_json"),
     ],
 )
 def test_bad_delivery_gets_a_json_error_and_changes_nothing(
@@ -248,6 +252,24 @@ def test_quarantine_preview_masks_phone_numbers(client: FlaskClient, store: Stor
     assert '"number": "********668"' in item["body"]
     assert '"call_status": "hungup"' in item["body"]
     assert (item["field"], item["bytes"]) == ("call_status", len(refused))
+
+
+@pytest.mark.parametrize(
+    "refused",
+    [
+        b'{"call_id":"c1","call_status":"ringing","timestamp_ms":1,"from":{"number":84909985668}}',
+        b'{"call_id":"c1","call_status":"x","timestamp_ms":1,"to":{"n\\u0075mber":"84909985668"}}',
+        b'{"call_id":"c1","call_status":"x","timestamp_ms":1,"x":"'
+        + b"y" * 1965  # the preview (2 KiB) ends eight digits into the number
+        + b'","to":{"number":"84909985668"}}',
+    ],
+)
+def test_quarantine_preview_masks_numbers_however_they_are_written(
+    client: FlaskClient, store: Store, refused: bytes
+) -> None:
+    assert client.post(URL, data=refused, headers=JSON).status_code == 422
+    [item] = store.quarantined(5)
+    assert "8490998" not in item["body"]
 
 
 def test_quarantine_is_bounded(client: FlaskClient, store: Store, settings: Settings) -> None:
