@@ -27,7 +27,7 @@ from rq import Queue, Worker
 from bench.traffic import PlannedCall, check_call, plan_call
 from callstate.calls import LogEntry, apply_batch
 from callstate.codec import dumps, pack_doc
-from callstate.config import FSYNC_POLICIES, Limits, Settings
+from callstate.config import DEFAULT_LIMITS, FSYNC_POLICIES, Settings
 from callstate.jobs import enqueue_drain
 from callstate.machine import CallMachine
 from callstate.store import Store, StreamRows, event_fields
@@ -323,8 +323,7 @@ def _ended_doc(call_id: str) -> dict[str, Any]:
         LogEntry(f"{1_600_000_000_000 + n}-0", call_id, payload)
         for n, payload in enumerate(planned.sends)
     ]
-    limits = Limits(Settings.max_events_per_call, Settings.max_call_bytes)
-    applied = apply_batch({}, dict, entries, CallMachine(), limits)
+    applied = apply_batch({}, dict, entries, CallMachine(), DEFAULT_LIMITS)
     return applied.docs[call_id]
 
 

@@ -6,17 +6,25 @@ derive exactly the same state from the same log.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from rq.timeouts import BaseTimeoutException
 
-from callstate.codec import dumps, pack, pack_doc, unpack_doc
+from callstate.codec import dumps_sorted, pack_doc, unpack_doc
 from callstate.config import Limits
 from callstate.machine import FINAL, CallMachine
 from callstate.record import refresh_record
-from callstate.schema import CALL_ID_PATTERN, MAX_SAFE_INTEGER, is_annotation
+from callstate.schema import (
+    CALL_ID_PATTERN,
+    CALL_STATUSES,
+    CONNECT_FAILED,
+    MAX_SAFE_INTEGER,
+    is_annotation,
+    project_id,
+)
 
 Doc = dict[str, Any]
 # Failures of the process, not of the entry being applied: they must stop the batch (it is retried
@@ -35,7 +43,8 @@ STATUS_TEXT_LIMIT = 64
 class LogEntry:
     """One entry of a shard's event log: a provider event, or a sweeper's close request.
 
-    `problem` names the error that kept the entry from being decoded, if one did.
+    `problem` names the error that kept the entry from being decoded, if one did; `size` is
+    the length of the body as received.
     """
 
     log_id: str
@@ -43,6 +52,7 @@ class LogEntry:
     payload: dict[str, Any]
     stale_before_ms: int | None = None
     problem: str | None = None
+    size: int = 0
 
     @property
     def received_ms(self) -> int:
@@ -59,10 +69,6 @@ class Unprocessable:
     error: str
 
 
-class DocumentTooLargeError(Exception):
-    """Applying an entry would make its call's document larger than `Limits.max_doc_bytes`."""
-
-
 @dataclass
 class Applied:
     """What a batch changed: documents (and their stored form), records, entries set aside."""
@@ -73,21 +79,12 @@ class Applied:
     docs: dict[str, Doc] = field(default_factory=dict)
     packed: dict[str, bytes] = field(default_factory=dict)
 
-    def pack(self, docs: dict[str, Doc | None], max_doc_bytes: int | None) -> Applied:
+    def pack(self, docs: dict[str, Doc | None]) -> Applied:
         """Keep the changed documents and their stored form; packing fails on what cannot be
-        stored (or, given `max_doc_bytes`, is too large), which is why it happens here, before
-        anything is committed."""
+        stored, which is why it happens here, before anything is committed."""
         self.docs = {call_id: _present(docs, call_id) for call_id in self.changed}
-        self.packed = {c: pack_within(doc, max_doc_bytes) for c, doc in self.docs.items()}
+        self.packed = {call_id: pack_doc(doc) for call_id, doc in self.docs.items()}
         return self
-
-
-def pack_within(doc: Doc, max_doc_bytes: int | None) -> bytes:
-    """The stored form of a document, refused when its JSON text exceeds `max_doc_bytes`."""
-    text = dumps(doc).encode()
-    if max_doc_bytes is not None and len(text) > max_doc_bytes:
-        raise DocumentTooLargeError(len(text))
-    return pack(text)
 
 
 def new_doc(call_id: str) -> Doc:
@@ -114,12 +111,14 @@ def is_active(doc: Doc) -> bool:
 
 
 def apply_entry(
-    doc: Doc | None, entry: LogEntry, machine: CallMachine, max_events: int
+    doc: Doc | None, entry: LogEntry, machine: CallMachine, limits: Limits
 ) -> tuple[Doc | None, Doc | None]:
     """Apply one log entry; return the updated document and the record revision to emit, if any.
 
-    Past `max_events` journaled events a call's further events are only counted, so no sender
-    can grow one document without bound.
+    Past `limits.max_events` journaled events a call's further events are only counted. An
+    event that would take the bytes received for its call past `limits.max_call_bytes`, or that
+    comes once the record has `limits.max_revisions` revisions, is rejected unapplied. So no
+    sender can grow one document, or the records it publishes, without bound.
     """
     if entry.stale_before_ms is not None:
         if doc is None or not _is_stale(doc, entry.stale_before_ms):
@@ -127,13 +126,26 @@ def apply_entry(
         _close_by_sweeper(doc, entry)
     else:
         doc = doc or new_doc(entry.call_id)
-        if len(doc["journal"]) >= max_events:
+        if len(doc["journal"]) >= limits.max_events:
             _count_overflow(doc, entry)
+        elif (bound := _bound_reached(doc, entry, limits)) is not None:
+            _journal(doc, entry, "rejected", bound)
         else:
+            doc["bytes"] = doc.get("bytes", 0) + entry.size
             _apply_event(doc, entry, machine)
         doc["last_received_ms"] = entry.received_ms
     doc["version"] += 1
     return doc, refresh_record(doc)
+
+
+def _bound_reached(doc: Doc, entry: LogEntry, limits: Limits) -> str | None:
+    # Both only grow, so the verdict depends on the entries before, never on batch boundaries.
+    if doc.get("bytes", 0) + entry.size > limits.max_call_bytes:
+        return "too_large"
+    record = doc["record"]
+    if record is not None and record["revision"] >= limits.max_revisions:
+        return "too_many_revisions"
+    return None
 
 
 def _count_overflow(doc: Doc, entry: LogEntry) -> None:
@@ -160,20 +172,61 @@ def _close_by_sweeper(doc: Doc, entry: LogEntry) -> None:
 
 def _apply_event(doc: Doc, entry: LogEntry, machine: CallMachine) -> None:
     payload = entry.payload
+    identity = event_identity(payload)
+    if identity in doc["seen"]:
+        _journal(doc, entry, "duplicate", None)
+        return
+    doc["seen"].append(identity)
+    status, timestamp = payload.get("call_status"), payload.get("timestamp_ms")
     if is_annotation(payload):
         _merge_fields(doc, payload, override=True, skip=frozenset({"type"}))
         _journal(doc, entry, "annotation", None)
-        return
-    status: str = payload["call_status"]
-    timestamp: int = payload["timestamp_ms"]
-    seen_key = f"{status}:{timestamp}"
-    if seen_key in doc["seen"]:
-        _journal(doc, entry, "duplicate", None)
-        return
-    doc["seen"].append(seen_key)
+    elif status not in CALL_STATUSES and status != CONNECT_FAILED:
+        _journal(doc, entry, "ignored", "unknown_status")
+    elif not isinstance(timestamp, int):
+        _journal(doc, entry, "ignored", "missing_timestamp")
+    elif status == CONNECT_FAILED:
+        # A failed `connect` action: Stringee goes on with the fallback, so the call does not
+        # end here; it is kept in the timeline (and so in the record), its fields fill gaps.
+        doc["timeline"].setdefault(status, timestamp)
+        _merge_fields(doc, payload, override=False)
+        _journal(doc, entry, "annotation", CONNECT_FAILED)
+    elif _from_other_leg(doc, payload, status):
+        _merge_fields(doc, payload, override=False)
+        _journal(doc, entry, "duplicate", "other_leg")
+    else:
+        _apply_status(doc, entry, machine, status, timestamp)
+
+
+def event_identity(payload: dict[str, Any]) -> str:
+    """What makes two deliveries one event: the provider's `event_id` when it sends one, else
+    (status, timestamp); for a body without status, its whole content."""
+    event_id = payload.get("event_id")
+    if isinstance(event_id, str) and event_id:
+        return f"id:{event_id}"
+    if is_annotation(payload):
+        digest = hashlib.sha1(dumps_sorted(payload).encode(), usedforsecurity=False)
+        return f"note:{digest.hexdigest()[:16]}"
+    return f"{payload.get('call_status')}:{payload.get('timestamp_ms')}"
+
+
+def _from_other_leg(doc: Doc, payload: dict[str, Any], status: str) -> bool:
+    """In IVR mode every status fires on both legs, told apart by `actor`: a status the call
+    already reached through another actor is that leg's echo, not a new transition."""
+    actor = payload.get("actor")
+    reached_by = doc.get("actors", {}).get(status)
+    return bool(actor) and reached_by is not None and reached_by != actor
+
+
+def _apply_status(
+    doc: Doc, entry: LogEntry, machine: CallMachine, status: str, timestamp: int
+) -> None:
+    payload = entry.payload
     reason = _rejection(doc, status, timestamp, machine)
     if reason is None:
         _accept(doc, payload, status, timestamp)
+        if isinstance(payload.get("actor"), str) and payload["actor"]:
+            doc.setdefault("actors", {})[status] = payload["actor"]
         _journal(doc, entry, "accepted", None)
         return
     # State never moves back, but a late event still fills what the call does not know yet.
@@ -241,11 +294,12 @@ def _merge_fields(
         if name in RESERVED_FIELDS or name in skip:
             continue
         if override or name not in fields:
-            fields[name] = value
+            fields[name] = project_id(payload) if name == "project_id" else value
 
 
 def _journal(doc: Doc, entry: LogEntry, verdict: str, reason: str | None) -> None:
-    doc["counts"][verdict] += 1
+    counts = doc["counts"]
+    counts[verdict] = counts.get(verdict, 0) + 1
     doc["journal"].append(_journal_entry(entry, verdict, reason))
 
 
@@ -260,17 +314,11 @@ def _journal_entry(entry: LogEntry, verdict: str, reason: str | None) -> dict[st
 
 
 def _set_aside(
-    docs: dict[str, Doc | None],
-    entry: LogEntry,
-    reason: str,
-    error: str | None,
-    limits: Limits,
-    applied: Applied,
+    docs: dict[str, Doc | None], entry: LogEntry, error: str, limits: Limits, applied: Applied
 ) -> None:
-    """`rejected: unprocessable` (reported, with the error's class) or `rejected: too_large`:
-    journaled on its call when the call id is readable, while the rest of the batch goes on."""
-    if error is not None:
-        applied.unprocessable.append(Unprocessable(entry.log_id, entry.call_id, error))
+    """`rejected: unprocessable`: journaled on its call when the call id is readable, and
+    reported, while the rest of the batch goes on."""
+    applied.unprocessable.append(Unprocessable(entry.log_id, entry.call_id, error))
     if not CALL_ID_PATTERN.fullmatch(entry.call_id):
         return
     doc = docs.get(entry.call_id) or new_doc(entry.call_id)
@@ -278,14 +326,16 @@ def _set_aside(
         _count_overflow(doc, entry)
     else:
         doc["counts"]["rejected"] += 1
-        item = {
-            "log_id": entry.log_id,
-            "verdict": "rejected",
-            "reason": reason,
-            "call_status": _plain(entry.payload.get("call_status"), str),
-            "timestamp_ms": _plain(entry.payload.get("timestamp_ms"), int),
-        }
-        doc["journal"].append(item if error is None else item | {"error": error})
+        doc["journal"].append(
+            {
+                "log_id": entry.log_id,
+                "verdict": "rejected",
+                "reason": "unprocessable",
+                "call_status": _plain(entry.payload.get("call_status"), str),
+                "timestamp_ms": _plain(entry.payload.get("timestamp_ms"), int),
+                "error": error,
+            }
+        )
     doc["version"] += 1
     docs[entry.call_id] = doc
     applied.changed.add(entry.call_id)
@@ -333,8 +383,6 @@ def apply_batch(
     entry succeeds. If anything fails, it is redone from `reload()` (the documents as they were
     before the batch) one entry at a time, keeping each document as it was before the entry that
     broke it. Only the entry and the documents decide, so live draining and rebuild agree.
-    Documents only grow, so a batch whose documents end within the size bound never had one
-    beyond it on the way.
     """
     try:
         return _apply_together(docs, entries, machine, limits)
@@ -350,10 +398,10 @@ def _apply_together(
     applied = Applied()
     for entry in entries:
         if entry.problem is not None:
-            _set_aside(docs, entry, "unprocessable", entry.problem, limits, applied)
+            _set_aside(docs, entry, entry.problem, limits, applied)
         else:
             _apply_into(docs, entry, machine, limits, applied)
-    return applied.pack(docs, limits.max_doc_bytes)
+    return applied.pack(docs)
 
 
 def _apply_one_by_one(
@@ -369,19 +417,15 @@ def _apply_one_by_one(
                 raise UnprocessableEntryError(entry.problem)
             _apply_into(docs, entry, machine, limits, applied)
             if entry.call_id in applied.changed:
-                pack_within(_present(docs, entry.call_id), limits.max_doc_bytes)
+                pack_doc(_present(docs, entry.call_id))  # must stay storable after this entry
         except PROCESS_ERRORS:
             raise
         except Exception as exc:  # any other failure sets this one entry aside
             docs[entry.call_id] = unpack_doc(kept) if kept is not None else None
             applied.changed, applied.records = changed, applied.records[:records]
-            if isinstance(exc, DocumentTooLargeError):
-                _set_aside(docs, entry, "too_large", None, limits, applied)
-            else:
-                error = exc.args[0] if isinstance(exc, UnprocessableEntryError) else error_name(exc)
-                _set_aside(docs, entry, "unprocessable", error, limits, applied)
-    # Set-aside verdicts may take a document past the size bound: they are kept all the same.
-    return applied.pack(docs, None)
+            error = exc.args[0] if isinstance(exc, UnprocessableEntryError) else error_name(exc)
+            _set_aside(docs, entry, error, limits, applied)
+    return applied.pack(docs)
 
 
 def error_name(exc: BaseException) -> str:
@@ -407,7 +451,7 @@ def _apply_into(
 ) -> None:
     doc = docs.get(entry.call_id)
     version = doc["version"] if doc else None
-    doc, record = apply_entry(doc, entry, machine, limits.max_events)
+    doc, record = apply_entry(doc, entry, machine, limits)
     if doc is None:
         return
     docs[entry.call_id] = doc

@@ -65,6 +65,11 @@ def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def dumps_sorted(value: Any) -> str:
+    """Canonical JSON text: the same content gives the same text, whatever the key order."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
 def pack_doc(doc: dict[str, Any]) -> bytes:
     return pack(dumps(doc).encode())
 

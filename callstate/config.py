@@ -14,10 +14,15 @@ FSYNC_POLICIES = ("always", "everysec")
 
 @dataclass(frozen=True)
 class Limits:
-    """How large one call may grow: journaled events, and its document's JSON text in bytes."""
+    """How large one call may grow: journaled events, bytes received, record revisions."""
 
     max_events: int
-    max_doc_bytes: int
+    max_call_bytes: int
+    max_revisions: int
+
+
+# Real calls have fewer than 50 events of about 500 bytes, and a few record revisions.
+DEFAULT_LIMITS = Limits(max_events=500, max_call_bytes=512 * 1024, max_revisions=20)
 
 
 @dataclass(frozen=True)
@@ -47,12 +52,13 @@ class Settings:
     quarantine_max: int = 1000
     max_clock_skew_seconds: int = 600
     fsync: str = "everysec"
-    max_events_per_call: int = 500
-    max_call_bytes: int = 256 * 1024
+    max_events_per_call: int = DEFAULT_LIMITS.max_events
+    max_call_bytes: int = DEFAULT_LIMITS.max_call_bytes
+    max_record_revisions: int = DEFAULT_LIMITS.max_revisions
 
     @property
     def call_limits(self) -> Limits:
-        return Limits(self.max_events_per_call, self.max_call_bytes)
+        return Limits(self.max_events_per_call, self.max_call_bytes, self.max_record_revisions)
 
     @property
     def signing_secrets(self) -> tuple[str, ...]:
@@ -103,6 +109,9 @@ class Settings:
             fsync=_choice(env, "CALLSTATE_FSYNC", FSYNC_POLICIES, cls.fsync),
             max_events_per_call=_int(env, "CALLSTATE_MAX_EVENTS_PER_CALL", cls.max_events_per_call),
             max_call_bytes=_int(env, "CALLSTATE_MAX_CALL_BYTES", cls.max_call_bytes),
+            max_record_revisions=_int(
+                env, "CALLSTATE_MAX_RECORD_REVISIONS", cls.max_record_revisions
+            ),
         )
 
 

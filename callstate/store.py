@@ -15,11 +15,11 @@ from redis.exceptions import RedisError, WatchError
 from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
 
-from callstate.calls import Applied, Doc, LogEntry, error_name, is_active
+from callstate.calls import PROCESS_ERRORS, Applied, Doc, LogEntry, error_name, is_active
 from callstate.codec import dumps, pack, pack_doc, unpack, unpack_doc
 from callstate.config import Settings
 from callstate.keys import Keys
-from callstate.schema import PayloadError, decode_logged
+from callstate.schema import CALL_ID_PATTERN, PayloadError, decode_logged
 
 log = logging.getLogger(__name__)
 
@@ -355,15 +355,20 @@ def _entry(raw_id: bytes, fields: dict[bytes, bytes]) -> LogEntry:
     """Decode a log entry; one that cannot be decoded comes back with its `problem` named."""
     log_id = raw_id.decode()
     call_id = fields.get(b"call_id", b"").decode("utf-8", "replace")
+    if not CALL_ID_PATTERN.fullmatch(call_id):
+        return LogEntry(log_id, call_id, {}, problem="invalid_call_id")
     try:
         if b"sweep_before_ms" in fields:
             return LogEntry(log_id, call_id, {}, int(fields[b"sweep_before_ms"]))
-        payload = decode_logged(unpack(fields[b"event"]))
+        raw = unpack(fields[b"event"])
+        payload = decode_logged(raw)
     except PayloadError as exc:
         return LogEntry(log_id, call_id, {}, problem=exc.error)
-    except Exception as exc:  # anything a malformed entry raises names it, nothing stops
+    except PROCESS_ERRORS:
+        raise
+    except Exception as exc:  # anything else a malformed entry raises names it; nothing stops
         return LogEntry(log_id, call_id, {}, problem=error_name(exc))
-    return LogEntry(log_id, call_id, payload)
+    return LogEntry(log_id, call_id, payload, size=len(raw))
 
 
 def _text_field(container: Any, name: str) -> str | None:

@@ -6,14 +6,14 @@ from collections.abc import Callable
 from typing import Any
 
 from callstate.calls import Doc, LogEntry, apply_entry, new_doc
-from callstate.config import Settings
+from callstate.config import DEFAULT_LIMITS
 from callstate.machine import CallMachine
 from tests.factories import ended, event, to_agent
 
 Deliver = Callable[..., Doc]
 CALL = "call-vn-1-TEST-1"
 
-MAX_EVENTS = Settings.max_events_per_call
+MAX_EVENTS = DEFAULT_LIMITS
 
 
 def verdicts(doc: Doc) -> list[tuple[str, str | None]]:

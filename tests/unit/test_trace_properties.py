@@ -94,6 +94,7 @@ class ModelCall:
     status: str | None = None
     last_accepted_ms: int | None = None
     seen: set[tuple[str, int]] = field(default_factory=set)
+    notices: set[str] = field(default_factory=set)
     fields: dict[str, Any] = field(default_factory=dict)
     timeline: dict[str, int] = field(default_factory=dict)
     legs: list[ModelLeg] = field(default_factory=list)
@@ -109,9 +110,15 @@ class ModelCall:
         self.exists = True
         self.deliveries += 1
         if "call_status" not in payload and "recording_url" in payload:
-            # A recording notice: its fields win, except its `type` ("recording").
-            self._merge(payload, override=True, keep=frozenset({"type"}))
-            self._journal(payload, "annotation", None)
+            # A recording notice: the same notice again is one notice; otherwise its fields win,
+            # except its `type` ("recording").
+            notice = json.dumps(payload, sort_keys=True)
+            if notice in self.notices:
+                self._journal(payload, "duplicate", None)
+            else:
+                self.notices.add(notice)
+                self._merge(payload, override=True, keep=frozenset({"type"}))
+                self._journal(payload, "annotation", None)
         else:
             self._event(payload)
         self._revise()

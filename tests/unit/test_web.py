@@ -245,21 +245,21 @@ def test_bad_delivery_gets_a_json_error_and_changes_nothing(
 
 
 def test_quarantine_preview_masks_phone_numbers(client: FlaskClient, store: Store) -> None:
-    refused = body(event("c", "ringing", 1, call_status="hungup"))
+    refused = body(event("c", "ringing", 1, duration=-1))
     assert client.post(URL, data=refused, headers=JSON).status_code == 422
     [item] = store.quarantined(5)
     assert "84909985668" not in item["body"] and "84899199866" not in item["body"]
     assert '"number": "********668"' in item["body"]
-    assert '"call_status": "hungup"' in item["body"]
-    assert (item["field"], item["bytes"]) == ("call_status", len(refused))
+    assert '"duration": -1' in item["body"]
+    assert (item["field"], item["bytes"]) == ("duration", len(refused))
 
 
 @pytest.mark.parametrize(
     "refused",
     [
         b'{"call_id":"c1","call_status":"ringing","timestamp_ms":1,"from":{"number":84909985668}}',
-        b'{"call_id":"c1","call_status":"x","timestamp_ms":1,"to":{"n\\u0075mber":"84909985668"}}',
-        b'{"call_id":"c1","call_status":"x","timestamp_ms":1,"x":"'
+        b'{"call_id":"c1","duration":-1,"to":{"n\\u0075mber":"84909985668"}}',
+        b'{"call_id":"c1","duration":-1,"timestamp_ms":1,"x":"'
         + b"y" * 1965  # the preview (2 KiB) ends eight digits into the number
         + b'","to":{"number":"84909985668"}}',
     ],
