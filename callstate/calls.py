@@ -200,14 +200,15 @@ def _apply_event(doc: Doc, entry: LogEntry, machine: CallMachine) -> None:
 
 def event_identity(payload: dict[str, Any]) -> str:
     """What makes two deliveries one event: the provider's `event_id` when it sends one, else
-    (status, timestamp); for a body without status, its whole content."""
+    (status, timestamp); for a body without either, its whole content."""
     event_id = payload.get("event_id")
     if isinstance(event_id, str) and event_id:
         return f"id:{event_id}"
-    if is_annotation(payload):
+    status, timestamp = payload.get("call_status"), payload.get("timestamp_ms")
+    if status is None or not isinstance(timestamp, int):
         digest = hashlib.sha1(dumps_sorted(payload).encode(), usedforsecurity=False)
         return f"note:{digest.hexdigest()[:16]}"
-    return f"{payload.get('call_status')}:{payload.get('timestamp_ms')}"
+    return f"{status}:{timestamp}"
 
 
 def _from_other_leg(doc: Doc, payload: dict[str, Any], status: str) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 EMBEDDED_REDIS_PORT = 6390
@@ -34,6 +34,9 @@ class Settings:
     var_dir: Path
     signing_secret: str | None = None
     signing_secret_previous: str | None = None
+    project_secrets: Mapping[int, str] = field(default_factory=dict)
+    account_sids: frozenset[str] = frozenset()
+    project_ids: frozenset[int] = frozenset()
     api_token: str | None = None
     host: str = "127.0.0.1"
     max_body_bytes: int = 64 * 1024
@@ -62,8 +65,18 @@ class Settings:
 
     @property
     def signing_secrets(self) -> tuple[str, ...]:
-        """The secrets a webhook signature may be made with: during a rotation, two."""
+        """The deployment-wide signing secrets: during a rotation, two."""
         return tuple(s for s in (self.signing_secret, self.signing_secret_previous) if s)
+
+    @property
+    def signers(self) -> dict[int | None, tuple[str, ...]]:
+        """Every secret a webhook may be signed with, by project (None: any project)."""
+        found: dict[int | None, tuple[str, ...]] = {
+            project: (secret,) for project, secret in self.project_secrets.items()
+        }
+        if self.signing_secrets:
+            found[None] = self.signing_secrets
+        return found
 
     @property
     def exposed(self) -> bool:
@@ -83,6 +96,12 @@ class Settings:
             var_dir=var_dir,
             signing_secret=env.get("STRINGEE_SIGNING_SECRET") or None,
             signing_secret_previous=env.get("STRINGEE_SIGNING_SECRET_PREVIOUS") or None,
+            project_secrets=_project_secrets(env.get("STRINGEE_SIGNING_SECRETS", "")),
+            account_sids=frozenset(_items(env.get("CALLSTATE_ACCOUNT_SIDS", ""))),
+            project_ids=frozenset(
+                _project_id("CALLSTATE_PROJECT_IDS", item)
+                for item in _items(env.get("CALLSTATE_PROJECT_IDS", ""))
+            ),
             host=env.get("HOST") or cls.host,
             api_token=env.get("CALLSTATE_API_TOKEN") or None,
             max_body_bytes=_int(env, "CALLSTATE_MAX_BODY_BYTES", cls.max_body_bytes),
@@ -126,6 +145,27 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
     return value
+
+
+def _items(raw: str) -> list[str]:
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def _project_id(name: str, raw: str) -> int:
+    if not raw.isdigit():
+        raise ValueError(f"{name}: project ids are integers, got {raw!r}")
+    return int(raw)
+
+
+def _project_secrets(raw: str) -> dict[int, str]:
+    """`STRINGEE_SIGNING_SECRETS`: comma-separated `project_id:secret` pairs."""
+    found = {}
+    for item in _items(raw):
+        project, _, secret = item.partition(":")
+        if not secret:
+            raise ValueError("STRINGEE_SIGNING_SECRETS holds project_id:secret pairs")
+        found[_project_id("STRINGEE_SIGNING_SECRETS", project.strip())] = secret
+    return found
 
 
 def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:

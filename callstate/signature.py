@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from collections.abc import Mapping
 
 SIGNATURE_HEADER = "X-STRINGEE-SIGNATURE"
 
@@ -14,11 +15,18 @@ def sign(secret: str, raw: bytes) -> str:
     return base64.b64encode(digest).decode()
 
 
-def signature_matches(secrets: tuple[str, ...], raw: bytes, received: str | None) -> bool:
-    """Whether any of `secrets` (two during a rotation) signed the raw bytes exactly as they
-    arrived; every secret is compared, each in constant time, so timing tells nothing."""
+def matching_signers(
+    signers: Mapping[int | None, tuple[str, ...]], raw: bytes, received: str | None
+) -> set[int | None]:
+    """Whose secrets signed the raw bytes exactly as they arrived: project ids, or None for the
+    deployment-wide secrets (two during a rotation). Every secret is compared, each in constant
+    time, so timing tells nothing about which came close."""
     if not received:
-        return False
+        return set()
     sent = received.strip().encode()
-    matches = [hmac.compare_digest(sign(secret, raw).encode(), sent) for secret in secrets]
-    return any(matches)
+    return {
+        scope
+        for scope, secrets in signers.items()
+        for secret in secrets
+        if hmac.compare_digest(sign(secret, raw).encode(), sent)
+    }

@@ -19,8 +19,8 @@ from callstate.config import Settings
 from callstate.doctor import warn_if_unsafe
 from callstate.jobs import drain_timeout, enqueue_drain
 from callstate.redact import mask_personal
-from callstate.schema import CALL_ID_PATTERN, PayloadError, parse_event
-from callstate.signature import SIGNATURE_HEADER, signature_matches
+from callstate.schema import CALL_ID_PATTERN, PayloadError, parse_event, project_id
+from callstate.signature import SIGNATURE_HEADER, matching_signers
 from callstate.store import Store, connect
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def warn_if_exposed(settings: Settings) -> None:
     """Say loudly at start when anyone who can reach the port can forge events or read calls."""
     if not settings.exposed:
         return
-    if not settings.signing_secrets:
+    if not settings.signers:
         log.warning(
             "SECURITY: bound to %s without STRINGEE_SIGNING_SECRET: anyone who can reach this "
             "port can post call events",
@@ -124,13 +124,36 @@ def receive_event() -> tuple[Response, int]:
 
 def _checked_payload(settings: Settings, raw: bytes) -> dict[str, Any]:
     if request.mimetype != "application/json":
-        raise PayloadError(415, "unsupported_media_type", "Content-Type must be application/json")
-    if settings.signing_secrets and not signature_matches(
-        settings.signing_secrets, raw, request.headers.get(SIGNATURE_HEADER)
-    ):
+        raise PayloadError(
+            415,
+            "unsupported_media_type",
+            "Content-Type must be application/json (Stringee posts JSON; form-encoded and "
+            "other bodies are not accepted)",
+        )
+    signers = settings.signers
+    signed_by = matching_signers(signers, raw, request.headers.get(SIGNATURE_HEADER))
+    if signers and not signed_by:
         raise PayloadError(401, "bad_signature", f"missing or wrong {SIGNATURE_HEADER} header")
     latest_ms = int(time.time() * 1000) + settings.max_clock_skew_seconds * 1000
-    return parse_event(raw, latest_timestamp_ms=latest_ms)
+    payload = parse_event(raw, latest_timestamp_ms=latest_ms)
+    project = project_id(payload)
+    if signers and None not in signed_by and project is not None and project not in signed_by:
+        raise PayloadError(
+            401, "bad_signature", "signed with another project's secret", "project_id"
+        )
+    _check_allowed(settings, payload)
+    return payload
+
+
+def _check_allowed(settings: Settings, payload: dict[str, Any]) -> None:
+    """One receiver, many projects: events of accounts or projects outside the allow-lists are
+    refused. A body that names neither (a recording notice, a DTMF callback) is not."""
+    account = payload.get("account_sid")
+    if settings.account_sids and account is not None and account not in settings.account_sids:
+        raise PayloadError(403, "forbidden", "account_sid is not accepted here", "account_sid")
+    project = project_id(payload)
+    if settings.project_ids and project is not None and project not in settings.project_ids:
+        raise PayloadError(403, "forbidden", "project_id is not accepted here", "project_id")
 
 
 def _quarantine(store: Store, raw: bytes, exc: PayloadError) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from callstate.calls import Doc, LogEntry, apply_entry, new_doc
 from callstate.config import DEFAULT_LIMITS
 from callstate.machine import CallMachine
@@ -224,3 +226,126 @@ def test_new_doc_starts_empty() -> None:
     doc = new_doc(CALL)
     assert doc["status"] is None
     assert doc["journal"] == []
+
+
+def journal_of(doc: Doc) -> list[tuple[str, str | None]]:
+    return [(item["verdict"], item["reason"]) for item in doc["journal"]]
+
+
+def test_the_providers_event_id_makes_deliveries_one_event(deliver: Deliver) -> None:
+    first = event(CALL, "ringing", 100, event_id="OI175MVQ57-1", serial=1)
+    retried = event(CALL, "ringing", 101, event_id="OI175MVQ57-1", serial=2)
+    other = event(CALL, "ringing", 100, event_id="OI175MVQ57-2")
+    doc = deliver(first, retried, other)
+    assert journal_of(doc) == [
+        ("accepted", None),
+        ("duplicate", None),  # same event_id, whatever else differs
+        ("rejected", "illegal_transition"),  # another event_id is another event
+    ]
+
+
+def test_the_same_recording_notice_twice_is_one_notice(deliver: Deliver) -> None:
+    notice = {"call_id": CALL, "recording_url": "https://r.example/1", "end_time": 5}
+    reordered = {"end_time": 5, "recording_url": "https://r.example/1", "call_id": CALL}
+    doc = deliver(ended(CALL, 10, "486 Busy Here", 0), notice, reordered)
+    assert journal_of(doc) == [("accepted", None), ("annotation", None), ("duplicate", None)]
+    assert doc["record"]["revision"] == 2
+
+
+def test_statuses_callstate_does_not_know_are_journaled_and_change_nothing(
+    deliver: Deliver,
+) -> None:
+    doc = deliver(
+        event(CALL, "ringing", 100),
+        event(CALL, "dtmf_received", 110, digit="1"),
+        {"call_id": CALL, "call_status": "ended", "endCallCause": "486 Busy Here"},
+        {"call_id": CALL, "dtmf": "0", "time": "1530870073736", "timeout": False},
+    )
+    assert journal_of(doc) == [
+        ("accepted", None),
+        ("ignored", "unknown_status"),
+        ("ignored", "missing_timestamp"),
+        ("annotation", None),
+    ]
+    assert doc["status"] == "ringing" and doc["timeline"] == {"ringing": 100}
+    assert "digit" not in doc["fields"] and "endCallCause" not in doc["fields"]
+    assert doc["fields"]["dtmf"] == "0"
+    assert doc["counts"] == {
+        "accepted": 1,
+        "duplicate": 0,
+        "rejected": 0,
+        "annotation": 1,
+        "ignored": 2,
+    }
+
+
+def test_connect_failed_is_kept_in_the_timeline_and_does_not_end_the_call(
+    deliver: Deliver,
+) -> None:
+    doc = deliver(
+        event(CALL, "ringing", 100),
+        event(CALL, "connect_failed", 110, agent_status="ended"),
+        event(CALL, "answered", 120),
+        ended(CALL, 200, "USER_END_CALL", 60),
+    )
+    assert journal_of(doc) == [
+        ("accepted", None),
+        ("annotation", "connect_failed"),
+        ("accepted", None),
+        ("accepted", None),
+    ]
+    assert doc["record"]["timeline"] == {
+        "ringing": 100,
+        "connect_failed": 110,
+        "answered": 120,
+        "ended": 200,
+    }
+    assert doc["record"]["agent_status"] == "ended"
+
+
+def test_the_second_ivr_leg_is_not_an_illegal_transition(deliver: Deliver) -> None:
+    leg = {"a": {"actor": "agent-a"}, "b": {"actor": "agent-b"}}
+    doc = deliver(
+        event(CALL, "ringing", 100, **leg["a"]),
+        event(CALL, "ringing", 101, **leg["b"]),
+        event(CALL, "answered", 110, **leg["a"]),
+        event(CALL, "answered", 111, **leg["b"]),
+        ended(CALL, 200, "USER_END_CALL", 60, **leg["a"]),
+        ended(CALL, 201, "USER_END_CALL", 60, **leg["b"]),
+    )
+    assert journal_of(doc) == [
+        ("accepted", None),
+        ("duplicate", "other_leg"),
+        ("accepted", None),
+        ("duplicate", "other_leg"),
+        ("accepted", None),
+        ("duplicate", "other_leg"),
+    ]
+    assert doc["counts"]["rejected"] == 0 and doc["record"]["revision"] == 1
+
+
+def test_project_id_as_a_numeric_string_is_stored_as_the_integer(deliver: Deliver) -> None:
+    doc = deliver(ended(CALL, 10, "486 Busy Here", 0, project_id="1237100"))
+    assert doc["fields"]["project_id"] == 1237100
+    assert doc["record"]["project_id"] == 1237100
+
+
+@pytest.mark.parametrize(
+    ("cause", "disposition", "code"),
+    [
+        ("486 Busy Here", "busy", 486),
+        ("486", "busy", 486),
+        ("480 Temporarily Unavailable", "no_answer", 480),
+        ("CAN_NOT_MAKE_CALL", "failed", None),
+        ("MAX_CONNECT_TIME", "no_answer", None),
+    ],
+)
+def test_end_causes_in_either_form_and_missing_durations(
+    deliver: Deliver, cause: str, disposition: str, code: int | None
+) -> None:
+    payload = ended(CALL, 10, cause, 0)
+    del payload["duration"], payload["answerDuration"]
+    doc = deliver(event(CALL, "ringing", 5), payload)
+    record = doc["record"]
+    assert (record["disposition"], record["sip_code"]) == (disposition, code)
+    assert record["duration"] is None and record["answerDuration"] is None

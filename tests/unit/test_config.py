@@ -37,3 +37,30 @@ def test_redis_url_and_tunables_come_from_the_environment() -> None:
 def test_bad_numbers_are_refused_by_name(value: str) -> None:
     with pytest.raises(ValueError, match="CALLSTATE_SHARDS"):
         Settings.from_env({"CALLSTATE_SHARDS": value})
+
+
+def test_project_secrets_and_allow_lists_come_from_the_environment() -> None:
+    settings = Settings.from_env(
+        {
+            "STRINGEE_SIGNING_SECRETS": "25:abc, 1237100:d:e",
+            "CALLSTATE_ACCOUNT_SIDS": "AC1, AC2",
+            "CALLSTATE_PROJECT_IDS": "25,26",
+        }
+    )
+    assert settings.project_secrets == {25: "abc", 1237100: "d:e"}
+    assert settings.signers == {25: ("abc",), 1237100: ("d:e",)}
+    assert settings.account_sids == {"AC1", "AC2"}
+    assert settings.project_ids == {25, 26}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("STRINGEE_SIGNING_SECRETS", "25"),
+        ("STRINGEE_SIGNING_SECRETS", "x:s"),
+        ("CALLSTATE_PROJECT_IDS", "a"),
+    ],
+)
+def test_bad_project_settings_are_refused_by_name(name: str, value: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        Settings.from_env({name: value})

@@ -360,3 +360,54 @@ def test_unreachable_redis_is_503_never_200(settings: Settings) -> None:
     assert response.status_code == 503
     assert json_of(response)["error"] == "unavailable"
     assert client.get("/calls/some-call").status_code == 503
+
+
+def test_each_project_signs_with_its_own_secret(settings: Settings, redis: Redis) -> None:
+    client = create_app(
+        dataclasses.replace(settings, project_secrets={25: "s25", 26: "s26"}), redis
+    ).test_client()
+    ours = body(event("c-25", "ringing", 1, project_id=25))
+    as_string = body(event("c-25", "ringing", 2, project_id="25"))
+    theirs = body(event("c-26", "ringing", 1, project_id=26))
+    dtmf = body({"call_id": "c-25", "dtmf": "1", "time": "1530870073736"})
+    for raw, secret, status in (
+        (ours, "s25", 200),
+        (as_string, "s25", 200),
+        (theirs, "s26", 200),
+        (theirs, "s25", 401),  # a project's secret does not vouch for another project
+        (ours, "other", 401),
+        (dtmf, "s26", 200),  # names no project: any project's valid signature
+    ):
+        headers = {**JSON, "X-STRINGEE-SIGNATURE": sign(secret, raw)}
+        assert client.post(URL, data=raw, headers=headers).status_code == status, (raw, secret)
+
+
+def test_accounts_and_projects_outside_the_allow_lists_are_403(
+    settings: Settings, redis: Redis, store: Store
+) -> None:
+    allowed = dataclasses.replace(
+        settings, account_sids=frozenset({"AC-ours"}), project_ids=frozenset({25})
+    )
+    client = create_app(allowed, redis).test_client()
+    for payload, status, field in (
+        (event("c-1", "ringing", 1, account_sid="AC-ours"), 200, None),
+        (event("c-1", "ringing", 2, account_sid="AC-theirs"), 403, "account_sid"),
+        (event("c-1", "ringing", 3, account_sid="AC-ours", project_id=99), 403, "project_id"),
+        ({"call_id": "c-1", "recording_url": "https://r.example/1"}, 200, None),
+    ):
+        answer = client.post(URL, data=body(payload), headers=JSON)
+        assert answer.status_code == status
+        if field is not None:
+            assert json_of(answer) | {"message": ""} == {
+                "error": "forbidden",
+                "field": field,
+                "message": "",
+            }
+    assert [item["error"] for item in store.quarantined(5)] == ["forbidden", "forbidden"]
+
+
+def test_form_encoded_bodies_are_refused_naming_the_supported_type(client: FlaskClient) -> None:
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    answer = client.post(URL, data=b"call_id=c-1&call_status=ringing", headers=form)
+    assert answer.status_code == 415
+    assert "application/json" in json_of(answer)["message"]
