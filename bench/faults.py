@@ -32,7 +32,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
 
-from bench.load import percentiles
+from bench.load import command, percentiles
 from bench.traffic import PlannedCall, check_call
 from callstate.config import Settings
 from callstate.jobs import DRAIN_JOB
@@ -112,29 +112,9 @@ class Faults:
         self, name: str, seconds: float, rate: float
     ) -> tuple[subprocess.Popen[bytes], Path]:
         out = self.stack.workdir / f"load-{name}.json"
-        argv = [
-            sys.executable,
-            "-m",
-            "bench.load",
-            "--url",
-            self.stack.web_url,
-            "--out",
-            str(out),
-            "--duration",
-            str(seconds),
-            "--rate",
-            str(rate),
-            "--prefix",
-            name,
-            "--threads",
-            str(self.args.threads),
-            "--probers",
-            "1",
-            "--probe-share",
-            "0",
-        ]
-        if rate:
-            argv.append("--retry")
+        # No probes: lag is measured exactly, from stream ids. Calibration does not retry.
+        flags = ["--probers", "1", "--probe-share", "0", *(["--retry"] if rate else [])]
+        argv = command(self.stack.web_url, out, seconds, rate, name, self.args.threads, *flags)
         load = subprocess.Popen(argv, cwd=Path(__file__).parents[1], env=self.stack.env)
         return load, out
 

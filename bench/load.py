@@ -12,10 +12,12 @@ import http.client
 import json
 import queue
 import random
+import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -199,6 +201,21 @@ class Load:
                         self.lags_ms.append((now - answered_at) * 1000)
                     break
                 time.sleep(PROBE_INTERVAL_S)
+
+
+def command(
+    url: str, out: Path, duration: float, rate: float, prefix: str, threads: int, *flags: str
+) -> list[str]:
+    """The command line that runs this load generator as a process of its own."""
+    options = {
+        "--url": url,
+        "--out": str(out),
+        "--duration": str(duration),
+        "--rate": str(rate),
+        "--prefix": prefix,
+        "--threads": str(threads),
+    }
+    return [sys.executable, "-m", "bench.load", *(x for o in options.items() for x in o), *flags]
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from typing import Any, cast
 from redis import Redis
 from rq import Queue, Worker
 
+from bench.load import command
 from bench.traffic import PlannedCall, check_call, plan_call
 from callstate.calls import LogEntry, apply_batch
 from callstate.codec import dumps, pack_doc
@@ -92,25 +93,8 @@ class Bench:
 
     def load(self, name: str, duration: float, rate: float = 0.0, echo: bool = False) -> Any:
         out = self.workdir / f"load-{name}.json"
-        argv = [
-            sys.executable,
-            "-m",
-            "bench.load",
-            "--url",
-            self.stack.web_url,
-            "--out",
-            str(out),
-            "--duration",
-            str(duration),
-            "--rate",
-            str(rate),
-            "--prefix",
-            name,
-            "--threads",
-            str(self.args.threads),
-        ]
-        if echo:
-            argv.append("--echo")
+        flags = ["--echo"] if echo else []
+        argv = command(self.stack.web_url, out, duration, rate, name, self.args.threads, *flags)
         subprocess.run(argv, check=True, cwd=Path(__file__).parents[1], env=self.stack.env)
         return json.loads(out.read_text())
 

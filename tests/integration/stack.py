@@ -24,6 +24,20 @@ BIN = Path(sys.executable).parent
 T = TypeVar("T")
 
 
+def run_module(module: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run `python -m module` from the repository, against its own Redis (not REDIS_URL)."""
+    env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.integration.stack import REPO
+from tests.integration.stack import run_module
 
 
 def test_benchmark_smoke_run(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--smoke", "--out", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    run = run_module("bench.run", "--smoke", "--out", str(out), timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     figures = json.loads(out.read_text())
     check = figures["correctness"]

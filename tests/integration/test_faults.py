@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from bench.faults import FAULTS
-from tests.integration.stack import REPO
+from tests.integration.stack import run_module
 
 
 def test_fault_suite_quick_run(tmp_path: Path) -> None:
     out = tmp_path / "faults.json"
-    env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.faults", "--quick", "--out", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
+    run = run_module("bench.faults", "--quick", "--out", str(out), timeout=280)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     figures = json.loads(out.read_text())
     assert [phase["fault"] for phase in figures["faults"]] == list(FAULTS)
