@@ -41,6 +41,7 @@ class Tally:
     calls: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Refusal windows: from a refused delivery to the next accepted one, in seconds.
     outages_s: list[float] = field(default_factory=list)
+    refusals: dict[str, int] = field(default_factory=dict)
     slowest_ms: float = 0.0
 
 
@@ -159,6 +160,7 @@ class Load:
             if status == 200:
                 break
             tally.errors += 1
+            tally.refusals[planned.call_id] = tally.refusals.get(planned.call_id, 0) + 1
             # As the provider does: deliver again until it is taken, or give up.
             if not self.args.retry:
                 return
@@ -169,6 +171,7 @@ class Load:
         if refused_since is not None:
             tally.outages_s.append(answered_at - refused_since)
         tally.latencies_ms.append((answered_at - sent_at) * 1000)
+        refusals = tally.refusals.pop(planned.call_id, 0)
         if self.args.echo:
             return
         record = tally.calls.setdefault(
@@ -177,9 +180,13 @@ class Load:
                 "expected": planned.expected,
                 "acked": [],
                 "statuses": [],
+                "refused": 0,
                 "sends": len(planned.sends),
             },
         )
+        # A refused delivery may still have been logged (its answer was lost): the checks
+        # allow that many extra copies of the call's events, as duplicates.
+        record["refused"] += refusals
         record["acked"].append(json.loads(reply)["log_id"])
         record["statuses"].append(planned.sends[step]["call_status"])
         if rng.random() < self.args.probe_share:

@@ -217,9 +217,9 @@ class Bench:
             planned = plan_call(f"active-{n}", rng, 1_800_000_000_000 + n * 100)
             for payload in planned.sends:
                 if payload["call_status"] != "ended":
-                    _, shard, wake = self.store.append_event(payload["call_id"], _raw(payload))
-                    if wake:
-                        enqueue_drain(self.queue, shard, 120)
+                    _, shard, wake_id = self.store.append_event(payload["call_id"], _raw(payload))
+                    if wake_id is not None:
+                        enqueue_drain(self.queue, shard, 120, wake_id)
         self.wait_drained()
         active = int(self.redis.zcard(self.store.keys.active()))
         return {

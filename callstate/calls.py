@@ -35,6 +35,7 @@ PROCESS_ERRORS: tuple[type[BaseException], ...] = (
     RecursionError,
     BaseTimeoutException,
 )
+KNOWN_STATUSES = frozenset({*CALL_STATUSES, CONNECT_FAILED})
 RESERVED_FIELDS = frozenset({"call_id", "call_status", "timestamp_ms"})
 STATUS_TEXT_LIMIT = 64
 
@@ -44,7 +45,7 @@ class LogEntry:
     """One entry of a shard's event log: a provider event, or a sweeper's close request.
 
     `problem` names the error that kept the entry from being decoded, if one did; `size` is
-    the length of the body as received.
+    the length of the body as received; `signer` the project whose own secret signed it.
     """
 
     log_id: str
@@ -53,6 +54,7 @@ class LogEntry:
     stale_before_ms: int | None = None
     problem: str | None = None
     size: int = 0
+    signer: int | None = None
 
     @property
     def received_ms(self) -> int:
@@ -130,12 +132,25 @@ def apply_entry(
             _count_overflow(doc, entry)
         elif (bound := _bound_reached(doc, entry, limits)) is not None:
             _journal(doc, entry, "rejected", bound)
+        elif _belongs_elsewhere(doc, entry):
+            _journal(doc, entry, "rejected", "wrong_project")
         else:
             doc["bytes"] = doc.get("bytes", 0) + entry.size
             _apply_event(doc, entry, machine)
         doc["last_received_ms"] = entry.received_ms
     doc["version"] += 1
     return doc, refresh_record(doc)
+
+
+def _belongs_elsewhere(doc: Doc, entry: LogEntry) -> bool:
+    """A call belongs to the project of its first event that names one (by `project_id`, or by
+    the project whose own secret signed it): one project's secret must not reach another's
+    calls, and a call never changes project."""
+    project = entry.signer if entry.signer is not None else project_id(entry.payload)
+    if project is None:
+        return False
+    owner = doc.setdefault("project", project)
+    return bool(owner != project)
 
 
 def _bound_reached(doc: Doc, entry: LogEntry, limits: Limits) -> str | None:
@@ -181,7 +196,7 @@ def _apply_event(doc: Doc, entry: LogEntry, machine: CallMachine) -> None:
     if is_annotation(payload):
         _merge_fields(doc, payload, override=True, skip=frozenset({"type"}))
         _journal(doc, entry, "annotation", None)
-    elif status not in CALL_STATUSES and status != CONNECT_FAILED:
+    elif status not in KNOWN_STATUSES:
         _journal(doc, entry, "ignored", "unknown_status")
     elif not isinstance(timestamp, int):
         _journal(doc, entry, "ignored", "missing_timestamp")
@@ -205,18 +220,29 @@ def event_identity(payload: dict[str, Any]) -> str:
     if isinstance(event_id, str) and event_id:
         return f"id:{event_id}"
     status, timestamp = payload.get("call_status"), payload.get("timestamp_ms")
-    if status is None or not isinstance(timestamp, int):
+    # Only statuses callstate knows key by name: none of them reads `id` or `note`.
+    if status not in KNOWN_STATUSES or not isinstance(timestamp, int):
         digest = hashlib.sha1(dumps_sorted(payload).encode(), usedforsecurity=False)
         return f"note:{digest.hexdigest()[:16]}"
     return f"{status}:{timestamp}"
 
 
 def _from_other_leg(doc: Doc, payload: dict[str, Any], status: str) -> bool:
-    """In IVR mode every status fires on both legs, told apart by `actor`: a status the call
-    already reached through another actor is that leg's echo, not a new transition."""
-    actor = payload.get("actor")
+    """In IVR mode every status fires on both legs, told apart by `actor` (empty on one of them
+    in the body logged from production): a status the call already reached through another
+    actor is that leg's echo, not a new transition. An agent's end starts the next agent's
+    round, so a call center's next `ringing` is not an echo."""
+    if "actor" not in payload:
+        return False
     reached_by = doc.get("actors", {}).get(status)
-    return bool(actor) and reached_by is not None and reached_by != actor
+    return reached_by is not None and reached_by != (payload["actor"] or "")
+
+
+def _remember_actor(doc: Doc, payload: dict[str, Any], status: str) -> None:
+    if "actor" not in payload:
+        return
+    actors = {} if status == "agentEnded" else doc.get("actors", {})
+    doc["actors"] = actors | {status: payload["actor"] or ""}
 
 
 def _apply_status(
@@ -226,8 +252,7 @@ def _apply_status(
     reason = _rejection(doc, status, timestamp, machine)
     if reason is None:
         _accept(doc, payload, status, timestamp)
-        if isinstance(payload.get("actor"), str) and payload["actor"]:
-            doc.setdefault("actors", {})[status] = payload["actor"]
+        _remember_actor(doc, payload, status)
         _journal(doc, entry, "accepted", None)
         return
     # State never moves back, but a late event still fills what the call does not know yet.

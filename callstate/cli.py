@@ -9,6 +9,8 @@ import signal
 import sys
 from urllib.parse import urlparse
 
+from redis.exceptions import RedisError
+
 from callstate.config import Settings
 from callstate.doctor import examine
 from callstate.machine import CallMachine
@@ -58,8 +60,13 @@ def run_redis(settings: Settings) -> int:
 
 
 def run_doctor(store: Store) -> int:
-    """Print each setting with `ok` or `PROBLEM`; exit 1 when any guarantee is not met."""
-    findings = examine(store.redis)
+    """Print each setting with `ok` or `PROBLEM`; exit 1 when any guarantee is not met, 2 when
+    the server cannot be reached."""
+    try:
+        findings = examine(store.redis)
+    except RedisError as exc:
+        print(f"cannot reach Redis at {store.settings.redis_url}: {exc}", file=sys.stderr)
+        return 2
     for finding in findings:
         mark = "ok" if finding.ok else "PROBLEM"
         print(f"{mark:<8} {finding.setting} = {finding.found} (needs {finding.needed})")

@@ -34,7 +34,7 @@ class Settings:
     var_dir: Path
     signing_secret: str | None = None
     signing_secret_previous: str | None = None
-    project_secrets: Mapping[int, str] = field(default_factory=dict)
+    project_secrets: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
     account_sids: frozenset[str] = frozenset()
     project_ids: frozenset[int] = frozenset()
     api_token: str | None = None
@@ -71,9 +71,7 @@ class Settings:
     @property
     def signers(self) -> dict[int | None, tuple[str, ...]]:
         """Every secret a webhook may be signed with, by project (None: any project)."""
-        found: dict[int | None, tuple[str, ...]] = {
-            project: (secret,) for project, secret in self.project_secrets.items()
-        }
+        found: dict[int | None, tuple[str, ...]] = {p: s for p, s in self.project_secrets.items()}
         if self.signing_secrets:
             found[None] = self.signing_secrets
         return found
@@ -157,14 +155,16 @@ def _project_id(name: str, raw: str) -> int:
     return int(raw)
 
 
-def _project_secrets(raw: str) -> dict[int, str]:
-    """`STRINGEE_SIGNING_SECRETS`: comma-separated `project_id:secret` pairs."""
-    found = {}
+def _project_secrets(raw: str) -> dict[int, tuple[str, ...]]:
+    """`STRINGEE_SIGNING_SECRETS`: comma-separated `project_id:secret` pairs; a project named
+    twice has two secrets, as during a rotation."""
+    found: dict[int, tuple[str, ...]] = {}
     for item in _items(raw):
         project, _, secret = item.partition(":")
-        if not secret:
+        if not secret or secret != secret.strip():
             raise ValueError("STRINGEE_SIGNING_SECRETS holds project_id:secret pairs")
-        found[_project_id("STRINGEE_SIGNING_SECRETS", project.strip())] = secret
+        key = _project_id("STRINGEE_SIGNING_SECRETS", project.strip())
+        found[key] = (*found.get(key, ()), secret)
     return found
 
 

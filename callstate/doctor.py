@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 log = logging.getLogger(__name__)
 SAFE_FSYNC = ("always", "everysec")
@@ -83,7 +83,12 @@ def warn_if_unsafe(redis: Redis) -> None:
 
 
 def _info(redis: Redis, section: str) -> dict[str, Any]:
-    found: dict[str, Any] = redis.info(section)
+    """An INFO section; empty (so every setting reads `unknown`) where the server refuses it,
+    as a proxy or an ACL user without INFO does. A server that cannot be reached still raises."""
+    try:
+        found: dict[str, Any] = redis.info(section)
+    except ResponseError:
+        return {}
     return found
 
 

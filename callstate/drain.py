@@ -46,9 +46,11 @@ class Drainer:
         self.window_seconds = window_ms / 1000
         self.wake = wake
 
-    def drain(self, shard: int) -> int:
-        """Apply what the shard logs until it is quiet or the slice ends; return how many."""
-        self.store.clear_wake(shard)
+    def drain(self, shard: int, wake_id: str | None = None) -> int:
+        """Apply what the shard logs until it is quiet or the slice ends; return how many.
+        `wake_id` is this job's id, which the wake flag holds while the job is queued."""
+        if wake_id is not None:
+            self.store.clear_wake(shard, wake_id)
         applied = 0
         while True:
             token = uuid.uuid4().hex

@@ -15,10 +15,12 @@ from rq import Queue
 from callstate.config import Settings
 from callstate.drain import Drainer
 from callstate.machine import CallMachine
-from callstate.store import Store
+from callstate.store import Store, wake_age_ms
 
 log = logging.getLogger(__name__)
 DRAIN_JOB = "callstate.jobs.drain_shard"
+FAILED_DRAIN_TTL_SECONDS = 24 * 3600
+LOST_WAKE_GRACE_MS = 5000
 SWEEP_BATCH = 1000
 
 
@@ -68,25 +70,48 @@ def drain_timeout(settings: Settings) -> int:
 
 def wake_drain(store: Store, queue: Queue, shard: int, job_timeout: int) -> bool:
     """Queue a drain of the shard unless one is queued already; True if this call queued it."""
-    if not store.claim_wake(shard):
+    wake_id = store.claim_wake(shard)
+    if wake_id is None:
         return False
-    enqueue_drain(queue, shard, job_timeout)
+    enqueue_drain(queue, shard, job_timeout, wake_id)
     return True
 
 
-def enqueue_drain(queue: Queue, shard: int, job_timeout: int) -> None:
-    """Wake a drain of the shard; results are not kept, the call documents are the result."""
+def enqueue_drain(queue: Queue, shard: int, job_timeout: int, job_id: str | None = None) -> None:
+    """Wake a drain of the shard; results are not kept, the call documents are the result. A
+    failed job is kept a day for inspection, not RQ's default year."""
     queue.enqueue(
         DRAIN_JOB,
         shard,
+        job_id,
+        job_id=job_id,
         job_timeout=job_timeout,
         result_ttl=0,
+        failure_ttl=FAILED_DRAIN_TTL_SECONDS,
         description=f"drain shard {shard}",
     )
 
 
-def drain_shard(shard: int) -> int:
-    return context().drainer.drain(shard)
+def drain_shard(shard: int, wake_id: str | None = None) -> int:
+    return context().drainer.drain(shard, wake_id)
+
+
+def _rewake_if_lost(store: Store, queue: Queue, shard: int, job_timeout: int) -> bool:
+    """A flag whose job is not queued (the process that claimed it died before queueing it, or
+    the job was killed before it cleared it) would keep the shard from ever being woken: after a
+    grace period, point the flag at a new job and queue that."""
+    holder = store.wake_holder(shard)
+    if holder is None or wake_age_ms(holder) < LOST_WAKE_GRACE_MS:
+        return False
+    # In the queue's list, not by the job's status: a worker that died right after taking a job
+    # leaves it marked queued although nobody will run it.
+    if queue.get_job_position(holder) is not None:
+        return False
+    wake_id = store.replace_wake(shard, holder)
+    if wake_id is None:
+        return False
+    enqueue_drain(queue, shard, job_timeout, wake_id)
+    return True
 
 
 def maintain() -> dict[str, int]:
@@ -99,17 +124,22 @@ def maintain() -> dict[str, int]:
     settings, store = ctx.settings, ctx.store
     now_ms = store.server_time_ms()
     store.trim_logs(now_ms - settings.retention_seconds * 1000)
+    timeout = drain_timeout(settings)
     woken = [
         shard
         for shard in range(settings.shards)
-        if store.has_backlog(shard) and wake_drain(store, ctx.queue, shard, drain_timeout(settings))
+        if store.has_backlog(shard)
+        and (
+            wake_drain(store, ctx.queue, shard, timeout)
+            or _rewake_if_lost(store, ctx.queue, shard, timeout)
+        )
     ]
     stale_before = now_ms - settings.stale_after_seconds * 1000
     stale = store.stale_call_ids(stale_before, SWEEP_BATCH)
     for call_id in stale:
-        _, shard, claimed = store.append_sweep(call_id, stale_before)
-        if claimed:
-            enqueue_drain(ctx.queue, shard, drain_timeout(settings))
+        _, shard, wake_id = store.append_sweep(call_id, stale_before)
+        if wake_id is not None:
+            enqueue_drain(ctx.queue, shard, timeout, wake_id)
     if stale or woken:
         log.info("maintenance: %d calls to close, %d shards woken", len(stale), len(woken))
     return {"stale": len(stale), "woken": len(woken)}

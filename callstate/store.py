@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
@@ -27,26 +29,45 @@ log = logging.getLogger(__name__)
 StreamRows = list[tuple[bytes, dict[bytes, bytes]]]
 
 
-# Log an event and claim its shard's wake flag as one command with one reply: the webhook's
-# only Redis call. A flag whose job was never queued (a web process that died in between)
-# expires, and maintenance then wakes the shard.
+# Log an event and claim its shard's wake flag for the drain job the caller will queue, as one
+# command with one reply: the webhook's only Redis call. A flag whose job was never queued (a web
+# process that died in between) is found out and replaced by maintenance.
 APPEND_EVENT = """
 local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
-local claimed = redis.call('SET', KEYS[2], 1, 'NX', 'EX', ARGV[1])
+local claimed = redis.call('SET', KEYS[2], ARGV[1], 'NX')
 return {id, claimed and 1 or 0}
 """
 
 
-# Compare-and-delete in one command: unlike WATCH/MULTI it still runs when Redis is at its
-# memory limit (a transaction is refused there), so a drainer that failed for lack of memory
-# does not leave its shard locked until the lock's TTL.
-RELEASE_LOCK = """
+# Compare-and-delete and compare-and-set in one command each: unlike WATCH/MULTI they still run
+# when Redis is at its memory limit (a transaction is refused there), so a drainer that failed
+# for lack of memory does not leave its shard locked until the lock's TTL.
+COMPARE_AND_DELETE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
     return redis.call('DEL', KEYS[1])
 end
 return 0
 """
+COMPARE_AND_SET = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[2])
+    return 1
+end
+return 0
+"""
 REDIS_TIMEOUT_SECONDS = 5
+
+
+def new_wake_id() -> str:
+    """The id of the drain job a wake flag stands for; it carries the time it was made, so
+    maintenance can tell a flag whose job was never queued from a fresh one."""
+    return f"drain-{int(time.time() * 1000)}-{uuid.uuid4().hex[:12]}"
+
+
+def wake_age_ms(wake_id: str) -> int:
+    parts = wake_id.split("-")
+    made_ms = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
+    return int(time.time() * 1000) - made_ms
 
 
 def _text(raw: bytes | str) -> str:
@@ -80,27 +101,33 @@ class Store:
         self.settings = settings
         self.keys = Keys(settings.key_prefix, settings.shards)
         self._append_event = redis.register_script(APPEND_EVENT)
-        self._release_lock = redis.register_script(RELEASE_LOCK)
+        self._compare_and_delete = redis.register_script(COMPARE_AND_DELETE)
+        self._compare_and_set = redis.register_script(COMPARE_AND_SET)
 
     # Event log -----------------------------------------------------------------------------
 
-    def append_event(self, call_id: str, raw: bytes) -> tuple[str, int, bool]:
-        """Log a raw event; return its log id, its shard and whether it claimed the wake flag
-        (then the caller queues the shard's drain job)."""
-        return self._append(call_id, event_fields(call_id, raw))
+    def append_event(
+        self, call_id: str, raw: bytes, signer: int | None = None
+    ) -> tuple[str, int, str | None]:
+        """Log a raw event (with the project whose own secret signed it, if one did); return
+        its log id, its shard, and the wake id it claimed the flag for, if it did: the caller
+        then queues the drain job of that id."""
+        return self._append(call_id, event_fields(call_id, raw, signer))
 
-    def append_sweep(self, call_id: str, stale_before_ms: int) -> tuple[str, int, bool]:
+    def append_sweep(self, call_id: str, stale_before_ms: int) -> tuple[str, int, str | None]:
         """Log a request to close a call that has been silent since before `stale_before_ms`;
         return as `append_event` does."""
         return self._append(call_id, {"call_id": call_id, "sweep_before_ms": stale_before_ms})
 
-    def _append(self, call_id: str, fields: dict[FieldT, EncodableT]) -> tuple[str, int, bool]:
-        shard = self.keys.shard_of(call_id)
+    def _append(
+        self, call_id: str, fields: dict[FieldT, EncodableT]
+    ) -> tuple[str, int, str | None]:
+        shard, wake_id = self.keys.shard_of(call_id), new_wake_id()
         log_id, claimed = self._append_event(
             keys=[self.keys.log(shard), self.keys.wake(shard)],
-            args=[self.settings.drain_lock_seconds, *(x for pair in fields.items() for x in pair)],
+            args=[wake_id, *(x for pair in fields.items() for x in pair)],
         )
-        return _text(log_id), shard, bool(claimed)
+        return _text(log_id), shard, wake_id if claimed else None
 
     def read_entries(
         self, shard: int, after: str | None, count: int, block_ms: int = 0
@@ -163,15 +190,27 @@ class Store:
 
     # Drain coordination --------------------------------------------------------------------
 
-    def claim_wake(self, shard: int) -> bool:
-        """Set the shard's wake flag unless a drain job is queued; True obliges the caller to
-        queue one."""
-        ttl = self.settings.drain_lock_seconds
-        return bool(self.redis.set(self.keys.wake(shard), 1, nx=True, ex=ttl))
+    def claim_wake(self, shard: int) -> str | None:
+        """Set the shard's wake flag unless a drain job is queued; a wake id returned obliges
+        the caller to queue the drain job of that id."""
+        wake_id = new_wake_id()
+        return wake_id if self.redis.set(self.keys.wake(shard), wake_id, nx=True) else None
 
-    def clear_wake(self, shard: int) -> None:
-        """A drain job has started: it is no longer queued, so the next event must queue one."""
-        self.redis.delete(self.keys.wake(shard))
+    def clear_wake(self, shard: int, wake_id: str) -> None:
+        """The drain job `wake_id` has started: it is no longer queued, so the next event must
+        queue one. A flag that names another job is not this job's to clear."""
+        self._compare_and_delete(keys=[self.keys.wake(shard)], args=[wake_id])
+
+    def wake_holder(self, shard: int) -> str | None:
+        """The id of the drain job the shard's wake flag stands for, if it is set."""
+        raw = self.redis.get(self.keys.wake(shard))
+        return _text(raw) if raw else None
+
+    def replace_wake(self, shard: int, old: str) -> str | None:
+        """Make the flag stand for a new drain job if it still stands for `old`; return its id."""
+        wake_id = new_wake_id()
+        replaced = self._compare_and_set(keys=[self.keys.wake(shard)], args=[old, wake_id])
+        return wake_id if replaced else None
 
     def acquire_drain_lock(self, shard: int, token: str) -> bool:
         ms = self.settings.drain_lock_seconds * 1000
@@ -179,7 +218,7 @@ class Store:
 
     def release_drain_lock(self, shard: int, token: str) -> bool:
         """Delete the lock only if `token` still holds it (it may have expired and moved on)."""
-        return bool(self._release_lock(keys=[self.keys.drain_lock(shard)], args=[token]))
+        return bool(self._compare_and_delete(keys=[self.keys.drain_lock(shard)], args=[token]))
 
     # Call documents ------------------------------------------------------------------------
 
@@ -346,9 +385,13 @@ class Store:
         return [json.loads(raw) for raw in self.redis.lrange(self.keys.quarantine(), 0, limit - 1)]
 
 
-def event_fields(call_id: str, raw: bytes) -> dict[FieldT, EncodableT]:
-    """A webhook delivery as a log entry: its call, and the body as received, packed."""
-    return {"call_id": call_id, "event": pack(raw)}
+def event_fields(call_id: str, raw: bytes, signer: int | None = None) -> dict[FieldT, EncodableT]:
+    """A webhook delivery as a log entry: its call, the body as received, packed, and the
+    project whose own secret signed it, if one did."""
+    fields: dict[FieldT, EncodableT] = {"call_id": call_id, "event": pack(raw)}
+    if signer is not None:
+        fields["signer"] = signer
+    return fields
 
 
 def _entry(raw_id: bytes, fields: dict[bytes, bytes]) -> LogEntry:
@@ -368,7 +411,8 @@ def _entry(raw_id: bytes, fields: dict[bytes, bytes]) -> LogEntry:
         raise
     except Exception as exc:  # anything else a malformed entry raises names it; nothing stops
         return LogEntry(log_id, call_id, {}, problem=error_name(exc))
-    return LogEntry(log_id, call_id, payload, size=len(raw))
+    signer = int(fields[b"signer"]) if b"signer" in fields else None
+    return LogEntry(log_id, call_id, payload, size=len(raw), signer=signer)
 
 
 def _text_field(container: Any, name: str) -> str | None:

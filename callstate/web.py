@@ -102,19 +102,22 @@ def receive_event() -> tuple[Response, int]:
     svc = services()
     raw = request.get_data(cache=False)
     try:
-        payload = _checked_payload(svc.settings, raw)
+        payload, signer = _checked_payload(svc.settings, raw)
     except PayloadError as exc:
         _quarantine(svc.store, raw, exc)
         return jsonify(exc.to_json()), exc.status
     call_id = payload["call_id"]
     try:
-        log_id, shard, wake = svc.store.append_event(call_id, raw)
+        log_id, shard, wake_id = svc.store.append_event(call_id, raw, signer)
     except RedisError as exc:
         log.warning("event for call %s not stored: %s", call_id, exc)
-        return error(503, "unavailable", "the event could not be stored; retry later")
-    if wake:
+        # A timed-out append may still have run: the retry is then applied as a duplicate.
+        return error(
+            503, "unavailable", "the event store did not confirm the event; deliver it again"
+        )
+    if wake_id is not None:
         try:
-            enqueue_drain(svc.queue, shard, drain_timeout(svc.settings))
+            enqueue_drain(svc.queue, shard, drain_timeout(svc.settings), wake_id)
         except RedisError as exc:
             # The event is logged; maintenance wakes any shard left with a backlog.
             log.warning("event %s stored but drain of shard %s not queued: %s", log_id, shard, exc)
@@ -122,7 +125,9 @@ def receive_event() -> tuple[Response, int]:
     return jsonify({"status": "stored", "call_id": call_id, "log_id": log_id}), 200
 
 
-def _checked_payload(settings: Settings, raw: bytes) -> dict[str, Any]:
+def _checked_payload(settings: Settings, raw: bytes) -> tuple[dict[str, Any], int | None]:
+    """The validated body, and the project whose own secret signed it (None when a
+    deployment-wide secret did, or nothing is signed)."""
     if request.mimetype != "application/json":
         raise PayloadError(
             415,
@@ -137,12 +142,18 @@ def _checked_payload(settings: Settings, raw: bytes) -> dict[str, Any]:
     latest_ms = int(time.time() * 1000) + settings.max_clock_skew_seconds * 1000
     payload = parse_event(raw, latest_timestamp_ms=latest_ms)
     project = project_id(payload)
-    if signers and None not in signed_by and project is not None and project not in signed_by:
+    if not signers or None in signed_by:
+        signer = None
+    elif project is None:
+        signer = min(p for p in signed_by if p is not None)
+    elif project in signed_by:
+        signer = project
+    else:
         raise PayloadError(
             401, "bad_signature", "signed with another project's secret", "project_id"
         )
     _check_allowed(settings, payload)
-    return payload
+    return payload, signer
 
 
 def _check_allowed(settings: Settings, payload: dict[str, Any]) -> None:

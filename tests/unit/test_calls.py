@@ -349,3 +349,35 @@ def test_end_causes_in_either_form_and_missing_durations(
     record = doc["record"]
     assert (record["disposition"], record["sip_code"]) == (disposition, code)
     assert record["duration"] is None and record["answerDuration"] is None
+
+
+def test_an_ivr_leg_with_an_empty_actor_and_a_call_centers_next_agent(deliver: Deliver) -> None:
+    doc = deliver(
+        event(CALL, "ringing", 100, actor=""),
+        event(CALL, "ringing", 101, actor="agent-a"),
+        event(CALL, "answered", 110, actor="agent-a"),
+        event(CALL, "answered", 111, actor=""),
+    )
+    assert journal_of(doc) == [
+        ("accepted", None),
+        ("duplicate", "other_leg"),
+        ("accepted", None),
+        ("duplicate", "other_leg"),
+    ]
+    other = "call-vn-1-TEST-2"
+    agents = deliver(
+        event(other, "ringing", 100, actor="agent-1", to=to_agent("agent-1")),
+        event(other, "agentEnded", 105, actor="agent-1", to=to_agent("agent-1")),
+        event(other, "ringing", 110, actor="agent-2", to=to_agent("agent-2")),
+        event(other, "answered", 115, actor="agent-2", to=to_agent("agent-2")),
+    )
+    assert [verdict for verdict, _ in journal_of(agents)] == ["accepted"] * 4
+    assert [leg["to_number"] for leg in agents["legs"]] == ["agent-1", "agent-2"]
+
+
+def test_an_unknown_status_cannot_pass_for_an_event_id(deliver: Deliver) -> None:
+    doc = deliver(
+        event(CALL, "id", 5),
+        event(CALL, "ringing", 10, event_id="5"),
+    )
+    assert journal_of(doc) == [("ignored", "unknown_status"), ("accepted", None)]

@@ -42,13 +42,12 @@ def test_bad_numbers_are_refused_by_name(value: str) -> None:
 def test_project_secrets_and_allow_lists_come_from_the_environment() -> None:
     settings = Settings.from_env(
         {
-            "STRINGEE_SIGNING_SECRETS": "25:abc, 1237100:d:e",
+            "STRINGEE_SIGNING_SECRETS": "25:abc, 1237100:d:e,25:new",
             "CALLSTATE_ACCOUNT_SIDS": "AC1, AC2",
             "CALLSTATE_PROJECT_IDS": "25,26",
         }
     )
-    assert settings.project_secrets == {25: "abc", 1237100: "d:e"}
-    assert settings.signers == {25: ("abc",), 1237100: ("d:e",)}
+    assert settings.signers == {25: ("abc", "new"), 1237100: ("d:e",)}
     assert settings.account_sids == {"AC1", "AC2"}
     assert settings.project_ids == {25, 26}
 
@@ -58,6 +57,7 @@ def test_project_secrets_and_allow_lists_come_from_the_environment() -> None:
     [
         ("STRINGEE_SIGNING_SECRETS", "25"),
         ("STRINGEE_SIGNING_SECRETS", "x:s"),
+        ("STRINGEE_SIGNING_SECRETS", "25: s"),
         ("CALLSTATE_PROJECT_IDS", "a"),
     ],
 )

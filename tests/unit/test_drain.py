@@ -68,10 +68,13 @@ def test_drain_clears_the_wake_flag_so_the_next_event_wakes_a_new_job(
 ) -> None:
     _, shard, first = store.append_event("c-1", body(event("c-1", "ringing", 1)))
     _, _, second = store.append_event("c-1", body(event("c-1", "answered", 2)))
-    assert (first, second) == (True, False)
-    drainer.drain(shard)
-    _, _, after_drain = store.append_event("c-1", body(event("c-1", "ended", 3)))
-    assert after_drain is True
+    assert first is not None and second is None
+    drainer.drain(shard, "another job")
+    _, _, still = store.append_event("c-1", body(event("c-1", "answered", 3)))
+    assert still is None, "a job clears only the flag that stands for it"
+    drainer.drain(shard, first)
+    _, _, after_drain = store.append_event("c-1", body(event("c-1", "ended", 4)))
+    assert after_drain is not None
 
 
 def small_drainer(
@@ -102,12 +105,13 @@ def test_a_used_up_slice_hands_the_shard_to_a_new_job(
     store: Store, machine: CallMachine, wake: Callable[[int], None], woken: list[int]
 ) -> None:
     shard = log_events(store, "c-1", 6)
-    assert small_drainer(store, machine, 0, wake).drain(shard) == 2
+    assert small_drainer(store, machine, 0, wake).drain(shard, store.wake_holder(shard)) == 2
     assert woken == [shard]
     assert store.has_backlog(shard)
     _, _, claimed = store.append_event("c-1", body(event("c-1", "ended", 9999)))
-    assert claimed is False, "the queued successor will drain it; no second job"
-    assert small_drainer(store, machine, 60_000, wake).drain(shard) == 5
+    assert claimed is None, "the queued successor will drain it; no second job"
+    successor = small_drainer(store, machine, 60_000, wake)
+    assert successor.drain(shard, store.wake_holder(shard)) == 5
     assert woken == [shard]
 
 

@@ -12,7 +12,6 @@ from callstate import jobs
 from callstate.config import Settings
 from callstate.store import Store, StreamRows
 from tests.factories import body, event
-from tests.integration.stack import wait_until
 
 
 @pytest.fixture
@@ -54,20 +53,23 @@ def test_maintenance_closes_silent_calls_via_the_log(context: jobs.Context) -> N
     assert [fields[b"call_id"] for _, fields in records] == [b"silent"]
 
 
-def test_maintenance_wakes_a_shard_whose_wake_up_was_lost(context: jobs.Context) -> None:
+def test_maintenance_wakes_a_shard_whose_wake_up_was_lost(
+    context: jobs.Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = context.store
     # The webhook claimed the wake flag, then its process died before it queued the job.
     _, shard, claimed = store.append_event("c-1", body(event("c-1", "ringing", 1)))
-    assert claimed and context.queue.count == 0
-    assert jobs.maintain()["woken"] == 0, "a live flag may stand for a queued job"
-    store.redis.pexpire(store.keys.wake(shard), 1)
-    wait_until(lambda: not store.redis.exists(store.keys.wake(shard)), 5, "the flag to expire")
+    assert claimed is not None and context.queue.count == 0
+    assert jobs.maintain()["woken"] == 0, "a fresh flag's job may be being queued right now"
+    monkeypatch.setattr(jobs, "LOST_WAKE_GRACE_MS", 0)
     assert jobs.maintain()["woken"] == 1
     [job] = context.queue.jobs
     assert job.func_name == jobs.DRAIN_JOB
-    assert job.args == (shard,)
-    assert jobs.maintain()["woken"] == 0, "one queued job is enough"
+    assert job.args == (shard, store.wake_holder(shard)) and job.id == store.wake_holder(shard)
+    assert jobs.maintain()["woken"] == 0, "its job is queued: one is enough"
     assert context.queue.count == 1
+    jobs.drain_shard(*job.args)
+    assert store.wake_holder(shard) is None and not store.has_backlog(shard)
 
 
 def test_trim_keeps_entries_not_yet_applied(context: jobs.Context) -> None:
@@ -86,3 +88,18 @@ def test_jobs_refuse_to_run_unconfigured(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(jobs, "_context", None)
     with pytest.raises(RuntimeError, match=r"workers/events\.py"):
         jobs.drain_shard(0)
+
+
+def test_maintenance_rewakes_a_shard_whose_worker_died_holding_its_job(
+    context: jobs.Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = context.store
+    _, shard, claimed = store.append_event("c-1", body(event("c-1", "ringing", 1)))
+    assert claimed is not None
+    jobs.enqueue_drain(context.queue, shard, 60, claimed)
+    # A worker takes the job off the queue and dies before running it: RQ still marks it queued.
+    assert context.queue.pop_job_id() == claimed
+    monkeypatch.setattr(jobs, "LOST_WAKE_GRACE_MS", 0)
+    assert jobs.maintain()["woken"] == 1
+    [job] = context.queue.jobs
+    assert job.id == store.wake_holder(shard) != claimed

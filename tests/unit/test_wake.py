@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import fakeredis
+import pytest
 from flask.testing import FlaskClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -181,3 +182,19 @@ def test_the_holder_looks_again_for_an_event_whose_job_found_the_shard_locked(
     assert raced == [True]
     assert w.store.applied_count() == 2, "the holder applied the event its job could not"
     assert w.queued_drains() == {}
+
+
+def test_a_job_waiting_long_in_the_queue_is_never_doubled(
+    settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers away for minutes: the flag has no TTL, and maintenance sees the job is queued."""
+    w = World(dataclasses.replace(settings, shards=1), redis)
+    w.post("waiting")
+    monkeypatch.setattr(jobs, "LOST_WAKE_GRACE_MS", 0)
+    for _ in range(3):
+        jobs.maintain()
+        w.post("waiting")
+    assert w.queued_drains() == {0: 1}
+    while w.run_one_job():
+        pass
+    assert w.store.applied_count() == 4 and w.store.wake_holder(0) is None

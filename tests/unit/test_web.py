@@ -364,7 +364,7 @@ def test_unreachable_redis_is_503_never_200(settings: Settings) -> None:
 
 def test_each_project_signs_with_its_own_secret(settings: Settings, redis: Redis) -> None:
     client = create_app(
-        dataclasses.replace(settings, project_secrets={25: "s25", 26: "s26"}), redis
+        dataclasses.replace(settings, project_secrets={25: ("s25",), 26: ("s26",)}), redis
     ).test_client()
     ours = body(event("c-25", "ringing", 1, project_id=25))
     as_string = body(event("c-25", "ringing", 2, project_id="25"))
@@ -411,3 +411,31 @@ def test_form_encoded_bodies_are_refused_naming_the_supported_type(client: Flask
     answer = client.post(URL, data=b"call_id=c-1&call_status=ringing", headers=form)
     assert answer.status_code == 415
     assert "application/json" in json_of(answer)["message"]
+
+
+def test_one_projects_secret_cannot_reach_another_projects_call(
+    settings: Settings, redis: Redis, store: Store, drainer: Drainer
+) -> None:
+    projects = dataclasses.replace(settings, project_secrets={25: ("s25",), 26: ("s26",)})
+    client = create_app(projects, redis).test_client()
+
+    def post_signed(payload: dict[str, Any], secret: str) -> int:
+        raw = body(payload)
+        headers = {**JSON, "X-STRINGEE-SIGNATURE": sign(secret, raw)}
+        return client.post(URL, data=raw, headers=headers).status_code
+
+    assert post_signed(event("c-26", "answered", 1, project_id=26), "s26") == 200
+    hijack = ended("c-26", 2, "486 Busy Here", 0, project_id=25)
+    assert post_signed(hijack, "s25") == 200  # stored: it names a call
+    assert post_signed({"call_id": "c-26", "answerDuration": 0, "recording_url": "x"}, "s25") == 200
+    assert post_signed(ended("c-26", 3, "USER_END_CALL", 30, project_id=26), "s26") == 200
+    drain_all(drainer, settings)
+    doc = store.get_doc("c-26")
+    assert doc is not None
+    assert [(e["verdict"], e["reason"]) for e in doc["journal"]] == [
+        ("accepted", None),
+        ("rejected", "wrong_project"),
+        ("rejected", "wrong_project"),
+        ("accepted", None),
+    ]
+    assert doc["record"]["disposition"] == "answered" and doc["record"]["project_id"] == 26
