@@ -54,7 +54,7 @@ class Settings:
     records_stream_maxlen: int = 1_000_000
     quarantine_max: int = 1000
     max_clock_skew_seconds: int = 600
-    fsync: str = "everysec"
+    fsync: str = "always"
     max_events_per_call: int = DEFAULT_LIMITS.max_events
     max_call_bytes: int = DEFAULT_LIMITS.max_call_bytes
     max_record_revisions: int = DEFAULT_LIMITS.max_revisions

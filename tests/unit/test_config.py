@@ -64,3 +64,10 @@ def test_project_secrets_and_allow_lists_come_from_the_environment() -> None:
 def test_bad_project_settings_are_refused_by_name(name: str, value: str) -> None:
     with pytest.raises(ValueError, match=name):
         Settings.from_env({name: value})
+
+
+def test_fsync_policy_defaults_to_always_and_is_checked() -> None:
+    assert Settings.from_env({}).fsync == "always"
+    assert Settings.from_env({"CALLSTATE_FSYNC": "everysec"}).fsync == "everysec"
+    with pytest.raises(ValueError, match="CALLSTATE_FSYNC"):
+        Settings.from_env({"CALLSTATE_FSYNC": "no"})
