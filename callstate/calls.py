@@ -353,10 +353,8 @@ def _set_aside(
     else:
         doc["counts"]["rejected"] += 1
         doc["journal"].append(
-            {
-                "log_id": entry.log_id,
-                "verdict": "rejected",
-                "reason": "unprocessable",
+            _journal_entry(entry, "rejected", "unprocessable")
+            | {
                 "call_status": _plain(entry.payload.get("call_status"), str),
                 "timestamp_ms": _plain(entry.payload.get("timestamp_ms"), int),
                 "error": error,
