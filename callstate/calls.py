@@ -433,12 +433,13 @@ def _apply_one_by_one(
 ) -> Applied:
     applied = Applied()
     for entry in entries:
+        if entry.problem is not None:
+            _set_aside(docs, entry, entry.problem, limits, applied)
+            continue
         before = docs.get(entry.call_id)
         kept = pack_doc(before) if before is not None else None
         changed, records = set(applied.changed), len(applied.records)
         try:
-            if entry.problem is not None:
-                raise UnprocessableEntryError(entry.problem)
             _apply_into(docs, entry, machine, limits, applied)
             if entry.call_id in applied.changed:
                 pack_doc(_present(docs, entry.call_id))  # must stay storable after this entry
@@ -447,8 +448,7 @@ def _apply_one_by_one(
         except Exception as exc:  # any other failure sets this one entry aside
             docs[entry.call_id] = unpack_doc(kept) if kept is not None else None
             applied.changed, applied.records = changed, applied.records[:records]
-            error = exc.args[0] if isinstance(exc, UnprocessableEntryError) else error_name(exc)
-            _set_aside(docs, entry, error, limits, applied)
+            _set_aside(docs, entry, error_name(exc), limits, applied)
     return applied.pack(docs)
 
 
@@ -460,10 +460,6 @@ def error_name(exc: BaseException) -> str:
         if kind.__module__ == "builtins"
         else f"{kind.__module__}.{kind.__qualname__}"
     )
-
-
-class UnprocessableEntryError(Exception):
-    """A log entry that could not even be decoded; its argument is the decoding error's class."""
 
 
 def _apply_into(

@@ -36,7 +36,7 @@ class Drainer:
         slice_ms: int,
         linger_ms: int,
         window_ms: int,
-        wake: Callable[[int], None],
+        wake: Callable[[int], object],
     ) -> None:
         self.store = store
         self.machine = machine

@@ -47,14 +47,10 @@ def configure(settings: Settings, redis: Redis) -> Context:
         slice_ms=settings.drain_slice_ms,
         linger_ms=settings.drain_linger_ms,
         window_ms=settings.drain_window_ms,
-        wake=lambda shard: _wake(store, queue, shard, settings),
+        wake=lambda shard: wake_drain(store, queue, shard, drain_timeout(settings)),
     )
     _context = Context(settings=settings, store=store, queue=queue, drainer=drainer)
     return _context
-
-
-def _wake(store: Store, queue: Queue, shard: int, settings: Settings) -> None:
-    wake_drain(store, queue, shard, drain_timeout(settings))
 
 
 def context() -> Context:

@@ -142,27 +142,31 @@ def _checked_payload(settings: Settings, raw: bytes) -> tuple[dict[str, Any], in
     latest_ms = int(time.time() * 1000) + settings.max_clock_skew_seconds * 1000
     payload = parse_event(raw, latest_timestamp_ms=latest_ms)
     project = project_id(payload)
-    if not signers or None in signed_by:
-        signer = None
-    elif project is None:
-        signer = min(p for p in signed_by if p is not None)
-    elif project in signed_by:
-        signer = project
-    else:
-        raise PayloadError(
-            401, "bad_signature", "signed with another project's secret", "project_id"
-        )
-    _check_allowed(settings, payload)
+    signer = _signing_project(signed_by, project) if signers else None
+    _check_allowed(settings, payload, project)
     return payload, signer
 
 
-def _check_allowed(settings: Settings, payload: dict[str, Any]) -> None:
+def _signing_project(signed_by: set[int | None], project: int | None) -> int | None:
+    """The project whose own secret vouches for a body that names `project` (or none): None when
+    a deployment-wide secret signed it; refused when only another project's secret did."""
+    if None in signed_by:
+        return None
+    if project is None:
+        return min(p for p in signed_by if p is not None)
+    if project not in signed_by:
+        raise PayloadError(
+            401, "bad_signature", "signed with another project's secret", "project_id"
+        )
+    return project
+
+
+def _check_allowed(settings: Settings, payload: dict[str, Any], project: int | None) -> None:
     """One receiver, many projects: events of accounts or projects outside the allow-lists are
     refused. A body that names neither (a recording notice, a DTMF callback) is not."""
     account = payload.get("account_sid")
     if settings.account_sids and account is not None and account not in settings.account_sids:
         raise PayloadError(403, "forbidden", "account_sid is not accepted here", "account_sid")
-    project = project_id(payload)
     if settings.project_ids and project is not None and project not in settings.project_ids:
         raise PayloadError(403, "forbidden", "project_id is not accepted here", "project_id")
 
