@@ -2,22 +2,38 @@
 
 from __future__ import annotations
 
+import logging
+import math
+
+from redis.exceptions import RedisError
 from rq.cron import CronScheduler
 
 from callstate import jobs
+from callstate.redis_server import wait_for_redis
 from workers.connect import connect
+
+log = logging.getLogger(__name__)
 
 
 def main() -> None:
+    """Run the cron scheduler; when Redis fails under it (a hang, a restart), wait for Redis and
+    start it again, as RQ's workers do, instead of exiting: under `make run` one process that
+    exits stops them all."""
     settings, redis = connect()
-    cron = CronScheduler(connection=redis)
-    cron.register(
-        jobs.maintain,
-        queue_name=settings.queue_name,
-        interval=settings.maintenance_interval_seconds,
-        result_ttl=0,
-    )
-    cron.start()  # type: ignore[no-untyped-call]
+    while True:
+        cron = CronScheduler(connection=redis)
+        cron.register(
+            jobs.maintain,
+            queue_name=settings.queue_name,
+            interval=settings.maintenance_interval_seconds,
+            result_ttl=0,
+        )
+        try:
+            cron.start()  # type: ignore[no-untyped-call]
+            return
+        except RedisError as exc:
+            log.warning("scheduler lost Redis (%s); starting again once it answers", exc)
+            wait_for_redis(redis, math.inf)
 
 
 if __name__ == "__main__":

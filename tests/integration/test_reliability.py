@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
@@ -10,8 +13,9 @@ from typing import Any, cast
 from rq.worker import BaseWorker, Worker
 
 from callstate.codec import unpack_doc
-from callstate.store import StreamRows
-from tests.factories import SCENARIOS, ended, event, scenario
+from callstate.keys import Keys
+from callstate.store import REDIS_TIMEOUT_SECONDS, StreamRows, event_fields
+from tests.factories import SCENARIOS, body, ended, event, scenario
 from tests.integration.stack import RedisServer, Stack, wait_until
 
 MakeStack = Callable[..., Stack]
@@ -240,3 +244,25 @@ def test_rebuild_refuses_while_a_shard_is_locked(make_stack: MakeStack) -> None:
     result = stack.cli("rebuild")
     assert result.returncode != 0
     assert "shard 3 is being drained" in result.stderr
+
+
+def test_the_scheduler_outlives_a_hung_redis(make_stack: MakeStack) -> None:
+    """Under `make run` one process that exits stops them all: a Redis that hangs longer than
+    the client's timeout must not end the scheduler, and maintenance must go on afterwards."""
+    stack = make_stack(CALLSTATE_MAINTENANCE_INTERVAL_SECONDS="1")
+    stack.start_workers(1)
+    stack.start_scheduler()
+    server = cast(RedisServer, stack.redis)
+    assert server.process is not None
+    wait_until(lambda: "Enqueued job maintain" in stack.logs(), 20, "the first maintenance")
+    os.kill(server.process.pid, signal.SIGSTOP)
+    time.sleep(REDIS_TIMEOUT_SECONDS + 2)  # the hang itself is what this test is about
+    os.kill(server.process.pid, signal.SIGCONT)
+    wait_until(lambda: "scheduler lost Redis" in stack.logs(), 20, "the scheduler to notice")
+    assert stack.processes["scheduler"].poll() is None
+    # An event logged without waking anyone: only maintenance can get it applied now.
+    redis = stack.redis.client()
+    keys = Keys("cs", 8)
+    fields = event_fields("after-hang", body(event("after-hang", "ringing", 1)))
+    redis.xadd(keys.log(keys.shard_of("after-hang")), fields)
+    wait_until(lambda: docs(stack, ["after-hang"])["after-hang"], 30, "maintenance to wake it")
