@@ -34,9 +34,10 @@ from rq import Queue
 
 from bench.load import command, percentiles
 from bench.traffic import PlannedCall, check_call
+from callstate import streamids
 from callstate.config import Settings
 from callstate.jobs import DRAIN_JOB
-from callstate.store import Store, StreamRows, stream_id_key
+from callstate.store import Store, StreamRows
 from tests.integration.stack import RedisServer, Stack, wait_until
 
 RESULTS = Path(__file__).parent / "results"
@@ -226,7 +227,7 @@ class Faults:
         so both on Redis's clock: (logged at, lag), in ms."""
         first_record: dict[str, int] = {}
         for raw_id, fields in cast(StreamRows, self.redis.xrange(self.store.keys.records())):
-            first_record.setdefault(fields[b"call_id"].decode(), stream_id_key(raw_id.decode())[0])
+            first_record.setdefault(fields[b"call_id"].decode(), streamids.millis(raw_id.decode()))
         lags = []
         for call_id, info in calls.items():
             ended = [
@@ -235,7 +236,7 @@ class Faults:
                 if status == "ended"
             ]
             if ended and call_id in first_record:
-                logged = stream_id_key(ended[0])[0]
+                logged = streamids.millis(ended[0])
                 lags.append((logged / 1000, float(first_record[call_id] - logged)))
         return sorted(lags)
 
@@ -286,7 +287,8 @@ class Faults:
     def applied_up_to(self, ids: dict[int, str | None]) -> bool:
         for shard, last in ids.items():
             cursor = self.store.cursor(shard)
-            if last is not None and (cursor is None or stream_id_key(cursor) < stream_id_key(last)):
+            behind = cursor is None or streamids.parse(cursor) < streamids.parse(last or "0-0")
+            if last is not None and behind:
                 return False
         return True
 

@@ -7,12 +7,13 @@ derive exactly the same state from the same log.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from rq.timeouts import BaseTimeoutException
 
+from callstate import streamids
 from callstate.codec import dumps_sorted, pack_doc, unpack_doc
 from callstate.config import Limits
 from callstate.machine import FINAL, CallMachine
@@ -58,8 +59,19 @@ class LogEntry:
 
     @property
     def received_ms(self) -> int:
-        """Stream ids start with the Redis server's clock in ms when the entry was logged."""
-        return int(self.log_id.split("-", 1)[0])
+        return streamids.millis(self.log_id)
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    """What is kept of a retired call: its record's last revision, and until when events for
+    its id are refused (`rejected: expired`) instead of starting a new call at revision 1."""
+
+    revision: int
+    until_ms: int
+
+    def refuses(self, entry: LogEntry) -> bool:
+        return entry.stale_before_ms is None and entry.received_ms < self.until_ms
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,7 @@ class Applied:
     changed: set[str] = field(default_factory=set)
     records: list[Doc] = field(default_factory=list)
     unprocessable: list[Unprocessable] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
     docs: dict[str, Doc] = field(default_factory=dict)
     packed: dict[str, bytes] = field(default_factory=dict)
 
@@ -110,6 +123,15 @@ def new_doc(call_id: str) -> Doc:
 
 def is_active(doc: Doc) -> bool:
     return doc["status"] is not None and doc["status"] != FINAL
+
+
+def last_change(doc: Doc) -> str | None:
+    """The log id of the last entry that changed the call: every entry that changes a document
+    is journaled, or once the journal is full, counted in its overflow."""
+    overflow = doc.get("overflow")
+    if overflow is not None:
+        return str(overflow["last_log_id"])
+    return str(doc["journal"][-1]["log_id"]) if doc["journal"] else None
 
 
 def apply_entry(
@@ -400,6 +422,7 @@ def apply_batch(
     entries: list[LogEntry],
     machine: CallMachine,
     limits: Limits,
+    tombstones: Mapping[str, Tombstone] | None = None,
 ) -> Applied:
     """Apply entries in log order to `docs`; an entry that fails is set aside, never the batch.
 
@@ -408,28 +431,37 @@ def apply_batch(
     before the batch) one entry at a time, keeping each document as it was before the entry that
     broke it. Only the entry and the documents decide, so live draining and rebuild agree.
     """
+    retired = tombstones or {}
     try:
-        return _apply_together(docs, entries, machine, limits)
+        return _apply_together(docs, entries, machine, limits, retired)
     except PROCESS_ERRORS:
         raise
     except Exception:  # whatever broke, the entry-by-entry pass names the entry
-        return _apply_one_by_one(reload(), entries, machine, limits)
+        return _apply_one_by_one(reload(), entries, machine, limits, retired)
 
 
 def _apply_together(
-    docs: dict[str, Doc | None], entries: list[LogEntry], machine: CallMachine, limits: Limits
+    docs: dict[str, Doc | None],
+    entries: list[LogEntry],
+    machine: CallMachine,
+    limits: Limits,
+    retired: Mapping[str, Tombstone],
 ) -> Applied:
     applied = Applied()
     for entry in entries:
         if entry.problem is not None:
             _set_aside(docs, entry, entry.problem, limits, applied)
         else:
-            _apply_into(docs, entry, machine, limits, applied)
+            _apply_into(docs, entry, machine, limits, retired, applied)
     return applied.pack(docs)
 
 
 def _apply_one_by_one(
-    docs: dict[str, Doc | None], entries: list[LogEntry], machine: CallMachine, limits: Limits
+    docs: dict[str, Doc | None],
+    entries: list[LogEntry],
+    machine: CallMachine,
+    limits: Limits,
+    retired: Mapping[str, Tombstone],
 ) -> Applied:
     applied = Applied()
     for entry in entries:
@@ -440,7 +472,7 @@ def _apply_one_by_one(
         kept = pack_doc(before) if before is not None else None
         changed, records = set(applied.changed), len(applied.records)
         try:
-            _apply_into(docs, entry, machine, limits, applied)
+            _apply_into(docs, entry, machine, limits, retired, applied)
             if entry.call_id in applied.changed:
                 pack_doc(_present(docs, entry.call_id))  # must stay storable after this entry
         except PROCESS_ERRORS:
@@ -467,9 +499,14 @@ def _apply_into(
     entry: LogEntry,
     machine: CallMachine,
     limits: Limits,
+    retired: Mapping[str, Tombstone],
     applied: Applied,
 ) -> None:
     doc = docs.get(entry.call_id)
+    tombstone = retired.get(entry.call_id) if doc is None else None
+    if tombstone is not None and tombstone.refuses(entry):
+        applied.expired.append(entry.log_id)
+        return
     version = doc["version"] if doc else None
     doc, record = apply_entry(doc, entry, machine, limits)
     if doc is None:

@@ -10,11 +10,13 @@ import sys
 from urllib.parse import urlparse
 
 from redis.exceptions import RedisError
+from rq import Queue
 
 from callstate.config import Settings
 from callstate.doctor import examine
+from callstate.jobs import drain_timeout, wake_drain
 from callstate.machine import CallMachine
-from callstate.rebuild import derive, differences, rebuild
+from callstate.rebuild import check, rebuild
 from callstate.redis_server import server_argv
 from callstate.store import Store, connect
 
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_redis(settings)
     store = Store(connect(settings.redis_url), settings)
     if args.command == "rebuild":
-        return run_rebuild(store, settings, check=args.check)
+        return run_rebuild(store, settings, check_only=args.check)
     if args.command == "doctor":
         return run_doctor(store)
     for item in store.quarantined(args.limit):
@@ -75,18 +77,35 @@ def run_doctor(store: Store) -> int:
     return 0 if all(finding.ok for finding in findings) else 1
 
 
-def run_rebuild(store: Store, settings: Settings, *, check: bool) -> int:
+def run_rebuild(store: Store, settings: Settings, *, check_only: bool) -> int:
+    """Print what was compared, what differs and what is left as stored (and why); exit 1 when
+    something differs (with `--check`) or the rebuild could not run."""
     machine = CallMachine()
-    if check:
-        derived = derive(store, machine, settings.drain_batch)
-        differing = differences(store, derived)
-        print(f"{len(derived.docs)} calls derived from the log, {len(differing)} differ")
-        for call_id in differing[:20]:
-            print(f"differs: {call_id}")
-        return 1 if differing else 0
-    derived = rebuild(store, machine, settings.drain_batch)
-    print(f"rebuilt {len(derived.docs)} calls from the log")
-    return 0
+    if check_only:
+        report = check(store, machine)
+        print(f"{report.compared} calls compared, {len(report.differing)} differ")
+    else:
+        try:
+            report = rebuild(store, machine)
+        except RuntimeError as exc:
+            print(f"rebuild: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            _wake_left_shards(store, settings)
+        print(f"{report.compared} calls compared, {report.rewritten} rewritten from the log")
+    for call_id in report.differing[:20]:
+        print(f"differs: {call_id}")
+    for call_id, reason in sorted(report.left.items())[:20]:
+        print(f"left as stored ({reason}): {call_id}")
+    return 1 if check_only and report.differing else 0
+
+
+def _wake_left_shards(store: Store, settings: Settings) -> None:
+    """Drain jobs that found a shard locked by the rebuild left it to the rebuild: wake them."""
+    queue = Queue(settings.queue_name, connection=store.redis)
+    for shard in range(settings.shards):
+        if store.has_backlog(shard):
+            wake_drain(store, queue, shard, drain_timeout(settings))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ class Settings:
     stale_after_seconds: int = 4 * 3600
     maintenance_interval_seconds: int = 10
     retention_seconds: int = 7 * 24 * 3600
+    snapshot_interval_seconds: int = 3600
     records_stream_maxlen: int = 1_000_000
     quarantine_max: int = 1000
     max_clock_skew_seconds: int = 600
@@ -116,6 +117,9 @@ class Settings:
                 env, "CALLSTATE_MAINTENANCE_INTERVAL_SECONDS", cls.maintenance_interval_seconds
             ),
             retention_seconds=_int(env, "CALLSTATE_RETENTION_SECONDS", cls.retention_seconds),
+            snapshot_interval_seconds=_int(
+                env, "CALLSTATE_SNAPSHOT_INTERVAL_SECONDS", cls.snapshot_interval_seconds
+            ),
             records_stream_maxlen=_int(
                 env, "CALLSTATE_RECORDS_STREAM_MAXLEN", cls.records_stream_maxlen
             ),

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from callstate.calls import Applied, LogEntry, apply_batch
 from callstate.machine import CallMachine
+from callstate.snapshots import Snapshots
 from callstate.store import Store
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class Drainer:
     ) -> None:
         self.store = store
         self.machine = machine
+        self.snapshots = Snapshots(store, machine)
         self.batch = batch
         self.slice_seconds = slice_ms / 1000
         self.linger_ms = linger_ms
@@ -109,14 +111,22 @@ class Drainer:
             entries,
             self.machine,
             self.store.settings.call_limits,
+            self.snapshots.tombstones(c for c, doc in docs.items() if doc is None),
         )
         committed = self.store.commit(
             shard, cursor, entries[-1].log_id, len(entries), applied, indexed_before
         )
         if not committed:
             log.warning("shard %s: cursor moved under this drainer; stopping", shard)
-        elif applied.unprocessable:
-            self._report_unprocessable(shard, applied)
+        else:
+            if applied.unprocessable:
+                self._report_unprocessable(shard, applied)
+            if applied.expired:
+                log.info(
+                    "shard %s: %d events refused, their calls were retired (rejected: expired)",
+                    shard,
+                    len(applied.expired),
+                )
         return committed
 
     def _report_unprocessable(self, shard: int, applied: Applied) -> None:

@@ -15,6 +15,7 @@ from rq import Queue
 from callstate.config import Settings
 from callstate.drain import Drainer
 from callstate.machine import CallMachine
+from callstate.snapshots import Snapshots
 from callstate.store import Store, wake_age_ms
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,9 @@ DRAIN_JOB = "callstate.jobs.drain_shard"
 FAILED_DRAIN_TTL_SECONDS = 24 * 3600
 LOST_WAKE_GRACE_MS = 5000
 SWEEP_BATCH = 1000
+# Snapshot steps per shard and maintenance run: enough to catch up on a day's log in a few runs,
+# few enough that one run never holds a shard for long.
+SNAPSHOT_STEPS = 20
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class Context:
     store: Store
     queue: Queue
     drainer: Drainer
+    snapshots: Snapshots
 
 
 _context: Context | None = None
@@ -40,16 +45,23 @@ def configure(settings: Settings, redis: Redis) -> Context:
     global _context
     store = Store(redis, settings)
     queue = Queue(settings.queue_name, connection=redis)
+    machine = CallMachine()
     drainer = Drainer(
         store,
-        CallMachine(),
+        machine,
         batch=settings.drain_batch,
         slice_ms=settings.drain_slice_ms,
         linger_ms=settings.drain_linger_ms,
         window_ms=settings.drain_window_ms,
         wake=lambda shard: wake_drain(store, queue, shard, drain_timeout(settings)),
     )
-    _context = Context(settings=settings, store=store, queue=queue, drainer=drainer)
+    _context = Context(
+        settings=settings,
+        store=store,
+        queue=queue,
+        drainer=drainer,
+        snapshots=Snapshots(store, machine),
+    )
     return _context
 
 
@@ -110,16 +122,34 @@ def _rewake_if_lost(store: Store, queue: Queue, shard: int, job_timeout: int) ->
     return True
 
 
+def advance_snapshots(ctx: Context, before_ms: int) -> int:
+    """Move each shard's snapshot up to `before_ms` once its log holds a snapshot interval
+    more than retention; return how many calls were retired."""
+    interval_ms = ctx.settings.snapshot_interval_seconds * 1000
+    retired = 0
+    for shard in range(ctx.settings.shards):
+        if not ctx.snapshots.due(shard, before_ms, interval_ms):
+            continue
+        for _ in range(SNAPSHOT_STEPS):
+            step = ctx.snapshots.advance(shard, before_ms)
+            if step is None or step.entries == 0:
+                break
+            retired += step.retired
+    return retired
+
+
 def maintain() -> dict[str, int]:
-    """Trim the log past retention, wake stuck shards, ask for silent calls to be closed.
+    """Advance the snapshots (retiring ended calls, trimming the log), wake stuck shards, ask
+    for silent calls to be closed.
 
     In that order: trimming frees memory and waking needs none, so a Redis that is full still
-    gets its backlog woken.
+    gets its backlog woken; and a drain job that found a shard locked by a snapshot step is
+    woken again here.
     """
     ctx = context()
     settings, store = ctx.settings, ctx.store
     now_ms = store.server_time_ms()
-    store.trim_logs(now_ms - settings.retention_seconds * 1000)
+    retired = advance_snapshots(ctx, now_ms - settings.retention_seconds * 1000)
     timeout = drain_timeout(settings)
     woken = [
         shard
@@ -136,6 +166,11 @@ def maintain() -> dict[str, int]:
         _, shard, wake_id = store.append_sweep(call_id, stale_before)
         if wake_id is not None:
             enqueue_drain(ctx.queue, shard, timeout, wake_id)
-    if stale or woken:
-        log.info("maintenance: %d calls to close, %d shards woken", len(stale), len(woken))
-    return {"stale": len(stale), "woken": len(woken)}
+    if stale or woken or retired:
+        log.info(
+            "maintenance: %d calls to close, %d shards woken, %d calls retired",
+            len(stale),
+            len(woken),
+            retired,
+        )
+    return {"stale": len(stale), "woken": len(woken), "retired": retired}

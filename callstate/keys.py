@@ -62,5 +62,23 @@ class Keys:
         """Log entries of the shard set aside because they could not be applied."""
         return f"{self.prefix}:stats:unprocessable:{shard}"
 
+    def expired_counter(self, shard: int) -> str:
+        """Events of the shard refused because their call was retired (`rejected: expired`)."""
+        return f"{self.prefix}:stats:expired:{shard}"
+
+    def snapshot(self, shard: int) -> str:
+        """Hash of the shard's calls that straddle its snapshot position, as of that position:
+        with the log after it, they re-derive every call the store holds."""
+        return f"{self.prefix}:snapshot:{shard}"
+
+    def snapshot_position(self, shard: int) -> str:
+        """Id of the last log entry the shard's snapshot covers; the log is trimmed up to it."""
+        return f"{self.prefix}:snapshot-position:{shard}"
+
+    def tombstone(self, call_id: str) -> str:
+        """What is kept of a retired call: its last record revision, and until when its id is
+        refused, so no later event publishes a conflicting revision."""
+        return f"{self.prefix}:tombstone:{call_id}"
+
     def quarantine(self) -> str:
         return f"{self.prefix}:quarantine"

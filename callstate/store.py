@@ -17,6 +17,7 @@ from redis.exceptions import RedisError, WatchError
 from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
 
+from callstate import streamids
 from callstate.calls import PROCESS_ERRORS, Applied, Doc, LogEntry, error_name, is_active
 from callstate.codec import dumps, pack, pack_doc, unpack, unpack_doc
 from callstate.config import Settings
@@ -55,6 +56,12 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+COMPARE_AND_PEXPIRE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
 REDIS_TIMEOUT_SECONDS = 5
 
 
@@ -72,12 +79,6 @@ def wake_age_ms(wake_id: str) -> int:
 
 def _text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
-
-
-def stream_id_key(log_id: str) -> tuple[int, int]:
-    """Stream ids compare as (ms, seq) pairs, not as strings."""
-    ms, _, seq = log_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def connect(url: str) -> Redis:
@@ -103,6 +104,7 @@ class Store:
         self._append_event = redis.register_script(APPEND_EVENT)
         self._compare_and_delete = redis.register_script(COMPARE_AND_DELETE)
         self._compare_and_set = redis.register_script(COMPARE_AND_SET)
+        self._compare_and_pexpire = redis.register_script(COMPARE_AND_PEXPIRE)
 
     # Event log -----------------------------------------------------------------------------
 
@@ -142,9 +144,23 @@ class Store:
         rows = found[0][1] if found else []
         return [_entry(log_id, fields) for log_id, fields in rows]
 
-    def iter_log(self, shard: int, batch: int) -> Iterator[list[LogEntry]]:
-        after: str | None = None
-        while entries := self.read_entries(shard, after, batch):
+    def read_range(
+        self, shard: int, after: str | None, upto: str | None, count: int
+    ) -> list[LogEntry]:
+        """Up to `count` entries logged after `after` and at or before `upto` (None: the end)."""
+        rows = cast(
+            StreamRows,
+            self.redis.xrange(
+                self.keys.log(shard), f"({after}" if after else "-", upto or "+", count=count
+            ),
+        )
+        return [_entry(log_id, fields) for log_id, fields in rows]
+
+    def iter_log(
+        self, shard: int, batch: int, after: str | None = None, upto: str | None = None
+    ) -> Iterator[list[LogEntry]]:
+        """The shard's entries after `after` up to `upto`, in batches."""
+        while entries := self.read_range(shard, after, upto, batch):
             yield entries
             after = entries[-1].log_id
 
@@ -170,23 +186,16 @@ class Store:
         rows = cast(StreamRows, self.redis.xrevrange(self.keys.log(shard), "+", "-", count=1))
         return _text(rows[0][0]) if rows else None
 
+    def first_log_id(self, shard: int) -> str | None:
+        rows = cast(StreamRows, self.redis.xrange(self.keys.log(shard), "-", "+", count=1))
+        return _text(rows[0][0]) if rows else None
+
     def has_backlog(self, shard: int) -> bool:
         last = self.last_log_id(shard)
         if last is None:
             return False
         cursor = self.cursor(shard)
-        return cursor is None or stream_id_key(last) > stream_id_key(cursor)
-
-    def trim_logs(self, before_ms: int) -> None:
-        """Drop log entries older than `before_ms`, never one that is not yet applied."""
-        for shard in range(self.settings.shards):
-            cursor = self.cursor(shard)
-            if cursor is None:
-                continue
-            limit = min(stream_id_key(cursor), (before_ms, 0))
-            self.redis.xtrim(
-                self.keys.log(shard), minid=f"{limit[0]}-{limit[1]}", approximate=False
-            )
+        return cursor is None or streamids.parse(last) > streamids.parse(cursor)
 
     # Drain coordination --------------------------------------------------------------------
 
@@ -215,6 +224,11 @@ class Store:
     def acquire_drain_lock(self, shard: int, token: str) -> bool:
         ms = self.settings.drain_lock_seconds * 1000
         return bool(self.redis.set(self.keys.drain_lock(shard), token, nx=True, px=ms))
+
+    def renew_drain_lock(self, shard: int, token: str) -> bool:
+        """Extend the lock to its full time if `token` still holds it."""
+        ms = self.settings.drain_lock_seconds * 1000
+        return bool(self._compare_and_pexpire(keys=[self.keys.drain_lock(shard)], args=[token, ms]))
 
     def release_drain_lock(self, shard: int, token: str) -> bool:
         """Delete the lock only if `token` still holds it (it may have expired and moved on)."""
@@ -280,7 +294,7 @@ class Store:
                     return False
                 pipe.multi()
                 for call_id, doc in applied.docs.items():
-                    self._write_doc(pipe, doc, applied.packed[call_id], indexed_before[call_id])
+                    self.write_doc(pipe, doc, applied.packed[call_id], indexed_before[call_id])
                 for record in applied.records:
                     pipe.xadd(
                         self.keys.records(),
@@ -292,6 +306,8 @@ class Store:
                 pipe.incrby(self.keys.applied_counter(), entries)
                 if applied.unprocessable:
                     pipe.incrby(self.keys.unprocessable_counter(shard), len(applied.unprocessable))
+                if applied.expired:
+                    pipe.incrby(self.keys.expired_counter(shard), len(applied.expired))
                 # Renews the drainer's lock; if it was lost, the cursor check above already fences.
                 pipe.pexpire(self.keys.drain_lock(shard), self.settings.drain_lock_seconds * 1000)
                 pipe.execute()
@@ -299,10 +315,17 @@ class Store:
             except WatchError:
                 return False
 
-    def _write_doc(self, pipe: Pipeline, doc: Doc, packed: bytes, indexed_before: set[str]) -> None:
+    def write_doc(self, pipe: Pipeline, doc: Doc, packed: bytes, indexed_before: set[str]) -> None:
+        """Queue a document's write and its index updates on `pipe`."""
+        self._set_doc(pipe, doc, packed)
+        self._index(pipe, doc, indexed_before)
+
+    def _set_doc(self, pipe: Pipeline, doc: Doc, packed: bytes) -> None:
+        expiry_ms = None if is_active(doc) else self._expiry_ms()
+        pipe.set(self.keys.call(doc["call_id"]), packed, px=expiry_ms)
+
+    def _index(self, pipe: Pipeline, doc: Doc, indexed_before: set[str]) -> None:
         call_id = doc["call_id"]
-        retention_ms = None if is_active(doc) else self.settings.retention_seconds * 1000
-        pipe.set(self.keys.call(call_id), packed, px=retention_ms)
         indexed_now = self.index_keys(doc)
         for key in indexed_before - indexed_now:
             pipe.zrem(key, call_id)
@@ -314,22 +337,42 @@ class Store:
         else:
             pipe.zrem(self.keys.active(), call_id)
 
-    def replace_all(self, docs: dict[str, Doc], cursors: dict[int, str | None]) -> None:
-        """Swap every projection for `docs`, as `callstate rebuild` derived them from the log."""
-        stale = [self.keys.call(call_id) for call_id in self.all_call_ids() - docs.keys()]
-        stale += [k.decode() for k in self.redis.scan_iter(match=self.keys.active_index_pattern())]
-        stale.append(self.keys.active())
-        pipe = self.redis.pipeline(transaction=True)
-        if stale:
-            pipe.delete(*stale)
-        for doc in docs.values():
-            self._write_doc(pipe, doc, pack_doc(doc), set())
-        for shard, cursor in cursors.items():
-            if cursor is None:
-                pipe.delete(self.keys.cursor(shard))
-            else:
-                pipe.set(self.keys.cursor(shard), cursor)
-        pipe.execute()
+    def rewrite(
+        self,
+        cursors: dict[int, str | None],
+        docs: dict[str, Doc],
+        active: dict[str, Doc],
+    ) -> bool:
+        """Write `callstate rebuild`'s documents and every
+        active-call index anew, only if no shard's cursor moved from `cursors`. The cursors are
+        rewritten too, so a drainer that lost its lock cannot commit what it read before."""
+        cursor_keys = {shard: self.keys.cursor(shard) for shard in cursors}
+        with self.redis.pipeline() as pipe:
+            try:
+                pipe.watch(*cursor_keys.values())  # type: ignore[no-untyped-call]
+                for shard, key in cursor_keys.items():
+                    current = pipe.get(key)
+                    if (_text(current) if current else None) != cursors[shard]:
+                        return False
+                indexes = list(self.redis.scan_iter(match=self.keys.active_index_pattern()))
+                pipe.multi()
+                pipe.delete(self.keys.active(), *indexes)
+                for doc in docs.values():
+                    self._set_doc(pipe, doc, pack_doc(doc))
+                for doc in active.values():
+                    self._index(pipe, doc, set())
+                for shard, key in cursor_keys.items():
+                    if cursors[shard] is not None:
+                        pipe.set(key, cast(str, cursors[shard]))
+                pipe.execute()
+                return True
+            except WatchError:
+                return False
+
+    def _expiry_ms(self) -> int:
+        """A call that is not active is retired by its shard's snapshot once its last entry
+        ages out of the log; the TTL, twice as long, only frees memory if maintenance stops."""
+        return 2 * self.settings.retention_seconds * 1000
 
     # Lookups -------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import requests
 from redis import Redis
 
 from callstate.config import Settings
+from callstate.keys import Keys
 from callstate.redis_server import server_argv, wait_for_redis
 from tests.factories import body
 
@@ -122,6 +123,8 @@ class Stack:
             "CALLSTATE_VAR_DIR": str(workdir / "var"),
             **env,
         }
+        settings = Settings.from_env(self.env)
+        self.keys = Keys(settings.key_prefix, settings.shards)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.argvs: dict[str, list[str]] = {}
         self.web_url = ""

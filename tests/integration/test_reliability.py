@@ -54,7 +54,7 @@ def post_interleaved(
 
 def docs(stack: Stack, call_ids: list[str]) -> dict[str, Any]:
     redis = stack.redis.client()
-    raws = redis.mget([f"cs:call:{call_id}" for call_id in call_ids])
+    raws = redis.mget([stack.keys.call(call_id) for call_id in call_ids])
     found = cast(list[bytes | None], raws)
     return {c: unpack_doc(raw) if raw else None for c, raw in zip(call_ids, found, strict=True)}
 
@@ -73,7 +73,7 @@ def assert_applied_exactly_once_in_order(
         sent = [(e["call_status"], e["timestamp_ms"]) for e in calls[call_id]]
         assert [(item["call_status"], item["timestamp_ms"]) for item in journal] == sent
         assert doc["counts"]["accepted"] == len(sent)
-    records = cast(StreamRows, stack.redis.client().xrange("cs:records"))
+    records = cast(StreamRows, stack.redis.client().xrange(stack.keys.records()))
     per_call = sorted(fields[b"call_id"].decode() for _, fields in records)
     assert per_call == sorted(calls), "one record per call, none twice"
 
@@ -108,7 +108,7 @@ def test_worker_killed_mid_drain_loses_nothing_and_applies_nothing_twice(
     redis = stack.redis.client()
 
     def mid_drain() -> bool:
-        locked = any(redis.exists(f"cs:drain-lock:{shard}") for shard in range(8))
+        locked = any(redis.exists(stack.keys.drain_lock(shard)) for shard in range(8))
         applied = sum(1 for d in docs(stack, sorted(calls)).values() if d is not None)
         return locked and 0 < applied < len(calls)
 
@@ -176,9 +176,9 @@ def test_rebuild_reproduces_what_the_workers_produced(make_stack: MakeStack) -> 
     before = docs(stack, sorted(calls))
     check = stack.cli("rebuild", "--check")
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "40 calls derived from the log, 0 differ" in check.stdout
+    assert "40 calls compared, 0 differ" in check.stdout
     redis = stack.redis.client()
-    redis.delete("cs:call:rebuild-5", "cs:call:rebuild-6")
+    redis.delete(stack.keys.call("rebuild-5"), stack.keys.call("rebuild-6"))
     assert stack.cli("rebuild", "--check").returncode == 1
     rebuilt = stack.cli("rebuild")
     assert rebuilt.returncode == 0, rebuilt.stderr
@@ -209,7 +209,7 @@ def test_silent_call_is_closed_by_the_sweeper_and_revised_by_a_late_end(
     revised = wait_until(lambda: record(2), 30, "the late end to revise the record")
     assert revised["closed_by"] == "ended_event"
     assert revised["timeline"]["ended"] == 5000
-    stream = cast(StreamRows, stack.redis.client().xrange("cs:records"))
+    stream = cast(StreamRows, stack.redis.client().xrange(stack.keys.records()))
     assert [json.loads(f[b"record"])["revision"] for _, f in stream] == [1, 2]
 
 
@@ -240,7 +240,7 @@ def test_garbage_is_refused_quarantined_and_changes_no_call(make_stack: MakeStac
 
 def test_rebuild_refuses_while_a_shard_is_locked(make_stack: MakeStack) -> None:
     stack = make_stack()
-    stack.redis.client().set("cs:drain-lock:3", "busy-worker")
+    stack.redis.client().set(stack.keys.drain_lock(3), "busy-worker")
     result = stack.cli("rebuild")
     assert result.returncode != 0
     assert "shard 3 is being drained" in result.stderr

@@ -101,6 +101,23 @@ def test_any_new_status_after_end_is_rejected_after_end(deliver: Deliver) -> Non
     assert doc["timeline"]["ended"] == 2000
 
 
+def test_a_late_answer_after_the_end_is_rejected_yet_fills_the_timeline_and_missing_fields(
+    deliver: Deliver,
+) -> None:
+    """State never moves back past the end, but what the late event tells that the call did not
+    know yet is kept, and what it did know is not overwritten."""
+    doc = deliver(
+        event(CALL, "ringing", 1000, to=to_agent("100")),
+        ended(CALL, 2000, "USER_END_CALL", 30, to=to_agent("100")),
+        event(CALL, "answered", 2100, to=to_agent("200"), queueId="q-7"),
+    )
+    assert verdicts(doc)[2] == ("rejected", "after_end")
+    assert (doc["status"], doc["last_timestamp_ms"]) == ("ended", 2000)
+    assert doc["timeline"] == {"ringing": 1000, "ended": 2000, "answered": 2100}
+    assert doc["fields"]["queueId"] == "q-7"
+    assert doc["fields"]["to"]["number"] == "100"
+
+
 def test_first_event_of_a_call_may_be_any_status(machine: CallMachine) -> None:
     for status in ("created", "started", "ringing", "answered", "agentEnded", "ended"):
         entry = LogEntry("5-0", f"c-{status}", event(f"c-{status}", status, 1))

@@ -94,11 +94,16 @@ def small_drainer(
 def test_each_commit_renews_the_drain_lock(
     store: Store, machine: CallMachine, wake: Callable[[int], None]
 ) -> None:
+    """A drainer that keeps committing keeps its lock: each commit sets the TTL back to
+    drain_lock_seconds, here from far above it, so no clock decides the outcome."""
     shard = log_events(store, "c-1", 1)
+    lock = store.keys.drain_lock(shard)
+    configured_ms = store.settings.drain_lock_seconds * 1000
     assert store.acquire_drain_lock(shard, "mine")
-    store.redis.pexpire(store.keys.drain_lock(shard), 50)
+    store.redis.pexpire(lock, configured_ms * 100)
     assert small_drainer(store, machine, 60_000, wake)._drain_slice(shard) == (1, True)
-    assert store.redis.pttl(store.keys.drain_lock(shard)) > 50
+    assert store.redis.get(lock) == b"mine"
+    assert 0 < store.redis.pttl(lock) <= configured_ms
 
 
 def test_a_used_up_slice_hands_the_shard_to_a_new_job(

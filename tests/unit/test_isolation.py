@@ -18,7 +18,7 @@ from callstate.codec import pack
 from callstate.config import Settings
 from callstate.drain import Drainer
 from callstate.machine import CallMachine
-from callstate.rebuild import derive, differences
+from callstate.rebuild import check
 from callstate.store import Store, StreamRows, event_fields
 from tests.factories import body, ended, event
 
@@ -89,7 +89,7 @@ def test_poison_entries_are_set_aside_and_the_shard_keeps_flowing(
         for log_id, call_id in zip(aside, [*poisoned[:-1], garbled, unreadable], strict=True)
     }
     assert int(store.redis.get(store.keys.unprocessable_counter(SHARD)) or 0) == len(aside)
-    assert differences(store, derive(store, machine, batch=3)) == []
+    assert check(store, machine, 3).differing == []
 
 
 def test_the_entry_that_breaks_leaves_its_call_as_it_was_and_later_entries_apply(
@@ -128,7 +128,7 @@ def test_the_entry_that_breaks_leaves_its_call_as_it_was_and_later_entries_apply
     }
     assert doc["timeline"] == {"ringing": 700, "answered": 800, "ended": 900}
     assert doc["counts"] == {"accepted": 3, "duplicate": 0, "rejected": 1, "annotation": 0}
-    assert differences(store, derive(store, machine, batch=2)) == []
+    assert check(store, machine, 2).differing == []
 
 
 def test_redis_trouble_is_retried_and_skips_nothing(
@@ -187,7 +187,7 @@ def test_a_call_stops_growing_at_its_event_bound(redis: Redis, settings: Setting
     assert doc["overflow"]["reason"] == "too_many_events"
     assert doc["overflow"]["count"] == 50
     assert sizes[2] - sizes[1] < 8, sizes  # only counters and ids change past the bound
-    assert differences(store, derive(store, CallMachine(), batch=4)) == []
+    assert check(store, CallMachine(), 4).differing == []
 
 
 def test_a_call_at_its_bound_still_gets_swept(redis: Redis, settings: Settings) -> None:
@@ -228,7 +228,7 @@ def test_a_job_timeout_stops_the_batch_and_sets_nothing_aside(
     store.release_drain_lock(SHARD, _lock_holder(store))
     drainer.drain(SHARD)
     assert verdicts(store.get_doc(victim)) == [("accepted", None)]
-    assert differences(store, derive(store, machine, batch=7)) == []
+    assert check(store, machine, 7).differing == []
 
 
 LEGACY = {"call_id": "legacy-1", "call_status": "ringing", "timestamp_ms": 1}
@@ -274,7 +274,7 @@ def test_a_call_stops_growing_at_its_byte_bound(redis: Redis, settings: Settings
     records = cast(StreamRows, redis.xrange(store.keys.records()))
     assert sum(len(fields[b"record"]) for _, fields in records) < posted
     assert store.quarantined(5) == []
-    assert differences(store, derive(store, CallMachine(), batch=3)) == []
+    assert check(store, CallMachine(), 3).differing == []
 
 
 def test_a_call_stops_publishing_at_its_revision_bound(redis: Redis, settings: Settings) -> None:
@@ -292,4 +292,4 @@ def test_a_call_stops_publishing_at_its_revision_bound(redis: Redis, settings: S
     assert doc is not None and doc["record"]["recording_url"] == "r1"
     records = cast(StreamRows, redis.xrange(store.keys.records()))
     assert [json.loads(fields[b"record"])["revision"] for _, fields in records] == [1, 2, 3]
-    assert differences(store, derive(store, CallMachine(), batch=2)) == []
+    assert check(store, CallMachine(), 2).differing == []

@@ -10,6 +10,7 @@ from redis import Redis
 
 from callstate import jobs
 from callstate.config import Settings
+from callstate.snapshots import Advanced
 from callstate.store import Store, StreamRows
 from tests.factories import body, event
 
@@ -72,16 +73,33 @@ def test_maintenance_wakes_a_shard_whose_wake_up_was_lost(
     assert store.wake_holder(shard) is None and not store.has_backlog(shard)
 
 
-def test_trim_keeps_entries_not_yet_applied(context: jobs.Context) -> None:
-    store = context.store
+def test_snapshots_never_cover_entries_not_yet_applied(context: jobs.Context) -> None:
+    store, snapshots = context.store, context.snapshots
     shard = log_at(store, 1_000, event("old", "ringing", 1))
     log_at(store, 2_000, event("old", "answered", 2))
-    store.trim_logs(10_000)
+    assert snapshots.advance(shard, 10_000) == Advanced(None, 0, 0, 0)
     assert len(store.read_entries(shard, None, 10)) == 2
     jobs.drain_shard(shard)
     log_at(store, 20_000, event("old", "ended", 3))
-    store.trim_logs(10_000)
-    assert [e.log_id for e in store.read_entries(shard, None, 10)] == ["2000-0", "20000-0"]
+    assert snapshots.advance(shard, 10_000) == Advanced("2000-0", 2, 0, 1)
+    assert [e.log_id for e in store.read_entries(shard, None, 10)] == ["20000-0"]
+
+
+def test_maintenance_moves_a_snapshot_only_once_the_log_outgrew_retention(
+    context: jobs.Context,
+) -> None:
+    store, settings = context.store, context.settings
+    now = store.server_time_ms()
+    retention_ms = settings.retention_seconds * 1000
+    interval_ms = settings.snapshot_interval_seconds * 1000
+    shard = log_at(store, now - retention_ms - interval_ms + 60_000, event("a", "ringing", 1))
+    jobs.drain_shard(shard)
+    jobs.maintain()
+    assert context.snapshots.position(shard) is None, "not yet an interval past retention"
+    log_at(store, now - retention_ms - interval_ms - 60_000, event("b", "ringing", 1))
+    jobs.drain_shard(store.keys.shard_of("b"))
+    jobs.maintain()
+    assert context.snapshots.position(store.keys.shard_of("b")) is not None
 
 
 def test_jobs_refuse_to_run_unconfigured(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from callstate.calls import Doc
 from callstate.machine import CallMachine
-from callstate.rebuild import derive, differences, rebuild
+from callstate.rebuild import NOT_IN_LOG, check, rebuild
 from callstate.store import Store
 from tests.factories import ended, event
 
@@ -32,19 +32,16 @@ def test_rebuild_reproduces_what_the_drainer_produced(
         )
     before = snapshot(store)
     active_before = store.active_calls(None, None, 0, 100)
-    assert differences(store, derive(store, machine, batch=5)) == []
+    assert check(store, machine, 5).differing == []
     store.redis.delete(store.keys.call("call-1"))
     store.redis.set(store.keys.call("call-2"), json.dumps({"corrupt": True}))
     store.redis.delete(store.keys.active())
-    store.redis.delete(store.keys.cursor(0))
     store.redis.set(store.keys.call("ghost"), "{}")
-    assert set(differences(store, derive(store, machine, batch=5))) == {
-        "call-1",
-        "call-2",
-        "ghost",
-    }
+    report = check(store, machine, 5)
+    assert set(report.differing) == {"call-1", "call-2"}
+    assert report.left == {"ghost": NOT_IN_LOG}, "never removed: left, and said why"
     rebuild(store, machine, batch=5)
-    assert snapshot(store) == before
+    assert snapshot(store) == before | {"ghost": {}}
     assert store.active_calls(None, None, 0, 100) == active_before
     assert not any(store.has_backlog(shard) for shard in range(store.settings.shards))
 

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from callstate.config import Settings
 from callstate.drain import Drainer
 from callstate.machine import CallMachine
-from callstate.rebuild import derive, differences
+from callstate.rebuild import check
 from callstate.store import Store
 from tests.factories import SCENARIOS, body, scenario
 
@@ -415,4 +415,4 @@ def test_any_delivery_order_ends_in_the_state_the_model_predicts(trace: Trace) -
         for call_id, call in model.items():
             check_call(store, call, log_ids[call_id])
         assert store.all_call_ids() == {c for c, call in model.items() if call.exists}
-        assert differences(store, derive(store, MACHINE, trace.rebuild_batch)) == []
+        assert check(store, MACHINE, trace.rebuild_batch).differing == []

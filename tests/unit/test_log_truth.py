@@ -1,0 +1,253 @@
+"""The log stays the truth at any age: snapshots, retired calls, a check on a live system and a
+fenced rebuild (each test reproduced a failure of the version before snapshots)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis import Redis
+from redis.typing import EncodableT, FieldT
+
+from callstate import rebuild as rebuild_module
+from callstate.calls import Doc
+from callstate.config import Settings
+from callstate.drain import Drainer
+from callstate.machine import CallMachine
+from callstate.rebuild import HISTORY_TRIMMED, check, rebuild
+from callstate.snapshots import Snapshots
+from callstate.store import Store, StreamRows
+from tests.factories import body, ended, event
+
+Deliver = Callable[..., Doc]
+RETENTION_MS = 60_000
+T0 = int(time.time() * 1000) - 2 * RETENTION_MS
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        redis_url="redis://fake",
+        embedded_redis=False,
+        var_dir=tmp_path,
+        shards=2,
+        retention_seconds=RETENTION_MS // 1000,
+    )
+
+
+def notice(call_id: str, url: str) -> dict[str, Any]:
+    return {"call_id": call_id, "type": "recording", "recording_url": url}
+
+
+def revisions(store: Store, call_id: str) -> list[int]:
+    rows: StreamRows = store.redis.xrange(store.keys.records())  # type: ignore[assignment]
+    found = [json.loads(fields[b"record"]) for _, fields in rows]
+    return [record["revision"] for record in found if record["call_id"] == call_id]
+
+
+def log_at(store: Store, ms: int, fields: dict[FieldT, EncodableT]) -> int:
+    """Log an entry at `ms` after T0 (two retentions ago), as if it had been received then."""
+    shard = store.keys.shard_of(str(fields["call_id"]))
+    store.redis.xadd(store.keys.log(shard), fields, id=f"{T0 + ms}-0")
+    return shard
+
+
+def deliver_at(store: Store, drainer: Drainer, ms: int, payload: dict[str, Any]) -> Doc | None:
+    shard = log_at(store, ms, {"call_id": payload["call_id"], "event": body(payload)})
+    drainer.drain(shard)
+    return store.get_doc(payload["call_id"])
+
+
+def sweep_at(store: Store, drainer: Drainer, ms: int, call_id: str, before_ms: int) -> None:
+    drainer.drain(log_at(store, ms, {"call_id": call_id, "sweep_before_ms": before_ms}))
+
+
+def age_out(store: Store, machine: CallMachine, before_ms: int) -> int:
+    """What maintenance does once the log is older than retention: move every snapshot up to
+    `before_ms` after T0."""
+    snapshots = Snapshots(store, machine)
+    retired = 0
+    for shard in range(store.settings.shards):
+        while (step := snapshots.advance(shard, T0 + before_ms)) is not None and step.entries:
+            retired += step.retired
+    return retired
+
+
+def all_docs(store: Store) -> dict[str, Doc | None]:
+    return store.load_docs(sorted(store.all_call_ids()))
+
+
+def test_an_ended_call_whose_first_events_aged_out_is_kept_then_retired(
+    store: Store, drainer: Drainer, machine: CallMachine
+) -> None:
+    deliver_at(store, drainer, 1_000, event("c1", "ringing", 100))
+    deliver_at(store, drainer, 2_000, ended("c1", 200, "USER_END_CALL", 5))
+    late = deliver_at(store, drainer, 6_000, notice("c1", "https://rec/1"))
+    assert late is not None and late["record"]["revision"] == 2
+    assert age_out(store, machine, 5_000) == 0
+    shard = store.keys.shard_of("c1")
+    assert [e.log_id for e in store.read_range(shard, None, None, 10)] == [f"{T0 + 6_000}-0"]
+    assert check(store, machine).differing == []
+    assert rebuild(store, machine).rewritten == 0
+    assert store.get_doc("c1") == late
+    assert age_out(store, machine, 7_000) == 1
+    assert store.get_doc("c1") is None
+    assert check(store, machine).differing == []
+
+
+def test_a_call_the_sweeper_closed_survives_its_events_aging_out(
+    store: Store, drainer: Drainer, machine: CallMachine
+) -> None:
+    deliver_at(store, drainer, 1_000, event("c2", "ringing", 100))
+    sweep_at(store, drainer, 5_000, "c2", before_ms=T0 + 2_000)
+    swept = store.get_doc("c2")
+    assert swept is not None and swept["closed_by"] == "sweeper"
+    age_out(store, machine, 3_000)
+    assert check(store, machine).differing == []
+    rebuild(store, machine)
+    assert store.get_doc("c2") == swept
+    assert revisions(store, "c2") == [1]
+
+
+def test_an_event_for_a_retired_call_never_publishes_a_second_revision_1(
+    store: Store, drainer: Drainer, machine: CallMachine
+) -> None:
+    deliver_at(store, drainer, 1_000, event("c3", "ringing", 100))
+    deliver_at(store, drainer, 2_000, ended("c3", 200, "USER_END_CALL", 5))
+    assert age_out(store, machine, 3_000) == 1
+    assert deliver_at(store, drainer, 4_000, ended("c3", 200, "USER_END_CALL", 5)) is None
+    assert revisions(store, "c3") == [1]
+    shard = store.keys.shard_of("c3")
+    assert int(store.redis.get(store.keys.expired_counter(shard)) or 0) == 1
+    assert check(store, machine).differing == []
+    # Once its tombstone's time is over, the id may start a new call.
+    after = 2_000 + 2 * RETENTION_MS
+    assert deliver_at(store, drainer, after, event("c3", "ringing", 300)) is not None
+
+
+def test_an_ended_call_expires_only_after_twice_the_retention(
+    store: Store, drainer: Drainer
+) -> None:
+    deliver_at(store, drainer, 1_000, event("c4", "ringing", 100))
+    assert store.redis.pttl(store.keys.call("c4")) == -1, "an active call never expires"
+    deliver_at(store, drainer, 2_000, ended("c4", 200, "USER_END_CALL", 5))
+    ttl = store.redis.pttl(store.keys.call("c4"))
+    assert RETENTION_MS < ttl <= 2 * RETENTION_MS
+
+
+def test_check_on_a_live_system_ignores_the_backlog(
+    deliver: Deliver, store: Store, machine: CallMachine
+) -> None:
+    deliver(event("c5", "ringing", 100))
+    store.append_event("c5", body(event("c5", "answered", 150)))
+    assert check(store, machine).differing == []
+
+
+def test_check_reads_again_a_call_a_drainer_changed_between_its_reads(
+    deliver: Deliver,
+    store: Store,
+    drainer: Drainer,
+    machine: CallMachine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    deliver(event("c6", "ringing", 100))
+    real_load = store.load_docs
+    moved: list[bool] = []
+
+    def load_after_a_drainer_moved_on(call_ids: Any) -> dict[str, Doc | None]:
+        ids = list(call_ids)
+        if "c6" in ids and not moved:
+            moved.append(True)
+            _, shard, _ = store.append_event("c6", body(event("c6", "answered", 150)))
+            drainer.drain(shard)
+        return real_load(ids)
+
+    monkeypatch.setattr(store, "load_docs", load_after_a_drainer_moved_on)
+    report = check(store, machine)
+    assert moved and report.differing == []
+
+
+def test_rebuild_leaves_a_call_whose_history_was_trimmed_before_snapshots(
+    deliver: Deliver, store: Store, machine: CallMachine
+) -> None:
+    doc = deliver(event("c7", "ringing", 100), ended("c7", 200, "USER_END_CALL", 5))
+    shard = store.keys.shard_of("c7")
+    store.redis.xtrim(store.keys.log(shard), maxlen=0)  # as versions before snapshots trimmed
+    report = check(store, machine)
+    assert report.differing == [] and report.left == {"c7": HISTORY_TRIMMED}
+    assert rebuild(store, machine).left == {"c7": HISTORY_TRIMMED}
+    assert store.get_doc("c7") == doc
+
+
+def test_a_drainer_committing_during_a_rebuild_fences_it(
+    deliver: Deliver,
+    store: Store,
+    machine: CallMachine,
+    monkeypatch: pytest.MonkeyPatch,
+    wake: Callable[[int], None],
+) -> None:
+    deliver(event("c8", "ringing", 100))
+    store.redis.delete(store.keys.call("c8"))  # something for the rebuild to write
+    # A drainer whose lock expired while it worked commits in the middle of the rebuild.
+    lost_lock = Drainer(store, machine, 7, 60_000, 0, 0, wake)
+    real_derive = rebuild_module.derive_shard
+
+    def derive_then_let_a_drainer_commit(*args: Any) -> dict[str, bytes]:
+        derived = real_derive(*args)
+        if not revisions(store, "c8"):
+            _, shard, _ = store.append_event("c8", body(ended("c8", 200, "USER_END_CALL", 5)))
+            entries = store.read_entries(shard, store.cursor(shard), 10)
+            assert lost_lock._commit(shard, store.cursor(shard), entries)
+        return derived
+
+    monkeypatch.setattr(rebuild_module, "derive_shard", derive_then_let_a_drainer_commit)
+    with pytest.raises(RuntimeError, match="drainer committed"):
+        rebuild(store, machine)
+    monkeypatch.undo()
+    assert revisions(store, "c8") == [1]
+    rebuild(store, machine)
+    assert check(store, machine).differing == []
+    assert revisions(store, "c8") == [1], "a rebuild publishes no record"
+
+
+def test_a_slow_rebuild_keeps_every_shard_locked_while_events_arrive(
+    settings: Settings, redis: Redis, machine: CallMachine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(redis, dataclasses.replace(settings, drain_lock_seconds=1))
+    drainer = Drainer(store, machine, 7, 60_000, 0, 0, lambda shard: None)
+    for n in range(5):
+        _, shard, _ = store.append_event(f"d{n}", body(event(f"d{n}", "ringing", 100)))
+        drainer.drain(shard)
+    real_derive = rebuild_module.derive_shard
+    drained_meanwhile: list[int] = []
+
+    def slow_derive(*args: Any) -> dict[str, bytes]:
+        deadline = time.monotonic() + 2.5  # well past the 1 s lock a renewal must keep
+        while time.monotonic() < deadline:
+            _, shard, _ = store.append_event("d0", body(event("d0", "answered", 150)))
+            drained_meanwhile.append(drainer.drain(shard))
+            time.sleep(0.1)
+        return real_derive(*args)
+
+    monkeypatch.setattr(rebuild_module, "derive_shard", slow_derive)
+    rebuild(store, machine)
+    assert drained_meanwhile and set(drained_meanwhile) == {0}, "no drainer got a shard"
+    monkeypatch.undo()
+    for shard in range(store.settings.shards):
+        drainer.drain(shard)
+    doc = store.get_doc("d0")
+    assert doc is not None and doc["counts"]["accepted"] == 2
+    assert check(store, machine).differing == []
+
+
+def test_a_delivery_logged_twice_is_applied_once(deliver: Deliver, store: Store) -> None:
+    deliver(event("c9", "ringing", 100), event("c9", "ringing", 100))
+    deliver(ended("c9", 200, "USER_END_CALL", 5))
+    doc = deliver(notice("c9", "https://rec/9"), notice("c9", "https://rec/9"))
+    assert doc["counts"] == {"accepted": 2, "duplicate": 2, "rejected": 0, "annotation": 1}
+    assert revisions(store, "c9") == [1, 2]
