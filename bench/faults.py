@@ -35,9 +35,11 @@ from rq import Queue
 from bench.load import command, percentiles
 from bench.traffic import PlannedCall, check_call
 from callstate import streamids
+from callstate.calldoc import CallDoc
 from callstate.config import Settings
+from callstate.connection import StreamRows
 from callstate.jobs import DRAIN_JOB
-from callstate.store import Store, StreamRows
+from callstate.store import Store
 from tests.integration.stack import RedisServer, Stack, wait_until
 
 RESULTS = Path(__file__).parent / "results"
@@ -250,7 +252,7 @@ class Faults:
         ids = sorted(calls)
         for start in range(0, len(ids), 1000):
             chunk = ids[start : start + 1000]
-            docs = self.store.load_docs(chunk)
+            docs = self.store.docs.load_docs(chunk)
             for call_id in chunk:
                 info, doc = calls[call_id], docs[call_id]
                 journal = [item["log_id"] for item in (doc or {"journal": []})["journal"]]
@@ -282,11 +284,11 @@ class Faults:
         return counted + int(self.redis.llen(self.store.keys.quarantine()))
 
     def last_log_ids(self) -> dict[int, str | None]:
-        return {shard: self.store.last_log_id(shard) for shard in range(self.settings.shards)}
+        return {shard: self.store.log.last_log_id(shard) for shard in range(self.settings.shards)}
 
     def applied_up_to(self, ids: dict[int, str | None]) -> bool:
         for shard, last in ids.items():
-            cursor = self.store.cursor(shard)
+            cursor = self.store.log.cursor(shard)
             behind = cursor is None or streamids.parse(cursor) < streamids.parse(last or "0-0")
             if last is not None and behind:
                 return False
@@ -295,7 +297,7 @@ class Faults:
     def wait_drained(self) -> None:
         self.retrying(
             lambda: wait_until(
-                lambda: not any(self.store.has_backlog(s) for s in range(self.settings.shards)),
+                lambda: not any(self.store.log.has_backlog(s) for s in range(self.settings.shards)),
                 300,
                 "the drain",
             )
@@ -313,7 +315,7 @@ class Faults:
                 time.sleep(0.2)
 
 
-def _model_problems(call_id: str, info: dict[str, Any], doc: dict[str, Any] | None) -> list[str]:
+def _model_problems(call_id: str, info: dict[str, Any], doc: CallDoc | None) -> list[str]:
     """What differs from the model. A delivery refused with a lost answer may have been logged
     all the same and delivered again: for each refusal the call saw, one extra journal entry is
     allowed, and it must add exactly one `duplicate` (whichever copy was logged first is the one

@@ -26,12 +26,15 @@ from rq import Queue, Worker
 
 from bench.load import command
 from bench.traffic import PlannedCall, check_call, plan_call
+from callstate.calldoc import CallDoc
 from callstate.calls import LogEntry, apply_batch
 from callstate.codec import dumps, pack_doc
 from callstate.config import DEFAULT_LIMITS, FSYNC_POLICIES, Settings
+from callstate.connection import StreamRows
+from callstate.eventlog import event_fields
 from callstate.jobs import enqueue_drain
 from callstate.machine import CallMachine
-from callstate.store import Store, StreamRows, event_fields
+from callstate.store import Store
 from tests.integration.stack import ExternalRedis, RedisServer, Stack, wait_until
 
 RESULTS = Path(__file__).parent / "results"
@@ -113,7 +116,7 @@ class Bench:
         return sum(pipe.execute())
 
     def wait_drained(self, timeout: float = 600) -> None:
-        wait_until(lambda: self.store.applied_count() >= self.logged(), timeout, "the drain")
+        wait_until(lambda: self.store.docs.applied_count() >= self.logged(), timeout, "the drain")
 
     def aof_rewrite_done(self) -> bool:
         persistence = self.redis.info("persistence")
@@ -156,12 +159,12 @@ class Bench:
         }
 
     def max_rate(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        applied_before, commands_before = self.store.applied_count(), self.commands()
+        applied_before, commands_before = self.store.docs.applied_count(), self.commands()
         memory_before = self.used_memory()
         result = self.load("max", self.args.duration)
-        applied_during = self.store.applied_count() - applied_before
+        applied_during = self.store.docs.applied_count() - applied_before
         self.wait_drained()
-        applied_total = self.store.applied_count() - applied_before
+        applied_total = self.store.docs.applied_count() - applied_before
         summary = _summary(result)
         summary["applied_per_s_during_load"] = applied_during / result["seconds"]
         summary["redis_commands_per_event"] = (self.commands() - commands_before) / applied_total
@@ -186,7 +189,7 @@ class Bench:
         acked = lost = doubled = 0
         ids = sorted(calls)
         for chunk in _chunks(ids, 1000):
-            docs = self.store.load_docs(chunk)
+            docs = self.store.docs.load_docs(chunk)
             for call_id in chunk:
                 info = calls[call_id]
                 planned = PlannedCall(call_id, [], info["expected"])
@@ -217,7 +220,9 @@ class Bench:
             planned = plan_call(f"active-{n}", rng, 1_800_000_000_000 + n * 100)
             for payload in planned.sends:
                 if payload["call_status"] != "ended":
-                    _, shard, wake_id = self.store.append_event(payload["call_id"], _raw(payload))
+                    _, shard, wake_id = self.store.log.append_event(
+                        payload["call_id"], _raw(payload)
+                    )
                     if wake_id is not None:
                         enqueue_drain(self.queue, shard, 120, wake_id)
         self.wait_drained()
@@ -230,7 +235,7 @@ class Bench:
     def drain_rate(self, name: str, events: int) -> dict[str, Any]:
         """Apply capacity: log a backlog directly (as the webhook would), then wake every shard."""
         rng = random.Random(11)
-        applied_before = self.store.applied_count()
+        applied_before = self.store.docs.applied_count()
         pipe = self.redis.pipeline(transaction=False)
         count = calls = 0
         while count < events:
@@ -247,11 +252,11 @@ class Bench:
         pipe.execute()
         # Seeding grows the append-only file; its background rewrite must not share the timing.
         wait_until(self.aof_rewrite_done, 300, "Redis's append-only-file rewrite")
-        started, applied_at_start = time.monotonic(), self.store.applied_count()
+        started, applied_at_start = time.monotonic(), self.store.docs.applied_count()
         for shard in range(self.settings.shards):
             enqueue_drain(self.queue, shard, 600)
         target = applied_before + count
-        wait_until(lambda: self.store.applied_count() >= target, 900, f"the {name} backlog")
+        wait_until(lambda: self.store.docs.applied_count() >= target, 900, f"the {name} backlog")
         seconds = time.monotonic() - started
         timed = target - applied_at_start
         return {
@@ -301,7 +306,7 @@ class Bench:
         }
 
 
-def _ended_doc(call_id: str) -> dict[str, Any]:
+def _ended_doc(call_id: str) -> CallDoc:
     planned = plan_call(call_id, random.Random(3), 1_600_000_000_000)
     entries = [
         LogEntry(f"{1_600_000_000_000 + n}-0", call_id, payload)

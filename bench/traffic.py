@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from callstate.calldoc import CallDoc
 from tests.factories import scenario
 
 KINDS = ("answered", "answered", "busy", "no_answer", "failed", "call_center")
@@ -82,7 +83,7 @@ def _with_parties(payload: dict[str, Any], caller: str, callee: str, user: str) 
     return payload
 
 
-def check_call(planned: PlannedCall, doc: dict[str, Any] | None, acked: list[str]) -> list[str]:
+def check_call(planned: PlannedCall, doc: CallDoc | None, acked: list[str]) -> list[str]:
     """What differs between a stored call and its plan: state, record, and its journal's ids."""
     if doc is None:
         return [f"{planned.call_id}: missing"]

@@ -14,6 +14,7 @@ from typing import Any
 from rq.timeouts import BaseTimeoutException
 
 from callstate import streamids
+from callstate.calldoc import CallDoc, JournalEntry, Leg, Record
 from callstate.codec import dumps_sorted, pack_doc, unpack_doc
 from callstate.config import Limits
 from callstate.machine import FINAL, CallMachine
@@ -27,7 +28,7 @@ from callstate.schema import (
     project_id,
 )
 
-Doc = dict[str, Any]
+Doc = CallDoc
 # Failures of the process, not of the entry being applied: they must stop the batch (it is retried
 # later), never set an acknowledged event aside. RQ's job timeout arrives as an exception raised
 # wherever the job happens to be.
@@ -88,7 +89,7 @@ class Applied:
     """What a batch changed: documents (and their stored form), records, entries set aside."""
 
     changed: set[str] = field(default_factory=set)
-    records: list[Doc] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
     unprocessable: list[Unprocessable] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
     docs: dict[str, Doc] = field(default_factory=dict)
@@ -136,7 +137,7 @@ def last_change(doc: Doc) -> str | None:
 
 def apply_entry(
     doc: Doc | None, entry: LogEntry, machine: CallMachine, limits: Limits
-) -> tuple[Doc | None, Doc | None]:
+) -> tuple[Doc | None, Record | None]:
     """Apply one log entry; return the updated document and the record revision to emit, if any.
 
     Past `limits.max_events` journaled events a call's further events are only counted. An
@@ -307,9 +308,7 @@ def _accept(doc: Doc, payload: dict[str, Any], status: str, timestamp: int) -> N
         doc["swept_from"] = None
 
 
-def _update_legs(
-    legs: list[dict[str, Any]], status: str, timestamp: int, payload: dict[str, Any]
-) -> None:
+def _update_legs(legs: list[Leg], status: str, timestamp: int, payload: dict[str, Any]) -> None:
     """A leg is one agent's attempt: opened by ringing (or a bare answer), closed by an end."""
     open_leg = legs[-1] if legs and legs[-1]["ended_ms"] is None else None
     if status == "ringing" and open_leg is None:
@@ -323,7 +322,7 @@ def _update_legs(
         open_leg["ended_ms"] = timestamp
 
 
-def _new_leg(payload: dict[str, Any], ringing_ms: int | None) -> dict[str, Any]:
+def _new_leg(payload: dict[str, Any], ringing_ms: int | None) -> Leg:
     to = payload.get("to") or {}
     return {
         "to_number": to.get("number"),
@@ -351,7 +350,7 @@ def _journal(doc: Doc, entry: LogEntry, verdict: str, reason: str | None) -> Non
     doc["journal"].append(_journal_entry(entry, verdict, reason))
 
 
-def _journal_entry(entry: LogEntry, verdict: str, reason: str | None) -> dict[str, Any]:
+def _journal_entry(entry: LogEntry, verdict: str, reason: str | None) -> JournalEntry:
     return {
         "log_id": entry.log_id,
         "verdict": verdict,
@@ -375,36 +374,18 @@ def _set_aside(
     else:
         doc["counts"]["rejected"] += 1
         doc["journal"].append(
-            _journal_entry(entry, "rejected", "unprocessable")
-            | {
-                "call_status": _plain(entry.payload.get("call_status"), str),
-                "timestamp_ms": _plain(entry.payload.get("timestamp_ms"), int),
-                "error": error,
-            }
+            JournalEntry(
+                log_id=entry.log_id,
+                verdict="rejected",
+                reason="unprocessable",
+                call_status=_plain(entry.payload.get("call_status"), str),
+                timestamp_ms=_plain(entry.payload.get("timestamp_ms"), int),
+                error=error,
+            )
         )
     doc["version"] += 1
     docs[entry.call_id] = doc
     applied.changed.add(entry.call_id)
-
-
-def public_view(doc: Doc) -> dict[str, Any]:
-    """What `GET /calls/<id>` shows: the live state, without the journal and bookkeeping."""
-    fields = doc["fields"]
-    return {
-        "call_id": doc["call_id"],
-        "status": doc["status"],
-        "active": is_active(doc),
-        "from": fields.get("from"),
-        "to": fields.get("to"),
-        "request_from_user_id": fields.get("request_from_user_id"),
-        "timeline": doc["timeline"],
-        "last_timestamp_ms": doc["last_timestamp_ms"],
-        "last_received_ms": doc["last_received_ms"],
-        "version": doc["version"],
-        "counts": doc["counts"],
-        "closed_by": doc["closed_by"],
-        "overflow": doc.get("overflow"),
-    }
 
 
 def _plain(value: Any, kind: type) -> Any:

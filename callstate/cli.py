@@ -13,12 +13,13 @@ from redis.exceptions import RedisError
 from rq import Queue
 
 from callstate.config import Settings
+from callstate.connection import connect
 from callstate.doctor import examine
 from callstate.jobs import drain_timeout, wake_drain
 from callstate.machine import CallMachine
 from callstate.rebuild import check, rebuild
 from callstate.redis_server import server_argv
-from callstate.store import Store, connect
+from callstate.store import Store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_rebuild(store, settings, check_only=args.check)
     if args.command == "doctor":
         return run_doctor(store)
-    for item in store.quarantined(args.limit):
+    for item in store.quarantine.recent(args.limit):
         print(json.dumps(item, ensure_ascii=False))
     return 0
 
@@ -104,7 +105,7 @@ def _wake_left_shards(store: Store, settings: Settings) -> None:
     """Drain jobs that found a shard locked by the rebuild left it to the rebuild: wake them."""
     queue = Queue(settings.queue_name, connection=store.redis)
     for shard in range(settings.shards):
-        if store.has_backlog(shard):
+        if store.log.has_backlog(shard):
             wake_drain(store, queue, shard, drain_timeout(settings))
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import zlib
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
+
+from callstate.calldoc import CallDoc
 
 ZLIB_V1 = b"\x01"
 
@@ -70,10 +73,10 @@ def dumps_sorted(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
-def pack_doc(doc: dict[str, Any]) -> bytes:
+def pack_doc(doc: Mapping[str, Any]) -> bytes:
     return pack(dumps(doc).encode())
 
 
-def unpack_doc(stored: bytes) -> dict[str, Any]:
-    doc: dict[str, Any] = json.loads(unpack(stored))
-    return doc
+def unpack_doc(stored: bytes) -> CallDoc:
+    """A stored call document; its shape is the drainers' to keep, not checked here."""
+    return cast(CallDoc, json.loads(unpack(stored)))

@@ -52,31 +52,31 @@ class Drainer:
         """Apply what the shard logs until it is quiet or the slice ends; return how many.
         `wake_id` is this job's id, which the wake flag holds while the job is queued."""
         if wake_id is not None:
-            self.store.clear_wake(shard, wake_id)
+            self.store.coordination.clear_wake(shard, wake_id)
         applied = 0
         while True:
             token = uuid.uuid4().hex
-            if not self.store.acquire_drain_lock(shard, token):
+            if not self.store.coordination.acquire_drain_lock(shard, token):
                 # The holder looks at the log again after it lets go, so nothing is left behind.
                 return applied
             try:
                 count, quiet = self._drain_slice(shard)
                 applied += count
             finally:
-                self.store.release_drain_lock(shard, token)
+                self.store.coordination.release_drain_lock(shard, token)
             if not quiet:
                 self.wake(shard)
                 return applied
-            if not self.store.has_backlog(shard):
+            if not self.store.log.has_backlog(shard):
                 return applied
 
     def _drain_slice(self, shard: int) -> tuple[int, bool]:
         """Apply entries until the log stays quiet; the flag says whether it did before the end."""
         deadline = time.monotonic() + self.slice_seconds
         applied = 0
-        cursor = self.store.cursor(shard)
+        cursor = self.store.log.cursor(shard)
         while True:
-            entries = self.store.read_entries(shard, cursor, self.batch)
+            entries = self.store.log.read_entries(shard, cursor, self.batch)
             if entries:
                 if not self._commit(shard, cursor, entries):
                     return applied, True
@@ -91,7 +91,7 @@ class Drainer:
             # the worker from other shards.
             linger_ms = self.linger_ms if applied else 0
             wait_ms = min(linger_ms, int((deadline - time.monotonic()) * 1000))
-            if wait_ms > 0 and self.store.read_entries(shard, cursor, 1, block_ms=wait_ms):
+            if wait_ms > 0 and self.store.log.read_entries(shard, cursor, 1, block_ms=wait_ms):
                 self._gather(deadline)
                 continue
             return applied, True
@@ -103,17 +103,17 @@ class Drainer:
 
     def _commit(self, shard: int, cursor: str | None, entries: list[LogEntry]) -> bool:
         call_ids = {entry.call_id for entry in entries}
-        docs = self.store.load_docs(call_ids)
-        indexed_before = {call_id: self.store.index_keys(doc) for call_id, doc in docs.items()}
+        docs = self.store.docs.load_docs(call_ids)
+        indexed_before = {call_id: self.store.docs.index_keys(doc) for call_id, doc in docs.items()}
         applied = apply_batch(
             docs,
-            lambda: self.store.load_docs(call_ids),
+            lambda: self.store.docs.load_docs(call_ids),
             entries,
             self.machine,
             self.store.settings.call_limits,
             self.snapshots.tombstones(c for c, doc in docs.items() if doc is None),
         )
-        committed = self.store.commit(
+        committed = self.store.docs.commit(
             shard, cursor, entries[-1].log_id, len(entries), applied, indexed_before
         )
         if not committed:
@@ -131,7 +131,7 @@ class Drainer:
 
     def _report_unprocessable(self, shard: int, applied: Applied) -> None:
         """Log and quarantine what was set aside: ids and error classes, never payload text."""
-        received_ms = self.store.server_time_ms()
+        received_ms = self.store.log.server_time_ms()
         for item in applied.unprocessable:
             log.error(
                 "shard %s: log entry %s (call %s) could not be applied (%s); set aside",
@@ -140,7 +140,7 @@ class Drainer:
                 item.call_id or "unreadable",
                 item.error,
             )
-            self.store.quarantine(
+            self.store.quarantine.add(
                 {
                     "received_ms": received_ms,
                     "status": None,

@@ -13,10 +13,11 @@ from redis import Redis
 from rq import Queue
 
 from callstate.config import Settings
+from callstate.coordination import wake_age_ms
 from callstate.drain import Drainer
 from callstate.machine import CallMachine
 from callstate.snapshots import Snapshots
-from callstate.store import Store, wake_age_ms
+from callstate.store import Store
 
 log = logging.getLogger(__name__)
 DRAIN_JOB = "callstate.jobs.drain_shard"
@@ -78,7 +79,7 @@ def drain_timeout(settings: Settings) -> int:
 
 def wake_drain(store: Store, queue: Queue, shard: int, job_timeout: int) -> bool:
     """Queue a drain of the shard unless one is queued already; True if this call queued it."""
-    wake_id = store.claim_wake(shard)
+    wake_id = store.coordination.claim_wake(shard)
     if wake_id is None:
         return False
     enqueue_drain(queue, shard, job_timeout, wake_id)
@@ -108,14 +109,14 @@ def _rewake_if_lost(store: Store, queue: Queue, shard: int, job_timeout: int) ->
     """A flag whose job is not queued (the process that claimed it died before queueing it, or
     the job was killed before it cleared it) would keep the shard from ever being woken: after a
     grace period, point the flag at a new job and queue that."""
-    holder = store.wake_holder(shard)
+    holder = store.coordination.wake_holder(shard)
     if holder is None or wake_age_ms(holder) < LOST_WAKE_GRACE_MS:
         return False
     # In the queue's list, not by the job's status: a worker that died right after taking a job
     # leaves it marked queued although nobody will run it.
     if queue.get_job_position(holder) is not None:
         return False
-    wake_id = store.replace_wake(shard, holder)
+    wake_id = store.coordination.replace_wake(shard, holder)
     if wake_id is None:
         return False
     enqueue_drain(queue, shard, job_timeout, wake_id)
@@ -148,22 +149,22 @@ def maintain() -> dict[str, int]:
     """
     ctx = context()
     settings, store = ctx.settings, ctx.store
-    now_ms = store.server_time_ms()
+    now_ms = store.log.server_time_ms()
     retired = advance_snapshots(ctx, now_ms - settings.retention_seconds * 1000)
     timeout = drain_timeout(settings)
     woken = [
         shard
         for shard in range(settings.shards)
-        if store.has_backlog(shard)
+        if store.log.has_backlog(shard)
         and (
             wake_drain(store, ctx.queue, shard, timeout)
             or _rewake_if_lost(store, ctx.queue, shard, timeout)
         )
     ]
     stale_before = now_ms - settings.stale_after_seconds * 1000
-    stale = store.stale_call_ids(stale_before, SWEEP_BATCH)
+    stale = store.docs.stale_call_ids(stale_before, SWEEP_BATCH)
     for call_id in stale:
-        _, shard, wake_id = store.append_sweep(call_id, stale_before)
+        _, shard, wake_id = store.log.append_sweep(call_id, stale_before)
         if wake_id is not None:
             enqueue_drain(ctx.queue, shard, timeout, wake_id)
     if stale or woken or retired:

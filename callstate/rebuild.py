@@ -64,7 +64,7 @@ def extend(
     batches of `snapshots.batch` (verdicts never depend on batch boundaries)."""
     if upto is None or (after is not None and streamids.parse(upto) <= streamids.parse(after)):
         return packed
-    for entries in snapshots.store.iter_log(shard, snapshots.batch, after, upto):
+    for entries in snapshots.store.log.iter_log(shard, snapshots.batch, after, upto):
         packed.update(_apply_stored(snapshots, packed, entries))
     return packed
 
@@ -99,7 +99,7 @@ def _check_shard(
 ) -> None:
     while True:
         snapshot = snapshots.load(shard)
-        cursor = store.cursor(shard)
+        cursor = store.log.cursor(shard)
         state = ShardState(derive_shard(snapshots, shard, snapshot, cursor), cursor, snapshot)
         found = Report()
         _settle(store, snapshots, shard, state, stored_ids | state.derived.keys(), found)
@@ -124,9 +124,9 @@ def _settle(
     unsettled = set(call_ids)
     report.compared += len(unsettled)
     for _ in range(SETTLE_ROUNDS):
-        before = store.cursor(shard)
-        stored = store.load_docs(sorted(unsettled))
-        after = store.cursor(shard)
+        before = store.log.cursor(shard)
+        stored = store.docs.load_docs(sorted(unsettled))
+        after = store.log.cursor(shard)
         extend(snapshots, shard, state.derived, state.position, after)
         state.position = after
         for call_id in sorted(unsettled):
@@ -190,7 +190,7 @@ def _id(log_id: str | None) -> streamids.StreamId:
 
 def _ids_by_shard(store: Store) -> dict[int, set[str]]:
     found: dict[int, set[str]] = {}
-    for call_id in store.all_call_ids():
+    for call_id in store.docs.all_call_ids():
         found.setdefault(store.keys.shard_of(call_id), set()).add(call_id)
     return found
 
@@ -206,12 +206,12 @@ def holding_every_shard(store: Store) -> Iterator[str]:
     def renew() -> None:
         while not stop.wait(renew_seconds):
             for shard in held:
-                store.renew_drain_lock(shard, token)
+                store.coordination.renew_drain_lock(shard, token)
 
     renewer = threading.Thread(target=renew, name="rebuild-lock-renewer", daemon=True)
     try:
         for shard in range(store.settings.shards):
-            if not store.acquire_drain_lock(shard, token):
+            if not store.coordination.acquire_drain_lock(shard, token):
                 raise RuntimeError(f"shard {shard} is being drained; retry when it is idle")
             held.append(shard)
         renewer.start()
@@ -221,7 +221,7 @@ def holding_every_shard(store: Store) -> Iterator[str]:
         if renewer.is_alive():
             renewer.join()
         for shard in held:
-            store.release_drain_lock(shard, token)
+            store.coordination.release_drain_lock(shard, token)
 
 
 def rebuild(store: Store, machine: CallMachine, batch: int | None = None) -> Report:
@@ -232,14 +232,14 @@ def rebuild(store: Store, machine: CallMachine, batch: int | None = None) -> Rep
     report = Report()
     stored_ids = _ids_by_shard(store)
     with holding_every_shard(store):
-        cursors = {shard: store.cursor(shard) for shard in range(store.settings.shards)}
+        cursors = {shard: store.log.cursor(shard) for shard in range(store.settings.shards)}
         rewrites: dict[str, Doc] = {}
         active: dict[str, Doc] = {}
         for shard in range(store.settings.shards):
             snapshot = snapshots.load(shard)
             derived = derive_shard(snapshots, shard, snapshot, cursors[shard])
             ids = sorted(stored_ids.get(shard, set()) | derived.keys())
-            stored = store.load_docs(ids)
+            stored = store.docs.load_docs(ids)
             report.compared += len(ids)
             for call_id in ids:
                 kept = _settle_one(call_id, stored[call_id], derived.get(call_id), snapshot, report)
@@ -247,7 +247,7 @@ def rebuild(store: Store, machine: CallMachine, batch: int | None = None) -> Rep
                     rewrites[call_id] = kept
                 if kept is not None and _readable(kept) and is_active(kept):
                     active[call_id] = kept
-        if not store.rewrite(cursors, rewrites, active):
+        if not store.docs.rewrite(cursors, rewrites, active):
             raise RuntimeError("a drainer committed during the rebuild; nothing written, run again")
     report.rewritten = len(rewrites)
     return report

@@ -5,15 +5,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from callstate.calldoc import CallDoc, Leg, Record
+
 SIP_LINE = re.compile(r"\s*([1-6]\d\d)\b")
 BUSY_CODES = frozenset({486, 600, 603})
 NO_ANSWER_CODES = frozenset({408, 480})
 CANCELLED_CODES = frozenset({487})
 
-Doc = dict[str, Any]
 
-
-def refresh_record(doc: Doc) -> Doc | None:
+def refresh_record(doc: CallDoc) -> Record | None:
     """Rebuild the ended call's record; return it when it is new or its data changed.
 
     Event counts alone do not make a revision: a duplicate delivered after the end would
@@ -31,12 +31,12 @@ def refresh_record(doc: Doc) -> Doc | None:
     return record
 
 
-def build_record(doc: Doc, revision: int) -> Doc:
+def build_record(doc: CallDoc, revision: int) -> Record:
     """Every field the provider reported for the call, plus what callstate derived from it."""
     fields = doc["fields"]
     cause = fields.get("endCallCause")
     direction = "inbound" if fields.get("callCreatedReason") == "EXTERNAL_CALL_IN" else "outbound"
-    record: Doc = dict(fields)
+    record: Record = dict(fields)
     record.update(
         {
             "call_id": doc["call_id"],
@@ -65,7 +65,7 @@ def build_record(doc: Doc, revision: int) -> Doc:
     return record
 
 
-def _without_counts(record: Doc) -> Doc:
+def _without_counts(record: Record) -> Record:
     return {name: value for name, value in record.items() if name != "counts"}
 
 
@@ -99,7 +99,7 @@ def disposition(fields: dict[str, Any], timeline: dict[str, int]) -> str:
     return "unknown"
 
 
-def _leg(leg: dict[str, Any], direction: str) -> dict[str, Any]:
+def _leg(leg: Leg, direction: str) -> dict[str, Any]:
     if direction == "inbound":
         agent = leg["to_number"] or leg["user"]
     else:

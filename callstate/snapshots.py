@@ -81,7 +81,7 @@ class Snapshots:
     def due(self, shard: int, before_ms: int, interval_ms: int) -> bool:
         """Whether the shard's log holds entries older than `before_ms` by more than
         `interval_ms` that no snapshot covers yet."""
-        first = self.store.first_log_id(shard)
+        first = self.store.log.first_log_id(shard)
         return first is not None and streamids.millis(first) < before_ms - interval_ms
 
     def advance(self, shard: int, before_ms: int) -> Advanced | None:
@@ -92,24 +92,24 @@ class Snapshots:
         lock is taken (the caller wakes the shard after, as for any drainer that left).
         """
         token = f"snapshot-{uuid.uuid4().hex}"
-        if not self.store.acquire_drain_lock(shard, token):
+        if not self.store.coordination.acquire_drain_lock(shard, token):
             return None
         try:
             return self._advance(shard, before_ms)
         finally:
-            self.store.release_drain_lock(shard, token)
+            self.store.coordination.release_drain_lock(shard, token)
 
     def _advance(self, shard: int, before_ms: int) -> Advanced:
-        position, cursor = self.position(shard), self.store.cursor(shard)
+        position, cursor = self.position(shard), self.store.log.cursor(shard)
         if cursor is None:
             return Advanced(position, 0, 0, 0)
         upto = streamids.text(min(streamids.parse(cursor), (before_ms - 1, 2**64 - 1)))
-        entries = self.store.read_range(shard, position, upto, ADVANCE_BATCH)
+        entries = self.store.log.read_range(shard, position, upto, ADVANCE_BATCH)
         if not entries:
             return Advanced(position, 0, 0, 0)
         new_position = entries[-1].log_id
         touched = sorted({entry.call_id for entry in entries})
-        live = self.store.load_docs(touched)
+        live = self.store.docs.load_docs(touched)
         retiring = {c: doc for c, doc in live.items() if doc and _ends_by(doc, new_position)}
         kept = self._as_of(shard, [e for e in entries if e.call_id not in retiring])
         for call_id, doc in list(kept.items()):

@@ -12,16 +12,17 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from callstate.calls import public_view
+from callstate.calls import Doc, is_active
 from callstate.config import Settings
+from callstate.connection import connect
 from callstate.doctor import warn_if_unsafe
 from callstate.jobs import drain_timeout, enqueue_drain
 from callstate.redact import mask_personal
 from callstate.schema import CALL_ID_PATTERN, PayloadError, parse_event, project_id
 from callstate.signature import SIGNATURE_HEADER, matching_signers
-from callstate.store import Store, connect
+from callstate.store import Store
 
 log = logging.getLogger(__name__)
 QUARANTINE_PREVIEW_BYTES = 2048
@@ -100,7 +101,10 @@ def _redis_down(exc: RedisError) -> tuple[Response, int]:
 @webhooks.post("/webhooks/stringee")
 def receive_event() -> tuple[Response, int]:
     svc = services()
-    raw = request.get_data(cache=False)
+    try:
+        raw = request.get_data(cache=False)
+    except RequestEntityTooLarge:
+        return _refuse_too_large(svc.store, svc.settings.max_body_bytes)
     try:
         payload, signer = _checked_payload(svc.settings, raw)
     except PayloadError as exc:
@@ -108,7 +112,7 @@ def receive_event() -> tuple[Response, int]:
         return jsonify(exc.to_json()), exc.status
     call_id = payload["call_id"]
     try:
-        log_id, shard, wake_id = svc.store.append_event(call_id, raw, signer)
+        log_id, shard, wake_id = svc.store.log.append_event(call_id, raw, signer)
     except RedisError as exc:
         log.warning("event for call %s not stored: %s", call_id, exc)
         # A timed-out append may still have run: the retry is then applied as a duplicate.
@@ -171,21 +175,49 @@ def _check_allowed(settings: Settings, payload: dict[str, Any], project: int | N
         raise PayloadError(403, "forbidden", "project_id is not accepted here", "project_id")
 
 
-def _quarantine(store: Store, raw: bytes, exc: PayloadError) -> None:
-    store.quarantine(
+def _refuse_too_large(store: Store, limit: int) -> tuple[Response, int]:
+    """413, quarantined with the start of the body: only the preview is read, never the rest."""
+    exc = PayloadError(413, "request_entity_too_large", f"the body is larger than {limit} bytes")
+    preview = request.environ["wsgi.input"].read(QUARANTINE_PREVIEW_BYTES)
+    _quarantine(store, preview, exc, size=request.content_length or len(preview))
+    return jsonify(exc.to_json()), exc.status
+
+
+def _quarantine(store: Store, raw: bytes, exc: PayloadError, size: int | None = None) -> None:
+    store.quarantine.add(
         {
             "received_ms": int(time.time() * 1000),
             "status": exc.status,
             "error": exc.error,
             "field": exc.field,
             "message": exc.message,
-            "bytes": len(raw),
+            "bytes": len(raw) if size is None else size,
             "body": mask_personal(raw[:QUARANTINE_PREVIEW_BYTES].decode("utf-8", "replace")),
         }
     )
 
 
 # Lookups ---------------------------------------------------------------------------------------
+
+
+def public_view(doc: Doc) -> dict[str, Any]:
+    """What `GET /calls/<id>` shows: the live state, without the journal and bookkeeping."""
+    fields = doc["fields"]
+    return {
+        "call_id": doc["call_id"],
+        "status": doc["status"],
+        "active": is_active(doc),
+        "from": fields.get("from"),
+        "to": fields.get("to"),
+        "request_from_user_id": fields.get("request_from_user_id"),
+        "timeline": doc["timeline"],
+        "last_timestamp_ms": doc["last_timestamp_ms"],
+        "last_received_ms": doc["last_received_ms"],
+        "version": doc["version"],
+        "counts": doc["counts"],
+        "closed_by": doc["closed_by"],
+        "overflow": doc.get("overflow"),
+    }
 
 
 @calls.before_request
@@ -214,7 +246,7 @@ def get_call_events(call_id: str) -> tuple[Response, int]:
     if doc is None:
         return error(404, "not_found", "no such call", call_id=call_id)
     journal = doc["journal"]
-    payloads = services().store.payloads(call_id, [item["log_id"] for item in journal])
+    payloads = services().store.log.payloads(call_id, [item["log_id"] for item in journal])
     events = [
         {
             **item,
@@ -246,16 +278,18 @@ def list_calls() -> tuple[Response, int]:
         offset = _int_arg("offset", 0, 0, None)
     except ValueError as exc:
         return error(400, "invalid_query", str(exc), field=exc.args[1])
-    total, docs = services().store.active_calls(args.get("number"), args.get("user"), offset, limit)
+    total, docs = services().store.docs.active_calls(
+        args.get("number"), args.get("user"), offset, limit
+    )
     return jsonify(
         {"total": total, "offset": offset, "limit": limit, "calls": [public_view(d) for d in docs]}
     ), 200
 
 
-def _doc_or_none(call_id: str) -> dict[str, Any] | None:
+def _doc_or_none(call_id: str) -> Doc | None:
     if not CALL_ID_PATTERN.fullmatch(call_id):
         return None
-    return services().store.get_doc(call_id)
+    return services().store.docs.get_doc(call_id)
 
 
 def _int_arg(name: str, default: int, low: int, high: int | None) -> int:

@@ -52,7 +52,7 @@ def wake(store: Store, woken: list[int]) -> Callable[[int], None]:
     """What a drain job does at the end of its slice, with the queueing recorded in `woken`."""
 
     def claim_and_record(shard: int) -> None:
-        if store.claim_wake(shard):
+        if store.coordination.claim_wake(shard):
             woken.append(shard)
 
     return claim_and_record
@@ -70,11 +70,11 @@ def deliver(store: Store, drainer: Drainer) -> Callable[..., Doc]:
     def send(*payloads: dict[str, Any]) -> Doc:
         shards = set()
         for payload in payloads:
-            _, shard, _ = store.append_event(payload["call_id"], body(payload))
+            _, shard, _ = store.log.append_event(payload["call_id"], body(payload))
             shards.add(shard)
         for shard in shards:
             drainer.drain(shard)
-        doc = store.get_doc(payloads[-1]["call_id"])
+        doc = store.docs.get_doc(payloads[-1]["call_id"])
         assert doc is not None
         return doc
 

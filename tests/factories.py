@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from callstate.calldoc import CallDoc, Record
+
 DATA = Path(__file__).parent / "data"
 
 
@@ -97,3 +99,9 @@ def scenario(call_id: str, kind: str, start_ms: int) -> list[dict[str, Any]]:
     extra_end = inbound if kind == "call_center" else {}
     events.append(ended(call_id, start_ms + len(steps), end[0], end[1], **extra_end))
     return events
+
+
+def record_of(doc: CallDoc | None) -> Record:
+    """The record of a call that must have one."""
+    assert doc is not None and doc["record"] is not None
+    return doc["record"]

@@ -7,9 +7,9 @@ import logging
 from redis import Redis
 
 from callstate.config import Settings
+from callstate.connection import connect as connect_redis
 from callstate.doctor import warn_if_unsafe
 from callstate.redis_server import wait_for_redis
-from callstate.store import connect as connect_redis
 
 REDIS_STARTUP_SECONDS = 30
 

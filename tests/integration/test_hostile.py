@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
+from callstate.eventlog import event_fields
 from callstate.keys import Keys
-from callstate.store import event_fields
 from tests.factories import body, ended, event
 from tests.integration.stack import Stack, wait_until
 

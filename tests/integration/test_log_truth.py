@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from callstate.store import StreamRows
+from callstate.connection import StreamRows
 from tests.factories import ended, event
 from tests.integration.stack import Stack, wait_until
 from tests.integration.test_reliability import post_interleaved, traffic

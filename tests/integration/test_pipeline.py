@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, cast
 
-from callstate.store import StreamRows
+from callstate.connection import StreamRows
 from tests.factories import ended, event, example, to_agent
 from tests.integration.stack import Stack, wait_until
 

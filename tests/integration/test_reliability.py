@@ -13,8 +13,9 @@ from typing import Any, cast
 from rq.worker import BaseWorker, Worker
 
 from callstate.codec import unpack_doc
+from callstate.connection import REDIS_TIMEOUT_SECONDS, StreamRows
+from callstate.eventlog import event_fields
 from callstate.keys import Keys
-from callstate.store import REDIS_TIMEOUT_SECONDS, StreamRows, event_fields
 from tests.factories import SCENARIOS, body, ended, event, scenario
 from tests.integration.stack import RedisServer, Stack, wait_until
 

@@ -10,7 +10,7 @@ import pytest
 from callstate.calls import Doc, LogEntry, apply_entry, new_doc
 from callstate.config import DEFAULT_LIMITS
 from callstate.machine import CallMachine
-from tests.factories import ended, event, to_agent
+from tests.factories import ended, event, record_of, to_agent
 
 Deliver = Callable[..., Doc]
 CALL = "call-vn-1-TEST-1"
@@ -156,7 +156,7 @@ def test_call_center_legs_follow_agents(deliver: Deliver) -> None:
     )
     assert verdicts(doc) == [("accepted", None)] * 6
     assert doc["timeline"]["ringing"] == 1001
-    legs = doc["record"]["legs"]
+    legs = record_of(doc)["legs"]
     assert legs == [
         {
             "agent": "agent-1",
@@ -199,8 +199,8 @@ def test_sweeper_closes_only_silent_active_calls(machine: CallMachine) -> None:
     assert closed is not None
     assert closed["status"] == "ended"
     assert closed["closed_by"] == "sweeper"
-    assert closed["record"]["closed_by"] == "sweeper"
-    assert closed["record"]["revision"] == 1
+    assert record_of(closed)["closed_by"] == "sweeper"
+    assert record_of(closed)["revision"] == 1
     assert closed["journal"][-1]["verdict"] == "swept"
 
 
@@ -225,7 +225,7 @@ def test_real_end_after_sweeper_close_revises_the_record(machine: CallMachine) -
 
 def test_annotation_after_end_makes_a_new_revision(machine: CallMachine) -> None:
     first = accepted(None, machine, "1000-0", ended(CALL, 50, "486 Busy Here", 0))
-    assert first["record"]["revision"] == 1
+    assert record_of(first)["revision"] == 1
     notice = {"type": "recording", "call_id": CALL, "recording_url": "https://rec.example/2"}
     doc, record = apply_entry(first, LogEntry("2000-0", CALL, notice), machine, MAX_EVENTS)
     assert record is not None
@@ -236,7 +236,7 @@ def test_annotation_after_end_makes_a_new_revision(machine: CallMachine) -> None
     )
     assert unchanged is None
     assert again is not None
-    assert again["record"]["revision"] == 2
+    assert record_of(again)["revision"] == 2
 
 
 def test_new_doc_starts_empty() -> None:
@@ -266,7 +266,7 @@ def test_the_same_recording_notice_twice_is_one_notice(deliver: Deliver) -> None
     reordered = {"end_time": 5, "recording_url": "https://r.example/1", "call_id": CALL}
     doc = deliver(ended(CALL, 10, "486 Busy Here", 0), notice, reordered)
     assert journal_of(doc) == [("accepted", None), ("annotation", None), ("duplicate", None)]
-    assert doc["record"]["revision"] == 2
+    assert record_of(doc)["revision"] == 2
 
 
 def test_statuses_callstate_does_not_know_are_journaled_and_change_nothing(
@@ -311,13 +311,13 @@ def test_connect_failed_is_kept_in_the_timeline_and_does_not_end_the_call(
         ("accepted", None),
         ("accepted", None),
     ]
-    assert doc["record"]["timeline"] == {
+    assert record_of(doc)["timeline"] == {
         "ringing": 100,
         "connect_failed": 110,
         "answered": 120,
         "ended": 200,
     }
-    assert doc["record"]["agent_status"] == "ended"
+    assert record_of(doc)["agent_status"] == "ended"
 
 
 def test_the_second_ivr_leg_is_not_an_illegal_transition(deliver: Deliver) -> None:
@@ -338,13 +338,13 @@ def test_the_second_ivr_leg_is_not_an_illegal_transition(deliver: Deliver) -> No
         ("accepted", None),
         ("duplicate", "other_leg"),
     ]
-    assert doc["counts"]["rejected"] == 0 and doc["record"]["revision"] == 1
+    assert doc["counts"]["rejected"] == 0 and record_of(doc)["revision"] == 1
 
 
 def test_project_id_as_a_numeric_string_is_stored_as_the_integer(deliver: Deliver) -> None:
     doc = deliver(ended(CALL, 10, "486 Busy Here", 0, project_id="1237100"))
     assert doc["fields"]["project_id"] == 1237100
-    assert doc["record"]["project_id"] == 1237100
+    assert record_of(doc)["project_id"] == 1237100
 
 
 @pytest.mark.parametrize(
@@ -363,7 +363,7 @@ def test_end_causes_in_either_form_and_missing_durations(
     payload = ended(CALL, 10, cause, 0)
     del payload["duration"], payload["answerDuration"]
     doc = deliver(event(CALL, "ringing", 5), payload)
-    record = doc["record"]
+    record = record_of(doc)
     assert (record["disposition"], record["sip_code"]) == (disposition, code)
     assert record["duration"] is None and record["answerDuration"] is None
 

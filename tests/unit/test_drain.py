@@ -17,7 +17,7 @@ def log_events(store: Store, call_id: str, count: int) -> int:
     shard = 0
     for n in range(count):
         status = "ringing" if n % 2 == 0 else "agentEnded"
-        _, shard, _ = store.append_event(call_id, body(event(call_id, status, 1000 + n)))
+        _, shard, _ = store.log.append_event(call_id, body(event(call_id, status, 1000 + n)))
     return shard
 
 
@@ -25,55 +25,55 @@ def test_drain_applies_the_whole_backlog_in_batches_in_order(
     store: Store, drainer: Drainer
 ) -> None:
     shard = log_events(store, "c-1", 20)
-    assert store.has_backlog(shard)
+    assert store.log.has_backlog(shard)
     assert drainer.drain(shard) == 20
-    doc = store.get_doc("c-1")
+    doc = store.docs.get_doc("c-1")
     assert doc is not None
     assert [item["timestamp_ms"] for item in doc["journal"]] == list(range(1000, 1020))
     assert {item["verdict"] for item in doc["journal"]} == {"accepted"}
-    assert not store.has_backlog(shard)
+    assert not store.log.has_backlog(shard)
     assert drainer.drain(shard) == 0
-    assert store.applied_count() == 20
+    assert store.docs.applied_count() == 20
 
 
 def test_commit_is_refused_when_another_drainer_moved_the_cursor(
     store: Store, drainer: Drainer, machine: CallMachine
 ) -> None:
     shard = log_events(store, "c-1", 3)
-    entries = store.read_entries(shard, None, 10)
-    docs = store.load_docs({"c-1"})
+    entries = store.log.read_entries(shard, None, 10)
+    docs = store.docs.load_docs({"c-1"})
     applied = apply_batch(docs, dict, entries, machine, store.settings.call_limits)
     assert drainer.drain(shard) == 3
-    winner = store.get_doc("c-1")
-    late = store.commit(shard, None, entries[-1].log_id, 3, applied, {"c-1": set()})
+    winner = store.docs.get_doc("c-1")
+    late = store.docs.commit(shard, None, entries[-1].log_id, 3, applied, {"c-1": set()})
     assert late is False
-    assert store.get_doc("c-1") == winner
-    assert store.applied_count() == 3
+    assert store.docs.get_doc("c-1") == winner
+    assert store.docs.applied_count() == 3
     assert winner is not None
     assert winner["counts"]["accepted"] == 3
 
 
 def test_drain_leaves_a_locked_shard_to_its_holder(store: Store, drainer: Drainer) -> None:
     shard = log_events(store, "c-1", 2)
-    assert store.acquire_drain_lock(shard, "other")
+    assert store.coordination.acquire_drain_lock(shard, "other")
     assert drainer.drain(shard) == 0
-    assert store.has_backlog(shard)
-    assert not store.release_drain_lock(shard, "not-mine")
-    assert store.release_drain_lock(shard, "other")
+    assert store.log.has_backlog(shard)
+    assert not store.coordination.release_drain_lock(shard, "not-mine")
+    assert store.coordination.release_drain_lock(shard, "other")
     assert drainer.drain(shard) == 2
 
 
 def test_drain_clears_the_wake_flag_so_the_next_event_wakes_a_new_job(
     store: Store, drainer: Drainer
 ) -> None:
-    _, shard, first = store.append_event("c-1", body(event("c-1", "ringing", 1)))
-    _, _, second = store.append_event("c-1", body(event("c-1", "answered", 2)))
+    _, shard, first = store.log.append_event("c-1", body(event("c-1", "ringing", 1)))
+    _, _, second = store.log.append_event("c-1", body(event("c-1", "answered", 2)))
     assert first is not None and second is None
     drainer.drain(shard, "another job")
-    _, _, still = store.append_event("c-1", body(event("c-1", "answered", 3)))
+    _, _, still = store.log.append_event("c-1", body(event("c-1", "answered", 3)))
     assert still is None, "a job clears only the flag that stands for it"
     drainer.drain(shard, first)
-    _, _, after_drain = store.append_event("c-1", body(event("c-1", "ended", 4)))
+    _, _, after_drain = store.log.append_event("c-1", body(event("c-1", "ended", 4)))
     assert after_drain is not None
 
 
@@ -99,7 +99,7 @@ def test_each_commit_renews_the_drain_lock(
     shard = log_events(store, "c-1", 1)
     lock = store.keys.drain_lock(shard)
     configured_ms = store.settings.drain_lock_seconds * 1000
-    assert store.acquire_drain_lock(shard, "mine")
+    assert store.coordination.acquire_drain_lock(shard, "mine")
     store.redis.pexpire(lock, configured_ms * 100)
     assert small_drainer(store, machine, 60_000, wake)._drain_slice(shard) == (1, True)
     assert store.redis.get(lock) == b"mine"
@@ -110,13 +110,16 @@ def test_a_used_up_slice_hands_the_shard_to_a_new_job(
     store: Store, machine: CallMachine, wake: Callable[[int], None], woken: list[int]
 ) -> None:
     shard = log_events(store, "c-1", 6)
-    assert small_drainer(store, machine, 0, wake).drain(shard, store.wake_holder(shard)) == 2
+    assert (
+        small_drainer(store, machine, 0, wake).drain(shard, store.coordination.wake_holder(shard))
+        == 2
+    )
     assert woken == [shard]
-    assert store.has_backlog(shard)
-    _, _, claimed = store.append_event("c-1", body(event("c-1", "ended", 9999)))
+    assert store.log.has_backlog(shard)
+    _, _, claimed = store.log.append_event("c-1", body(event("c-1", "ended", 9999)))
     assert claimed is None, "the queued successor will drain it; no second job"
     successor = small_drainer(store, machine, 60_000, wake)
-    assert successor.drain(shard, store.wake_holder(shard)) == 5
+    assert successor.drain(shard, store.coordination.wake_holder(shard)) == 5
     assert woken == [shard]
 
 
@@ -134,7 +137,7 @@ def test_a_lingering_drain_applies_events_logged_while_it_waits(
         wake=wake,
     )
     blocking_reads: list[int] = []
-    real_read = store.read_entries
+    real_read = store.log.read_entries
 
     def read_and_log_one_while_blocked(
         shard_: int, after: str | None, count: int, block_ms: int = 0
@@ -142,11 +145,11 @@ def test_a_lingering_drain_applies_events_logged_while_it_waits(
         if block_ms:
             blocking_reads.append(block_ms)
             if len(blocking_reads) == 1:
-                store.append_event("c-1", body(event("c-1", "answered", 5000)))
+                store.log.append_event("c-1", body(event("c-1", "answered", 5000)))
         return real_read(shard_, after, count, block_ms)
 
-    monkeypatch.setattr(store, "read_entries", read_and_log_one_while_blocked)
+    monkeypatch.setattr(store.log, "read_entries", read_and_log_one_while_blocked)
     assert lingering.drain(shard) == 2
     assert blocking_reads[0] == 50
     assert len(blocking_reads) == 2, "waited again after the late event, then finished"
-    assert not store.has_backlog(shard)
+    assert not store.log.has_backlog(shard)

@@ -112,13 +112,13 @@ def test_any_body_gets_a_json_4xx_or_is_stored_and_applied(raw: bytes, content_t
     assert sent.status_code == 200
     for shard in range(SETTINGS.shards):
         drainer.drain(shard)
-        assert not store.has_backlog(shard)
+        assert not store.log.has_backlog(shard)
     if response.status_code == 200:
-        doc = store.get_doc(answer["call_id"])
+        doc = store.docs.get_doc(answer["call_id"])
         assert doc is not None
         assert answer["log_id"] in [item["log_id"] for item in doc["journal"]]
     else:
         assert answer["error"] and answer["message"]
-    control_doc = store.get_doc(control)
+    control_doc = store.docs.get_doc(control)
     assert control_doc is not None and control_doc["status"] == "ringing"
-    assert store.quarantined(5) == [] or response.status_code != 200
+    assert store.quarantine.recent(5) == [] or response.status_code != 200

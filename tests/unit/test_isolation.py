@@ -16,11 +16,13 @@ import callstate.calls
 from callstate.calls import Doc, LogEntry
 from callstate.codec import pack
 from callstate.config import Settings
+from callstate.connection import StreamRows
 from callstate.drain import Drainer
+from callstate.eventlog import event_fields
 from callstate.machine import CallMachine
 from callstate.rebuild import check
-from callstate.store import Store, StreamRows, event_fields
-from tests.factories import body, ended, event
+from callstate.store import Store
+from tests.factories import body, ended, event, record_of
 
 SHARD = 1
 
@@ -70,21 +72,21 @@ def test_poison_entries_are_set_aside_and_the_shard_keeps_flowing(
 
     drainer.drain(SHARD)
 
-    assert not store.has_backlog(SHARD)
-    doc = store.get_doc(control)
+    assert not store.log.has_backlog(SHARD)
+    doc = store.docs.get_doc(control)
     assert doc is not None and doc["status"] == "ended"
     # answered -> answered is not a transition: what matters is that every event got its verdict.
     assert verdicts(doc) == [("accepted", None)] * 2 + [("rejected", "illegal_transition")] * 2 + [
         ("accepted", None)
     ]
-    assert doc["record"]["disposition"] == "answered"
+    assert record_of(doc)["disposition"] == "answered"
     for (error, _), call_id in zip(POISON.items(), poisoned, strict=False):
-        poisoned_doc = store.get_doc(call_id)
+        poisoned_doc = store.docs.get_doc(call_id)
         assert verdicts(poisoned_doc) == [("rejected", "unprocessable")]
         assert poisoned_doc is not None and poisoned_doc["journal"][0]["error"] == error
         assert poisoned_doc["counts"]["rejected"] == 1 and poisoned_doc["status"] is None
-    assert store.get_doc(garbled) is not None
-    assert {item["log_id"]: item["call_id"] for item in store.quarantined(20)} == {
+    assert store.docs.get_doc(garbled) is not None
+    assert {item["log_id"]: item["call_id"] for item in store.quarantine.recent(20)} == {
         log_id: call_id
         for log_id, call_id in zip(aside, [*poisoned[:-1], garbled, unreadable], strict=True)
     }
@@ -110,7 +112,7 @@ def test_the_entry_that_breaks_leaves_its_call_as_it_was_and_later_entries_apply
         log_raw(store, call, body(event(call, status, ts)))
     drainer.drain(SHARD)
 
-    doc = store.get_doc(call)
+    doc = store.docs.get_doc(call)
     assert verdicts(doc) == [
         ("accepted", None),
         ("rejected", "unprocessable"),
@@ -137,7 +139,7 @@ def test_redis_trouble_is_retried_and_skips_nothing(
     [call] = ids_in_shard(store, "c", 1)
     log_raw(store, call, body(event(call, "ringing", 1)))
     calls = {"n": 0}
-    real_load = store.load_docs
+    real_load = store.docs.load_docs
 
     def load_fails_once(call_ids: Any) -> dict[str, Doc | None]:
         calls["n"] += 1
@@ -145,15 +147,15 @@ def test_redis_trouble_is_retried_and_skips_nothing(
             raise RedisConnectionError("connection reset")
         return real_load(call_ids)
 
-    monkeypatch.setattr(store, "load_docs", load_fails_once)
+    monkeypatch.setattr(store.docs, "load_docs", load_fails_once)
     with pytest.raises(RedisConnectionError):
         drainer.drain(SHARD)
-    assert store.has_backlog(SHARD)
-    assert store.get_doc(call) is None
-    store.release_drain_lock(SHARD, _lock_holder(store))
+    assert store.log.has_backlog(SHARD)
+    assert store.docs.get_doc(call) is None
+    store.coordination.release_drain_lock(SHARD, _lock_holder(store))
     drainer.drain(SHARD)
-    assert verdicts(store.get_doc(call)) == [("accepted", None)]
-    assert store.quarantined(5) == []
+    assert verdicts(store.docs.get_doc(call)) == [("accepted", None)]
+    assert store.quarantine.recent(5) == []
 
 
 def _lock_holder(store: Store) -> str:
@@ -180,7 +182,7 @@ def test_a_call_stops_growing_at_its_event_bound(redis: Redis, settings: Setting
             log_raw(store, call, body(event(call, ("ringing", "agentEnded")[n % 2], ts)))
         drainer.drain(SHARD)
         sizes.append(len(redis.get(store.keys.call(call)) or b""))
-    doc = store.get_doc(call)
+    doc = store.docs.get_doc(call)
     assert doc is not None
     assert len(doc["journal"]) == 10 and len(doc["seen"]) == 10 and len(doc["legs"]) == 5
     assert doc["counts"]["accepted"] == 10 and doc["counts"]["rejected"] == 50
@@ -196,9 +198,9 @@ def test_a_call_at_its_bound_still_gets_swept(redis: Redis, settings: Settings) 
     for ts in (1, 2, 3):
         log_raw(store, call, body(event(call, "ringing", ts)))
     drainer.drain(SHARD)
-    store.append_sweep(call, store.server_time_ms() + 1)
+    store.log.append_sweep(call, store.log.server_time_ms() + 1)
     drainer.drain(SHARD)
-    doc = store.get_doc(call)
+    doc = store.docs.get_doc(call)
     assert doc is not None and doc["status"] == "ended" and doc["closed_by"] == "sweeper"
     assert json.loads(json.dumps(doc)) == doc
 
@@ -224,10 +226,10 @@ def test_a_job_timeout_stops_the_batch_and_sets_nothing_aside(
     with pytest.raises(JobTimeoutException):
         drainer.drain(SHARD)
     monkeypatch.undo()
-    assert store.get_doc(victim) is None and store.has_backlog(SHARD)
-    store.release_drain_lock(SHARD, _lock_holder(store))
+    assert store.docs.get_doc(victim) is None and store.log.has_backlog(SHARD)
+    store.coordination.release_drain_lock(SHARD, _lock_holder(store))
     drainer.drain(SHARD)
-    assert verdicts(store.get_doc(victim)) == [("accepted", None)]
+    assert verdicts(store.docs.get_doc(victim)) == [("accepted", None)]
     assert check(store, machine, 7).differing == []
 
 
@@ -250,7 +252,7 @@ def test_bodies_earlier_versions_logged_still_apply(
     applying as they did, or a rebuild after an upgrade would change acknowledged calls."""
     log_fields(store, {"call_id": "legacy-1", "event": pack(raw)})
     drainer.drain(SHARD)
-    assert verdicts(store.get_doc("legacy-1")) == [("accepted", None)]
+    assert verdicts(store.docs.get_doc("legacy-1")) == [("accepted", None)]
 
 
 def test_a_call_stops_growing_at_its_byte_bound(redis: Redis, settings: Settings) -> None:
@@ -266,14 +268,14 @@ def test_a_call_stops_growing_at_its_byte_bound(redis: Redis, settings: Settings
         log_raw(store, call, raw.encode())
     drainer.drain(SHARD)
 
-    doc = store.get_doc(call)
+    doc = store.docs.get_doc(call)
     assert doc is not None
     # The end (~500 bytes) and two 15 kB notices fit in 40 kB; a third does not.
     assert [r for _, r in verdicts(doc)] == [None, None, None] + ["too_large"] * 8
-    assert doc["record"]["revision"] == 3 and "f2" not in doc["record"]
+    assert record_of(doc)["revision"] == 3 and "f2" not in record_of(doc)
     records = cast(StreamRows, redis.xrange(store.keys.records()))
     assert sum(len(fields[b"record"]) for _, fields in records) < posted
-    assert store.quarantined(5) == []
+    assert store.quarantine.recent(5) == []
     assert check(store, CallMachine(), 3).differing == []
 
 
@@ -287,9 +289,9 @@ def test_a_call_stops_publishing_at_its_revision_bound(redis: Redis, settings: S
         log_raw(store, call, json.dumps({"call_id": call, "recording_url": f"r{n}"}).encode())
     drainer.drain(SHARD)
 
-    doc = store.get_doc(call)
+    doc = store.docs.get_doc(call)
     assert [r for _, r in verdicts(doc)] == [None, None, None] + ["too_many_revisions"] * 4
-    assert doc is not None and doc["record"]["recording_url"] == "r1"
+    assert doc is not None and record_of(doc)["recording_url"] == "r1"
     records = cast(StreamRows, redis.xrange(store.keys.records()))
     assert [json.loads(fields[b"record"])["revision"] for _, fields in records] == [1, 2, 3]
     assert check(store, CallMachine(), 2).differing == []

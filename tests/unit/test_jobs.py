@@ -10,9 +10,10 @@ from redis import Redis
 
 from callstate import jobs
 from callstate.config import Settings
+from callstate.connection import StreamRows
 from callstate.snapshots import Advanced
-from callstate.store import Store, StreamRows
-from tests.factories import body, event
+from callstate.store import Store
+from tests.factories import body, event, record_of
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def log_at(store: Store, ms: int, payload: dict[str, Any]) -> int:
 
 def test_maintenance_closes_silent_calls_via_the_log(context: jobs.Context) -> None:
     store = context.store
-    now = store.server_time_ms()
+    now = store.log.server_time_ms()
     silent = log_at(store, now - 120_000, event("silent", "ringing", 1))
     log_at(store, now - 1_000, event("recent", "ringing", 1))
     for shard in range(context.settings.shards):
@@ -40,16 +41,16 @@ def test_maintenance_closes_silent_calls_via_the_log(context: jobs.Context) -> N
     result = jobs.maintain()
     assert result["stale"] == 1
     assert context.queue.count >= 1
-    assert store.has_backlog(silent)
+    assert store.log.has_backlog(silent)
     jobs.drain_shard(silent)
-    doc = store.get_doc("silent")
+    doc = store.docs.get_doc("silent")
     assert doc is not None
     assert doc["status"] == "ended"
-    assert doc["record"]["closed_by"] == "sweeper"
-    recent = store.get_doc("recent")
+    assert record_of(doc)["closed_by"] == "sweeper"
+    recent = store.docs.get_doc("recent")
     assert recent is not None
     assert recent["status"] == "ringing"
-    assert store.stale_call_ids(now - 60_000, 10) == []
+    assert store.docs.stale_call_ids(now - 60_000, 10) == []
     records = cast(StreamRows, store.redis.xrange(store.keys.records()))
     assert [fields[b"call_id"] for _, fields in records] == [b"silent"]
 
@@ -59,18 +60,21 @@ def test_maintenance_wakes_a_shard_whose_wake_up_was_lost(
 ) -> None:
     store = context.store
     # The webhook claimed the wake flag, then its process died before it queued the job.
-    _, shard, claimed = store.append_event("c-1", body(event("c-1", "ringing", 1)))
+    _, shard, claimed = store.log.append_event("c-1", body(event("c-1", "ringing", 1)))
     assert claimed is not None and context.queue.count == 0
     assert jobs.maintain()["woken"] == 0, "a fresh flag's job may be being queued right now"
     monkeypatch.setattr(jobs, "LOST_WAKE_GRACE_MS", 0)
     assert jobs.maintain()["woken"] == 1
     [job] = context.queue.jobs
     assert job.func_name == jobs.DRAIN_JOB
-    assert job.args == (shard, store.wake_holder(shard)) and job.id == store.wake_holder(shard)
+    assert job.args == (
+        shard,
+        store.coordination.wake_holder(shard),
+    ) and job.id == store.coordination.wake_holder(shard)
     assert jobs.maintain()["woken"] == 0, "its job is queued: one is enough"
     assert context.queue.count == 1
     jobs.drain_shard(*job.args)
-    assert store.wake_holder(shard) is None and not store.has_backlog(shard)
+    assert store.coordination.wake_holder(shard) is None and not store.log.has_backlog(shard)
 
 
 def test_snapshots_never_cover_entries_not_yet_applied(context: jobs.Context) -> None:
@@ -78,18 +82,18 @@ def test_snapshots_never_cover_entries_not_yet_applied(context: jobs.Context) ->
     shard = log_at(store, 1_000, event("old", "ringing", 1))
     log_at(store, 2_000, event("old", "answered", 2))
     assert snapshots.advance(shard, 10_000) == Advanced(None, 0, 0, 0)
-    assert len(store.read_entries(shard, None, 10)) == 2
+    assert len(store.log.read_entries(shard, None, 10)) == 2
     jobs.drain_shard(shard)
     log_at(store, 20_000, event("old", "ended", 3))
     assert snapshots.advance(shard, 10_000) == Advanced("2000-0", 2, 0, 1)
-    assert [e.log_id for e in store.read_entries(shard, None, 10)] == ["20000-0"]
+    assert [e.log_id for e in store.log.read_entries(shard, None, 10)] == ["20000-0"]
 
 
 def test_maintenance_moves_a_snapshot_only_once_the_log_outgrew_retention(
     context: jobs.Context,
 ) -> None:
     store, settings = context.store, context.settings
-    now = store.server_time_ms()
+    now = store.log.server_time_ms()
     retention_ms = settings.retention_seconds * 1000
     interval_ms = settings.snapshot_interval_seconds * 1000
     shard = log_at(store, now - retention_ms - interval_ms + 60_000, event("a", "ringing", 1))
@@ -112,7 +116,7 @@ def test_maintenance_rewakes_a_shard_whose_worker_died_holding_its_job(
     context: jobs.Context, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = context.store
-    _, shard, claimed = store.append_event("c-1", body(event("c-1", "ringing", 1)))
+    _, shard, claimed = store.log.append_event("c-1", body(event("c-1", "ringing", 1)))
     assert claimed is not None
     jobs.enqueue_drain(context.queue, shard, 60, claimed)
     # A worker takes the job off the queue and dies before running it: RQ still marks it queued.
@@ -120,4 +124,4 @@ def test_maintenance_rewakes_a_shard_whose_worker_died_holding_its_job(
     monkeypatch.setattr(jobs, "LOST_WAKE_GRACE_MS", 0)
     assert jobs.maintain()["woken"] == 1
     [job] = context.queue.jobs
-    assert job.id == store.wake_holder(shard) != claimed
+    assert job.id == store.coordination.wake_holder(shard) != claimed

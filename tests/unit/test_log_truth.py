@@ -8,7 +8,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from redis import Redis
@@ -17,12 +17,13 @@ from redis.typing import EncodableT, FieldT
 from callstate import rebuild as rebuild_module
 from callstate.calls import Doc
 from callstate.config import Settings
+from callstate.connection import StreamRows
 from callstate.drain import Drainer
 from callstate.machine import CallMachine
 from callstate.rebuild import HISTORY_TRIMMED, check, rebuild
 from callstate.snapshots import Snapshots
-from callstate.store import Store, StreamRows
-from tests.factories import body, ended, event
+from callstate.store import Store
+from tests.factories import body, ended, event, record_of
 
 Deliver = Callable[..., Doc]
 RETENTION_MS = 60_000
@@ -45,7 +46,7 @@ def notice(call_id: str, url: str) -> dict[str, Any]:
 
 
 def revisions(store: Store, call_id: str) -> list[int]:
-    rows: StreamRows = store.redis.xrange(store.keys.records())  # type: ignore[assignment]
+    rows = cast(StreamRows, store.redis.xrange(store.keys.records()))
     found = [json.loads(fields[b"record"]) for _, fields in rows]
     return [record["revision"] for record in found if record["call_id"] == call_id]
 
@@ -60,7 +61,7 @@ def log_at(store: Store, ms: int, fields: dict[FieldT, EncodableT]) -> int:
 def deliver_at(store: Store, drainer: Drainer, ms: int, payload: dict[str, Any]) -> Doc | None:
     shard = log_at(store, ms, {"call_id": payload["call_id"], "event": body(payload)})
     drainer.drain(shard)
-    return store.get_doc(payload["call_id"])
+    return store.docs.get_doc(payload["call_id"])
 
 
 def sweep_at(store: Store, drainer: Drainer, ms: int, call_id: str, before_ms: int) -> None:
@@ -79,7 +80,7 @@ def age_out(store: Store, machine: CallMachine, before_ms: int) -> int:
 
 
 def all_docs(store: Store) -> dict[str, Doc | None]:
-    return store.load_docs(sorted(store.all_call_ids()))
+    return store.docs.load_docs(sorted(store.docs.all_call_ids()))
 
 
 def test_an_ended_call_whose_first_events_aged_out_is_kept_then_retired(
@@ -88,15 +89,15 @@ def test_an_ended_call_whose_first_events_aged_out_is_kept_then_retired(
     deliver_at(store, drainer, 1_000, event("c1", "ringing", 100))
     deliver_at(store, drainer, 2_000, ended("c1", 200, "USER_END_CALL", 5))
     late = deliver_at(store, drainer, 6_000, notice("c1", "https://rec/1"))
-    assert late is not None and late["record"]["revision"] == 2
+    assert late is not None and record_of(late)["revision"] == 2
     assert age_out(store, machine, 5_000) == 0
     shard = store.keys.shard_of("c1")
-    assert [e.log_id for e in store.read_range(shard, None, None, 10)] == [f"{T0 + 6_000}-0"]
+    assert [e.log_id for e in store.log.read_range(shard, None, None, 10)] == [f"{T0 + 6_000}-0"]
     assert check(store, machine).differing == []
     assert rebuild(store, machine).rewritten == 0
-    assert store.get_doc("c1") == late
+    assert store.docs.get_doc("c1") == late
     assert age_out(store, machine, 7_000) == 1
-    assert store.get_doc("c1") is None
+    assert store.docs.get_doc("c1") is None
     assert check(store, machine).differing == []
 
 
@@ -105,12 +106,12 @@ def test_a_call_the_sweeper_closed_survives_its_events_aging_out(
 ) -> None:
     deliver_at(store, drainer, 1_000, event("c2", "ringing", 100))
     sweep_at(store, drainer, 5_000, "c2", before_ms=T0 + 2_000)
-    swept = store.get_doc("c2")
+    swept = store.docs.get_doc("c2")
     assert swept is not None and swept["closed_by"] == "sweeper"
     age_out(store, machine, 3_000)
     assert check(store, machine).differing == []
     rebuild(store, machine)
-    assert store.get_doc("c2") == swept
+    assert store.docs.get_doc("c2") == swept
     assert revisions(store, "c2") == [1]
 
 
@@ -144,7 +145,7 @@ def test_check_on_a_live_system_ignores_the_backlog(
     deliver: Deliver, store: Store, machine: CallMachine
 ) -> None:
     deliver(event("c5", "ringing", 100))
-    store.append_event("c5", body(event("c5", "answered", 150)))
+    store.log.append_event("c5", body(event("c5", "answered", 150)))
     assert check(store, machine).differing == []
 
 
@@ -156,18 +157,18 @@ def test_check_reads_again_a_call_a_drainer_changed_between_its_reads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     deliver(event("c6", "ringing", 100))
-    real_load = store.load_docs
+    real_load = store.docs.load_docs
     moved: list[bool] = []
 
     def load_after_a_drainer_moved_on(call_ids: Any) -> dict[str, Doc | None]:
         ids = list(call_ids)
         if "c6" in ids and not moved:
             moved.append(True)
-            _, shard, _ = store.append_event("c6", body(event("c6", "answered", 150)))
+            _, shard, _ = store.log.append_event("c6", body(event("c6", "answered", 150)))
             drainer.drain(shard)
         return real_load(ids)
 
-    monkeypatch.setattr(store, "load_docs", load_after_a_drainer_moved_on)
+    monkeypatch.setattr(store.docs, "load_docs", load_after_a_drainer_moved_on)
     report = check(store, machine)
     assert moved and report.differing == []
 
@@ -181,7 +182,7 @@ def test_rebuild_leaves_a_call_whose_history_was_trimmed_before_snapshots(
     report = check(store, machine)
     assert report.differing == [] and report.left == {"c7": HISTORY_TRIMMED}
     assert rebuild(store, machine).left == {"c7": HISTORY_TRIMMED}
-    assert store.get_doc("c7") == doc
+    assert store.docs.get_doc("c7") == doc
 
 
 def test_a_drainer_committing_during_a_rebuild_fences_it(
@@ -200,9 +201,9 @@ def test_a_drainer_committing_during_a_rebuild_fences_it(
     def derive_then_let_a_drainer_commit(*args: Any) -> dict[str, bytes]:
         derived = real_derive(*args)
         if not revisions(store, "c8"):
-            _, shard, _ = store.append_event("c8", body(ended("c8", 200, "USER_END_CALL", 5)))
-            entries = store.read_entries(shard, store.cursor(shard), 10)
-            assert lost_lock._commit(shard, store.cursor(shard), entries)
+            _, shard, _ = store.log.append_event("c8", body(ended("c8", 200, "USER_END_CALL", 5)))
+            entries = store.log.read_entries(shard, store.log.cursor(shard), 10)
+            assert lost_lock._commit(shard, store.log.cursor(shard), entries)
         return derived
 
     monkeypatch.setattr(rebuild_module, "derive_shard", derive_then_let_a_drainer_commit)
@@ -221,7 +222,7 @@ def test_a_slow_rebuild_keeps_every_shard_locked_while_events_arrive(
     store = Store(redis, dataclasses.replace(settings, drain_lock_seconds=1))
     drainer = Drainer(store, machine, 7, 60_000, 0, 0, lambda shard: None)
     for n in range(5):
-        _, shard, _ = store.append_event(f"d{n}", body(event(f"d{n}", "ringing", 100)))
+        _, shard, _ = store.log.append_event(f"d{n}", body(event(f"d{n}", "ringing", 100)))
         drainer.drain(shard)
     real_derive = rebuild_module.derive_shard
     drained_meanwhile: list[int] = []
@@ -229,7 +230,7 @@ def test_a_slow_rebuild_keeps_every_shard_locked_while_events_arrive(
     def slow_derive(*args: Any) -> dict[str, bytes]:
         deadline = time.monotonic() + 2.5  # well past the 1 s lock a renewal must keep
         while time.monotonic() < deadline:
-            _, shard, _ = store.append_event("d0", body(event("d0", "answered", 150)))
+            _, shard, _ = store.log.append_event("d0", body(event("d0", "answered", 150)))
             drained_meanwhile.append(drainer.drain(shard))
             time.sleep(0.1)
         return real_derive(*args)
@@ -240,7 +241,7 @@ def test_a_slow_rebuild_keeps_every_shard_locked_while_events_arrive(
     monkeypatch.undo()
     for shard in range(store.settings.shards):
         drainer.drain(shard)
-    doc = store.get_doc("d0")
+    doc = store.docs.get_doc("d0")
     assert doc is not None and doc["counts"]["accepted"] == 2
     assert check(store, machine).differing == []
 

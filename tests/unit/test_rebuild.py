@@ -15,7 +15,7 @@ Deliver = Callable[..., Doc]
 
 
 def snapshot(store: Store) -> dict[str, Doc | None]:
-    return store.load_docs(sorted(store.all_call_ids()))
+    return store.docs.load_docs(sorted(store.docs.all_call_ids()))
 
 
 def test_rebuild_reproduces_what_the_drainer_produced(
@@ -31,7 +31,7 @@ def test_rebuild_reproduces_what_the_drainer_produced(
             *([ended(call, 200, "USER_END_CALL", 80)] if n % 3 else []),
         )
     before = snapshot(store)
-    active_before = store.active_calls(None, None, 0, 100)
+    active_before = store.docs.active_calls(None, None, 0, 100)
     assert check(store, machine, 5).differing == []
     store.redis.delete(store.keys.call("call-1"))
     store.redis.set(store.keys.call("call-2"), json.dumps({"corrupt": True}))
@@ -42,12 +42,12 @@ def test_rebuild_reproduces_what_the_drainer_produced(
     assert report.left == {"ghost": NOT_IN_LOG}, "never removed: left, and said why"
     rebuild(store, machine, batch=5)
     assert snapshot(store) == before | {"ghost": {}}
-    assert store.active_calls(None, None, 0, 100) == active_before
-    assert not any(store.has_backlog(shard) for shard in range(store.settings.shards))
+    assert store.docs.active_calls(None, None, 0, 100) == active_before
+    assert not any(store.log.has_backlog(shard) for shard in range(store.settings.shards))
 
 
 def test_rebuild_waits_for_a_busy_shard(store: Store, machine: CallMachine) -> None:
-    store.acquire_drain_lock(1, "worker")
+    store.coordination.acquire_drain_lock(1, "worker")
     try:
         rebuild(store, machine, batch=5)
     except RuntimeError as exc:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from callstate.record import disposition, sip_code
-from tests.factories import ended
+from tests.factories import ended, record_of
 
 
 @pytest.mark.parametrize(
@@ -75,4 +75,4 @@ def test_record_of_the_documented_end_event(deliver: Any) -> None:
 
 def test_inbound_call_direction(deliver: Any) -> None:
     doc = deliver(ended("c-2", 10, "USER_END_CALL", 5, callCreatedReason="EXTERNAL_CALL_IN"))
-    assert doc["record"]["direction"] == "inbound"
+    assert record_of(doc)["direction"] == "inbound"

@@ -337,7 +337,7 @@ def records_of(store: Store, call_id: str) -> list[dict[str, Any]]:
 
 
 def check_call(store: Store, call: ModelCall, log_ids: list[str]) -> None:
-    doc = store.get_doc(call.call_id)
+    doc = store.docs.get_doc(call.call_id)
     if not call.exists:
         assert doc is None
         return
@@ -403,16 +403,16 @@ def test_any_delivery_order_ends_in_the_state_the_model_predicts(trace: Trace) -
         model = {call_id: ModelCall(call_id) for call_id in trace.call_ids}
         log_ids: dict[str, list[str]] = {call_id: [] for call_id in trace.call_ids}
         for n, delivery in enumerate(trace.deliveries):
-            log_id, shard, _ = store.append_event(delivery.call_id, body(delivery.payload))
+            log_id, shard, _ = store.log.append_event(delivery.call_id, body(delivery.payload))
             log_ids[delivery.call_id].append(log_id)
             model[delivery.call_id].deliver(delivery.payload)
             if n in trace.drain_points:
                 drainer.drain(shard)
         for shard in range(config.shards):
             drainer.drain(shard)
-            assert not store.has_backlog(shard)
+            assert not store.log.has_backlog(shard)
 
         for call_id, call in model.items():
             check_call(store, call, log_ids[call_id])
-        assert store.all_call_ids() == {c for c, call in model.items() if call.exists}
+        assert store.docs.all_call_ids() == {c for c, call in model.items() if call.exists}
         assert check(store, MACHINE, trace.rebuild_batch).differing == []

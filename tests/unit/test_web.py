@@ -18,11 +18,13 @@ from werkzeug.test import TestResponse
 
 from callstate.codec import unpack
 from callstate.config import Settings
+from callstate.connection import StreamRows
 from callstate.drain import Drainer
+from callstate.eventlog import event_fields
 from callstate.signature import sign
-from callstate.store import Store, StreamRows, event_fields
+from callstate.store import Store
 from callstate.web import QUARANTINE_PREVIEW_BYTES, create_app
-from tests.factories import body, ended, event, example
+from tests.factories import body, ended, event, example, record_of
 
 URL = "/webhooks/stringee"
 FAR_FUTURE_MS = int(time.time() * 1000) + 3600 * 1000
@@ -292,18 +294,12 @@ def test_a_body_over_the_size_limit_is_413_and_logs_nothing(
     assert after == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the README says refused deliveries, 413 included, are quarantined; werkzeug raises "
-    "RequestEntityTooLarge in request.get_data(), before receive_event's quarantine",
-)
 def test_a_body_over_the_size_limit_is_quarantined_with_a_preview(
     client: FlaskClient, store: Store
 ) -> None:
     """An operator must see a refused delivery: its size and the start of its body."""
     assert client.post(URL, data=OVERSIZED, headers=JSON).status_code == 413
-    quarantined = store.quarantined(5)
+    quarantined = store.quarantine.recent(5)
     assert len(quarantined) == 1
     [item] = quarantined
     assert (item["status"], item["error"]) == (413, "request_entity_too_large")
@@ -314,7 +310,7 @@ def test_a_body_over_the_size_limit_is_quarantined_with_a_preview(
 def test_quarantine_preview_masks_phone_numbers(client: FlaskClient, store: Store) -> None:
     refused = body(event("c", "ringing", 1, duration=-1))
     assert client.post(URL, data=refused, headers=JSON).status_code == 422
-    [item] = store.quarantined(5)
+    [item] = store.quarantine.recent(5)
     assert "84909985668" not in item["body"] and "84899199866" not in item["body"]
     assert '"number": "********668"' in item["body"]
     assert '"duration": -1' in item["body"]
@@ -335,14 +331,14 @@ def test_quarantine_preview_masks_numbers_however_they_are_written(
     client: FlaskClient, store: Store, refused: bytes
 ) -> None:
     assert client.post(URL, data=refused, headers=JSON).status_code == 422
-    [item] = store.quarantined(5)
+    [item] = store.quarantine.recent(5)
     assert "8490998" not in item["body"]
 
 
 def test_quarantine_is_bounded(client: FlaskClient, store: Store, settings: Settings) -> None:
     for n in range(settings.quarantine_max + 5):
         client.post(URL, data=b"garbage %d" % n, headers=JSON)
-    kept = store.quarantined(settings.quarantine_max + 10)
+    kept = store.quarantine.recent(settings.quarantine_max + 10)
     assert len(kept) == settings.quarantine_max
     assert kept[0]["body"] == f"garbage {settings.quarantine_max + 4}"
 
@@ -470,7 +466,7 @@ def test_accounts_and_projects_outside_the_allow_lists_are_403(
                 "field": field,
                 "message": "",
             }
-    assert [item["error"] for item in store.quarantined(5)] == ["forbidden", "forbidden"]
+    assert [item["error"] for item in store.quarantine.recent(5)] == ["forbidden", "forbidden"]
 
 
 def test_form_encoded_bodies_are_refused_naming_the_supported_type(client: FlaskClient) -> None:
@@ -497,7 +493,7 @@ def test_one_projects_secret_cannot_reach_another_projects_call(
     assert post_signed({"call_id": "c-26", "answerDuration": 0, "recording_url": "x"}, "s25") == 200
     assert post_signed(ended("c-26", 3, "USER_END_CALL", 30, project_id=26), "s26") == 200
     drain_all(drainer, settings)
-    doc = store.get_doc("c-26")
+    doc = store.docs.get_doc("c-26")
     assert doc is not None
     assert [(e["verdict"], e["reason"]) for e in doc["journal"]] == [
         ("accepted", None),
@@ -505,4 +501,4 @@ def test_one_projects_secret_cannot_reach_another_projects_call(
         ("rejected", "wrong_project"),
         ("accepted", None),
     ]
-    assert doc["record"]["disposition"] == "answered" and doc["record"]["project_id"] == 26
+    assert record_of(doc)["disposition"] == "answered" and record_of(doc)["project_id"] == 26

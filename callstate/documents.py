@@ -1,0 +1,200 @@
+"""Call documents, the active-call indexes, and the batch commit that writes them with the
+records and the cursor in one transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, cast
+
+from redis import Redis
+from redis.client import Pipeline
+from redis.exceptions import WatchError
+
+from callstate.calls import Applied, Doc, is_active
+from callstate.codec import dumps, pack_doc, unpack_doc
+from callstate.config import Settings
+from callstate.connection import text
+from callstate.keys import Keys
+
+
+class Documents:
+    """The call documents and what is derived with them: indexes, records, counters."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix, settings.shards)
+
+    def load_docs(self, call_ids: Iterable[str]) -> dict[str, Doc | None]:
+        ids = list(call_ids)
+        if not ids:
+            return {}
+        raws = self.redis.mget([self.keys.call(call_id) for call_id in ids])
+        return {
+            call_id: unpack_doc(cast(bytes, raw)) if raw else None
+            for call_id, raw in zip(ids, raws, strict=True)
+        }
+
+    def get_doc(self, call_id: str) -> Doc | None:
+        return self.load_docs([call_id])[call_id]
+
+    def all_call_ids(self) -> set[str]:
+        prefix_len = len(self.keys.call(""))
+        return {
+            key.decode()[prefix_len:]
+            for key in self.redis.scan_iter(match=self.keys.call_pattern(), count=1000)
+        }
+
+    def index_keys(self, doc: Doc | None) -> set[str]:
+        """The lookup indexes an active call belongs to: its numbers and its user."""
+        if doc is None or not is_active(doc):
+            return set()
+        fields = doc["fields"]
+        found = set()
+        for party in ("from", "to"):
+            number = _text_field(fields.get(party), "number")
+            if number:
+                found.add(self.keys.active_by("number", number))
+        user = _text_field(fields, "request_from_user_id")
+        if user:
+            found.add(self.keys.active_by("user", user))
+        return found
+
+    def commit(
+        self,
+        shard: int,
+        expected_cursor: str | None,
+        new_cursor: str,
+        entries: int,
+        applied: Applied,
+        indexed_before: dict[str, set[str]],
+    ) -> bool:
+        """Write a batch's documents, indexes, records and the new cursor in one transaction.
+
+        The transaction only runs if the cursor is still `expected_cursor`, so a batch can never be
+        applied twice, even by a drainer that lost its lock while it worked.
+        """
+        cursor_key = self.keys.cursor(shard)
+        with self.redis.pipeline() as pipe:
+            try:
+                pipe.watch(cursor_key)  # type: ignore[no-untyped-call]
+                current = pipe.get(cursor_key)
+                if (text(current) if current else None) != expected_cursor:
+                    return False
+                pipe.multi()
+                for call_id, doc in applied.docs.items():
+                    self.write_doc(pipe, doc, applied.packed[call_id], indexed_before[call_id])
+                for record in applied.records:
+                    pipe.xadd(
+                        self.keys.records(),
+                        {"call_id": record["call_id"], "record": dumps(record)},
+                        maxlen=self.settings.records_stream_maxlen,
+                        approximate=True,
+                    )
+                pipe.set(cursor_key, new_cursor)
+                pipe.incrby(self.keys.applied_counter(), entries)
+                if applied.unprocessable:
+                    pipe.incrby(self.keys.unprocessable_counter(shard), len(applied.unprocessable))
+                if applied.expired:
+                    pipe.incrby(self.keys.expired_counter(shard), len(applied.expired))
+                # Renews the drainer's lock; if it was lost, the cursor check above already fences.
+                pipe.pexpire(self.keys.drain_lock(shard), self.settings.drain_lock_seconds * 1000)
+                pipe.execute()
+                return True
+            except WatchError:
+                return False
+
+    def write_doc(self, pipe: Pipeline, doc: Doc, packed: bytes, indexed_before: set[str]) -> None:
+        """Queue a document's write and its index updates on `pipe`."""
+        self._set_doc(pipe, doc, packed)
+        self._index(pipe, doc, indexed_before)
+
+    def _set_doc(self, pipe: Pipeline, doc: Doc, packed: bytes) -> None:
+        expiry_ms = None if is_active(doc) else self._expiry_ms()
+        pipe.set(self.keys.call(doc["call_id"]), packed, px=expiry_ms)
+
+    def _index(self, pipe: Pipeline, doc: Doc, indexed_before: set[str]) -> None:
+        call_id = doc["call_id"]
+        indexed_now = self.index_keys(doc)
+        for key in indexed_before - indexed_now:
+            pipe.zrem(key, call_id)
+        if is_active(doc):
+            score = {call_id: doc["last_received_ms"] or 0}
+            pipe.zadd(self.keys.active(), score)
+            for key in indexed_now:
+                pipe.zadd(key, score)
+        else:
+            pipe.zrem(self.keys.active(), call_id)
+
+    def rewrite(
+        self,
+        cursors: dict[int, str | None],
+        docs: dict[str, Doc],
+        active: dict[str, Doc],
+    ) -> bool:
+        """Write `callstate rebuild`'s documents and every active-call index anew, only if no
+        shard's cursor moved from `cursors`. The cursors are rewritten too, so a drainer that
+        lost its lock cannot commit what it read before."""
+        cursor_keys = {shard: self.keys.cursor(shard) for shard in cursors}
+        with self.redis.pipeline() as pipe:
+            try:
+                pipe.watch(*cursor_keys.values())  # type: ignore[no-untyped-call]
+                for shard, key in cursor_keys.items():
+                    current = pipe.get(key)
+                    if (text(current) if current else None) != cursors[shard]:
+                        return False
+                indexes = list(self.redis.scan_iter(match=self.keys.active_index_pattern()))
+                pipe.multi()
+                pipe.delete(self.keys.active(), *indexes)
+                for doc in docs.values():
+                    self._set_doc(pipe, doc, pack_doc(doc))
+                for doc in active.values():
+                    self._index(pipe, doc, set())
+                for shard, key in cursor_keys.items():
+                    if cursors[shard] is not None:
+                        pipe.set(key, cast(str, cursors[shard]))
+                pipe.execute()
+                return True
+            except WatchError:
+                return False
+
+    def _expiry_ms(self) -> int:
+        """A call that is not active is retired by its shard's snapshot once its last entry
+        ages out of the log; the TTL, twice as long, only frees memory if maintenance stops."""
+        return 2 * self.settings.retention_seconds * 1000
+
+    def active_calls(
+        self, number: str | None, user: str | None, offset: int, limit: int
+    ) -> tuple[int, list[Doc]]:
+        """Active calls, most recently heard from first, optionally by number and/or user."""
+        keys = []
+        if number:
+            keys.append(self.keys.active_by("number", number))
+        if user:
+            keys.append(self.keys.active_by("user", user))
+        ids: list[bytes]
+        if len(keys) == 2:
+            ranked = cast(list[tuple[bytes, float]], self.redis.zinter(keys, withscores=True))
+            ranked.sort(key=lambda pair: (-pair[1], pair[0]))
+            total = len(ranked)
+            ids = [member for member, _ in ranked[offset : offset + limit]]
+        else:
+            key = keys[0] if keys else self.keys.active()
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zcard(key)
+            pipe.zrevrange(key, offset, offset + limit - 1)
+            total, ids = pipe.execute()
+        docs = self.load_docs(text(member) for member in ids)
+        return total, [doc for doc in docs.values() if doc is not None]
+
+    def stale_call_ids(self, before_ms: int, limit: int) -> list[str]:
+        ids = self.redis.zrangebyscore(self.keys.active(), "-inf", f"({before_ms}", 0, limit)
+        return [text(member) for member in cast(list[bytes], ids)]
+
+    def applied_count(self) -> int:
+        return int(self.redis.get(self.keys.applied_counter()) or 0)
+
+
+def _text_field(container: Any, name: str) -> str | None:
+    value = container.get(name) if isinstance(container, dict) else None
+    return value if isinstance(value, str) else None
