@@ -58,3 +58,4 @@ class CallDoc(TypedDict):
     project: NotRequired[int]
     bytes: NotRequired[int]
     actors: NotRequired[dict[str, str]]
+    first_revision: NotRequired[int]

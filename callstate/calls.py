@@ -72,7 +72,7 @@ class Tombstone:
     until_ms: int
 
     def refuses(self, entry: LogEntry) -> bool:
-        return entry.stale_before_ms is None and entry.received_ms < self.until_ms
+        return entry.received_ms < self.until_ms
 
 
 @dataclass(frozen=True)
@@ -128,11 +128,11 @@ def is_active(doc: Doc) -> bool:
 
 def last_change(doc: Doc) -> str | None:
     """The log id of the last entry that changed the call: every entry that changes a document
-    is journaled, or once the journal is full, counted in its overflow."""
+    is journaled, or once the journal is full, counted in its overflow (a sweeper's close is
+    journaled even then)."""
     overflow = doc.get("overflow")
-    if overflow is not None:
-        return str(overflow["last_log_id"])
-    return str(doc["journal"][-1]["log_id"]) if doc["journal"] else None
+    journaled = doc["journal"][-1]["log_id"] if doc["journal"] else None
+    return streamids.latest(journaled, overflow.get("last_log_id") if overflow else None)
 
 
 def apply_entry(
@@ -361,14 +361,20 @@ def _journal_entry(entry: LogEntry, verdict: str, reason: str | None) -> Journal
 
 
 def _set_aside(
-    docs: dict[str, Doc | None], entry: LogEntry, error: str, limits: Limits, applied: Applied
+    docs: dict[str, Doc | None],
+    entry: LogEntry,
+    error: str,
+    limits: Limits,
+    retired: Mapping[str, Tombstone],
+    applied: Applied,
 ) -> None:
-    """`rejected: unprocessable`: journaled on its call when the call id is readable, and
-    reported, while the rest of the batch goes on."""
+    """`rejected: unprocessable`: journaled on its call when the call id is readable and the
+    call is not retired, and reported, while the rest of the batch goes on."""
     applied.unprocessable.append(Unprocessable(entry.log_id, entry.call_id, error))
-    if not CALL_ID_PATTERN.fullmatch(entry.call_id):
+    if not CALL_ID_PATTERN.fullmatch(entry.call_id) or _refused(docs, entry, retired):
         return
-    doc = docs.get(entry.call_id) or new_doc(entry.call_id)
+    doc = docs.get(entry.call_id)
+    assert doc is not None
     if len(doc["journal"]) >= limits.max_events:
         _count_overflow(doc, entry)
     else:
@@ -431,7 +437,7 @@ def _apply_together(
     applied = Applied()
     for entry in entries:
         if entry.problem is not None:
-            _set_aside(docs, entry, entry.problem, limits, applied)
+            _set_aside(docs, entry, entry.problem, limits, retired, applied)
         else:
             _apply_into(docs, entry, machine, limits, retired, applied)
     return applied.pack(docs)
@@ -447,7 +453,7 @@ def _apply_one_by_one(
     applied = Applied()
     for entry in entries:
         if entry.problem is not None:
-            _set_aside(docs, entry, entry.problem, limits, applied)
+            _set_aside(docs, entry, entry.problem, limits, retired, applied)
             continue
         before = docs.get(entry.call_id)
         kept = pack_doc(before) if before is not None else None
@@ -461,7 +467,7 @@ def _apply_one_by_one(
         except Exception as exc:  # any other failure sets this one entry aside
             docs[entry.call_id] = unpack_doc(kept) if kept is not None else None
             applied.changed, applied.records = changed, applied.records[:records]
-            _set_aside(docs, entry, error_name(exc), limits, applied)
+            _set_aside(docs, entry, error_name(exc), limits, retired, applied)
     return applied.pack(docs)
 
 
@@ -483,11 +489,10 @@ def _apply_into(
     retired: Mapping[str, Tombstone],
     applied: Applied,
 ) -> None:
-    doc = docs.get(entry.call_id)
-    tombstone = retired.get(entry.call_id) if doc is None else None
-    if tombstone is not None and tombstone.refuses(entry):
+    if entry.stale_before_ms is None and _refused(docs, entry, retired):
         applied.expired.append(entry.log_id)
         return
+    doc = docs.get(entry.call_id)
     version = doc["version"] if doc else None
     doc, record = apply_entry(doc, entry, machine, limits)
     if doc is None:
@@ -497,6 +502,24 @@ def _apply_into(
         applied.changed.add(entry.call_id)
     if record is not None:
         applied.records.append(record)
+
+
+def _refused(
+    docs: dict[str, Doc | None], entry: LogEntry, retired: Mapping[str, Tombstone]
+) -> bool:
+    """Whether the entry's call is retired and still refuses events; otherwise the call has a
+    document in `docs` after this, a new one numbering its revisions on from the tombstone's,
+    so no two revisions of one call id ever share a number while the tombstone lasts."""
+    if docs.get(entry.call_id) is not None:
+        return False
+    tombstone = retired.get(entry.call_id)
+    if tombstone is not None and tombstone.refuses(entry):
+        return True
+    doc = new_doc(entry.call_id)
+    if tombstone is not None:
+        doc["first_revision"] = tombstone.revision + 1
+    docs[entry.call_id] = doc
+    return False
 
 
 def _present(docs: dict[str, Doc | None], call_id: str) -> Doc:

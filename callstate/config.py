@@ -89,51 +89,67 @@ class Settings:
         var_dir = Path(env.get("CALLSTATE_VAR_DIR", "var")).resolve()
         url = env.get("REDIS_URL", "")
         embedded_port = _int(env, "CALLSTATE_REDIS_PORT", EMBEDDED_REDIS_PORT)
-        return cls(
-            redis_url=url or f"redis://127.0.0.1:{embedded_port}/0",
-            embedded_redis=not url,
-            var_dir=var_dir,
-            signing_secret=env.get("STRINGEE_SIGNING_SECRET") or None,
-            signing_secret_previous=env.get("STRINGEE_SIGNING_SECRET_PREVIOUS") or None,
-            project_secrets=_project_secrets(env.get("STRINGEE_SIGNING_SECRETS", "")),
-            account_sids=frozenset(_items(env.get("CALLSTATE_ACCOUNT_SIDS", ""))),
-            project_ids=frozenset(
-                _project_id("CALLSTATE_PROJECT_IDS", item)
-                for item in _items(env.get("CALLSTATE_PROJECT_IDS", ""))
-            ),
-            host=env.get("HOST") or cls.host,
-            api_token=env.get("CALLSTATE_API_TOKEN") or None,
-            max_body_bytes=_int(env, "CALLSTATE_MAX_BODY_BYTES", cls.max_body_bytes),
-            shards=_int(env, "CALLSTATE_SHARDS", cls.shards),
-            queue_name=env.get("CALLSTATE_QUEUE", cls.queue_name),
-            key_prefix=env.get("CALLSTATE_KEY_PREFIX", cls.key_prefix),
-            drain_batch=_int(env, "CALLSTATE_DRAIN_BATCH", cls.drain_batch),
-            drain_lock_seconds=_int(env, "CALLSTATE_DRAIN_LOCK_SECONDS", cls.drain_lock_seconds),
-            drain_slice_ms=_int(env, "CALLSTATE_DRAIN_SLICE_MS", cls.drain_slice_ms),
-            drain_linger_ms=_int(env, "CALLSTATE_DRAIN_LINGER_MS", cls.drain_linger_ms),
-            drain_window_ms=_int(env, "CALLSTATE_DRAIN_WINDOW_MS", cls.drain_window_ms),
-            stale_after_seconds=_int(env, "CALLSTATE_STALE_AFTER_SECONDS", cls.stale_after_seconds),
-            maintenance_interval_seconds=_int(
-                env, "CALLSTATE_MAINTENANCE_INTERVAL_SECONDS", cls.maintenance_interval_seconds
-            ),
-            retention_seconds=_int(env, "CALLSTATE_RETENTION_SECONDS", cls.retention_seconds),
-            snapshot_interval_seconds=_int(
-                env, "CALLSTATE_SNAPSHOT_INTERVAL_SECONDS", cls.snapshot_interval_seconds
-            ),
-            records_stream_maxlen=_int(
-                env, "CALLSTATE_RECORDS_STREAM_MAXLEN", cls.records_stream_maxlen
-            ),
-            quarantine_max=_int(env, "CALLSTATE_QUARANTINE_MAX", cls.quarantine_max),
-            max_clock_skew_seconds=_int(
-                env, "CALLSTATE_MAX_CLOCK_SKEW_SECONDS", cls.max_clock_skew_seconds
-            ),
-            fsync=_choice(env, "CALLSTATE_FSYNC", FSYNC_POLICIES, cls.fsync),
-            max_events_per_call=_int(env, "CALLSTATE_MAX_EVENTS_PER_CALL", cls.max_events_per_call),
-            max_call_bytes=_int(env, "CALLSTATE_MAX_CALL_BYTES", cls.max_call_bytes),
-            max_record_revisions=_int(
-                env, "CALLSTATE_MAX_RECORD_REVISIONS", cls.max_record_revisions
-            ),
+        return _checked(
+            cls(
+                redis_url=url or f"redis://127.0.0.1:{embedded_port}/0",
+                embedded_redis=not url,
+                var_dir=var_dir,
+                signing_secret=env.get("STRINGEE_SIGNING_SECRET") or None,
+                signing_secret_previous=env.get("STRINGEE_SIGNING_SECRET_PREVIOUS") or None,
+                project_secrets=_project_secrets(env.get("STRINGEE_SIGNING_SECRETS", "")),
+                account_sids=frozenset(_items(env.get("CALLSTATE_ACCOUNT_SIDS", ""))),
+                project_ids=frozenset(
+                    _project_id("CALLSTATE_PROJECT_IDS", item)
+                    for item in _items(env.get("CALLSTATE_PROJECT_IDS", ""))
+                ),
+                host=env.get("HOST") or cls.host,
+                api_token=env.get("CALLSTATE_API_TOKEN") or None,
+                max_body_bytes=_int(env, "CALLSTATE_MAX_BODY_BYTES", cls.max_body_bytes),
+                shards=_int(env, "CALLSTATE_SHARDS", cls.shards),
+                queue_name=env.get("CALLSTATE_QUEUE", cls.queue_name),
+                key_prefix=env.get("CALLSTATE_KEY_PREFIX", cls.key_prefix),
+                drain_batch=_int(env, "CALLSTATE_DRAIN_BATCH", cls.drain_batch),
+                drain_lock_seconds=_int(
+                    env, "CALLSTATE_DRAIN_LOCK_SECONDS", cls.drain_lock_seconds
+                ),
+                drain_slice_ms=_int(env, "CALLSTATE_DRAIN_SLICE_MS", cls.drain_slice_ms),
+                drain_linger_ms=_int(env, "CALLSTATE_DRAIN_LINGER_MS", cls.drain_linger_ms),
+                drain_window_ms=_int(env, "CALLSTATE_DRAIN_WINDOW_MS", cls.drain_window_ms),
+                stale_after_seconds=_int(
+                    env, "CALLSTATE_STALE_AFTER_SECONDS", cls.stale_after_seconds
+                ),
+                maintenance_interval_seconds=_int(
+                    env, "CALLSTATE_MAINTENANCE_INTERVAL_SECONDS", cls.maintenance_interval_seconds
+                ),
+                retention_seconds=_int(env, "CALLSTATE_RETENTION_SECONDS", cls.retention_seconds),
+                snapshot_interval_seconds=_int(
+                    env, "CALLSTATE_SNAPSHOT_INTERVAL_SECONDS", cls.snapshot_interval_seconds
+                ),
+                records_stream_maxlen=_int(
+                    env, "CALLSTATE_RECORDS_STREAM_MAXLEN", cls.records_stream_maxlen
+                ),
+                quarantine_max=_int(env, "CALLSTATE_QUARANTINE_MAX", cls.quarantine_max),
+                max_clock_skew_seconds=_int(
+                    env, "CALLSTATE_MAX_CLOCK_SKEW_SECONDS", cls.max_clock_skew_seconds
+                ),
+                fsync=_choice(env, "CALLSTATE_FSYNC", FSYNC_POLICIES, cls.fsync),
+                max_events_per_call=_int(
+                    env, "CALLSTATE_MAX_EVENTS_PER_CALL", cls.max_events_per_call
+                ),
+                max_call_bytes=_int(env, "CALLSTATE_MAX_CALL_BYTES", cls.max_call_bytes),
+                max_record_revisions=_int(
+                    env, "CALLSTATE_MAX_RECORD_REVISIONS", cls.max_record_revisions
+                ),
+            )
         )
+
+
+def _checked(settings: Settings) -> Settings:
+    if settings.snapshot_interval_seconds >= settings.retention_seconds:
+        raise ValueError(
+            "CALLSTATE_SNAPSHOT_INTERVAL_SECONDS must be shorter than CALLSTATE_RETENTION_SECONDS"
+        )
+    return settings
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

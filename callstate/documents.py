@@ -35,6 +35,13 @@ class Documents:
             for call_id, raw in zip(ids, raws, strict=True)
         }
 
+    def load_packed(self, call_ids: list[str]) -> dict[str, bytes | None]:
+        """Documents in their stored form, for comparing without unpacking."""
+        if not call_ids:
+            return {}
+        raws = self.redis.mget([self.keys.call(call_id) for call_id in call_ids])
+        return {c: cast(bytes | None, raw) for c, raw in zip(call_ids, raws, strict=True)}
+
     def get_doc(self, call_id: str) -> Doc | None:
         return self.load_docs([call_id])[call_id]
 
@@ -63,6 +70,7 @@ class Documents:
     def commit(
         self,
         shard: int,
+        token: str,
         expected_cursor: str | None,
         new_cursor: str,
         entries: int,
@@ -71,15 +79,19 @@ class Documents:
     ) -> bool:
         """Write a batch's documents, indexes, records and the new cursor in one transaction.
 
-        The transaction only runs if the cursor is still `expected_cursor`, so a batch can never be
-        applied twice, even by a drainer that lost its lock while it worked.
+        The transaction only runs if the cursor is still `expected_cursor` and the shard's drain
+        lock still holds `token`: a drainer that lost its lock while it worked commits nothing,
+        so it cannot apply a batch twice, nor write over what a snapshot step or a rebuild that
+        took the lock wrote since it read.
         """
-        cursor_key = self.keys.cursor(shard)
+        cursor_key, lock_key = self.keys.cursor(shard), self.keys.drain_lock(shard)
         with self.redis.pipeline() as pipe:
             try:
-                pipe.watch(cursor_key)  # type: ignore[no-untyped-call]
-                current = pipe.get(cursor_key)
-                if (text(current) if current else None) != expected_cursor:
+                pipe.watch(cursor_key, lock_key)  # type: ignore[no-untyped-call]
+                current, holder = pipe.mget(cursor_key, lock_key)
+                if (text(current) if current else None) != expected_cursor or holder is None:
+                    return False
+                if text(holder) != token:
                     return False
                 pipe.multi()
                 for call_id, doc in applied.docs.items():
@@ -97,8 +109,7 @@ class Documents:
                     pipe.incrby(self.keys.unprocessable_counter(shard), len(applied.unprocessable))
                 if applied.expired:
                     pipe.incrby(self.keys.expired_counter(shard), len(applied.expired))
-                # Renews the drainer's lock; if it was lost, the cursor check above already fences.
-                pipe.pexpire(self.keys.drain_lock(shard), self.settings.drain_lock_seconds * 1000)
+                pipe.pexpire(lock_key, self.settings.drain_lock_seconds * 1000)
                 pipe.execute()
                 return True
             except WatchError:
@@ -128,21 +139,24 @@ class Documents:
 
     def rewrite(
         self,
+        token: str,
         cursors: dict[int, str | None],
         docs: dict[str, Doc],
         active: dict[str, Doc],
     ) -> bool:
-        """Write `callstate rebuild`'s documents and every active-call index anew, only if no
-        shard's cursor moved from `cursors`. The cursors are rewritten too, so a drainer that
-        lost its lock cannot commit what it read before."""
+        """Write `callstate rebuild`'s documents and every active-call index anew, only if every
+        shard's drain lock still holds `token` and no cursor moved from `cursors`."""
         cursor_keys = {shard: self.keys.cursor(shard) for shard in cursors}
+        lock_keys = [self.keys.drain_lock(shard) for shard in cursors]
         with self.redis.pipeline() as pipe:
             try:
-                pipe.watch(*cursor_keys.values())  # type: ignore[no-untyped-call]
-                for shard, key in cursor_keys.items():
-                    current = pipe.get(key)
-                    if (text(current) if current else None) != cursors[shard]:
-                        return False
+                pipe.watch(*cursor_keys.values(), *lock_keys)  # type: ignore[no-untyped-call]
+                found = pipe.mget(*cursor_keys.values(), *lock_keys)
+                current = [text(raw) if raw else None for raw in found]
+                if current[: len(cursors)] != [cursors[shard] for shard in cursor_keys]:
+                    return False
+                if any(holder != token for holder in current[len(cursors) :]):
+                    return False
                 indexes = list(self.redis.scan_iter(match=self.keys.active_index_pattern()))
                 pipe.multi()
                 pipe.delete(self.keys.active(), *indexes)
@@ -150,18 +164,18 @@ class Documents:
                     self._set_doc(pipe, doc, pack_doc(doc))
                 for doc in active.values():
                     self._index(pipe, doc, set())
-                for shard, key in cursor_keys.items():
-                    if cursors[shard] is not None:
-                        pipe.set(key, cast(str, cursors[shard]))
                 pipe.execute()
                 return True
             except WatchError:
                 return False
 
     def _expiry_ms(self) -> int:
-        """A call that is not active is retired by its shard's snapshot once its last entry
-        ages out of the log; the TTL, twice as long, only frees memory if maintenance stops."""
-        return 2 * self.settings.retention_seconds * 1000
+        """A call that is not active is retired by its shard's snapshot once its last entry is
+        older than retention and a snapshot interval; the TTL, one retention longer, only frees
+        memory if maintenance stops."""
+        return (
+            2 * self.settings.retention_seconds + self.settings.snapshot_interval_seconds
+        ) * 1000
 
     def active_calls(
         self, number: str | None, user: str | None, offset: int, limit: int

@@ -60,7 +60,7 @@ class Drainer:
                 # The holder looks at the log again after it lets go, so nothing is left behind.
                 return applied
             try:
-                count, quiet = self._drain_slice(shard)
+                count, quiet = self._drain_slice(shard, token)
                 applied += count
             finally:
                 self.store.coordination.release_drain_lock(shard, token)
@@ -70,7 +70,7 @@ class Drainer:
             if not self.store.log.has_backlog(shard):
                 return applied
 
-    def _drain_slice(self, shard: int) -> tuple[int, bool]:
+    def _drain_slice(self, shard: int, token: str) -> tuple[int, bool]:
         """Apply entries until the log stays quiet; the flag says whether it did before the end."""
         deadline = time.monotonic() + self.slice_seconds
         applied = 0
@@ -78,7 +78,7 @@ class Drainer:
         while True:
             entries = self.store.log.read_entries(shard, cursor, self.batch)
             if entries:
-                if not self._commit(shard, cursor, entries):
+                if not self._commit(shard, token, cursor, entries):
                     return applied, True
                 cursor = entries[-1].log_id
                 applied += len(entries)
@@ -101,7 +101,7 @@ class Drainer:
         instead of one per event, for at most `window_ms` of extra lag."""
         time.sleep(max(0.0, min(self.window_seconds, deadline - time.monotonic())))
 
-    def _commit(self, shard: int, cursor: str | None, entries: list[LogEntry]) -> bool:
+    def _commit(self, shard: int, token: str, cursor: str | None, entries: list[LogEntry]) -> bool:
         call_ids = {entry.call_id for entry in entries}
         docs = self.store.docs.load_docs(call_ids)
         indexed_before = {call_id: self.store.docs.index_keys(doc) for call_id, doc in docs.items()}
@@ -114,10 +114,10 @@ class Drainer:
             self.snapshots.tombstones(c for c, doc in docs.items() if doc is None),
         )
         committed = self.store.docs.commit(
-            shard, cursor, entries[-1].log_id, len(entries), applied, indexed_before
+            shard, token, cursor, entries[-1].log_id, len(entries), applied, indexed_before
         )
         if not committed:
-            log.warning("shard %s: cursor moved under this drainer; stopping", shard)
+            log.warning("shard %s: lock lost or cursor moved under this drainer; stopping", shard)
         else:
             if applied.unprocessable:
                 self._report_unprocessable(shard, applied)

@@ -9,11 +9,15 @@ what the log cannot re-derive is left as it is, with the reason.
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
+
+from redis.exceptions import RedisError
 
 from callstate import streamids
 from callstate.calls import Doc, LogEntry, apply_batch, is_active, last_change
@@ -22,7 +26,10 @@ from callstate.machine import CallMachine
 from callstate.snapshots import Snapshot, Snapshots
 from callstate.store import Store
 
+log = logging.getLogger(__name__)
 SETTLE_ROUNDS = 20
+SNAPSHOT_MOVES = 5
+COMPARE_CHUNK = 1000
 NOT_IN_LOG = "not_in_log"
 HISTORY_TRIMMED = "history_trimmed"
 
@@ -50,7 +57,7 @@ def derive_shard(
     snapshots: Snapshots, shard: int, snapshot: Snapshot, upto: str | None
 ) -> dict[str, bytes]:
     """The shard's calls as the snapshot and its log up to `upto` imply, in stored form."""
-    return extend(snapshots, shard, dict(snapshot.docs), snapshot.position, upto)
+    return extend(snapshots, shard, snapshot.derivable(), snapshot.position, upto)
 
 
 def extend(
@@ -97,7 +104,7 @@ def check(store: Store, machine: CallMachine, batch: int | None = None) -> Repor
 def _check_shard(
     store: Store, snapshots: Snapshots, shard: int, stored_ids: set[str], report: Report
 ) -> None:
-    while True:
+    for _ in range(SNAPSHOT_MOVES):
         snapshot = snapshots.load(shard)
         cursor = store.log.cursor(shard)
         state = ShardState(derive_shard(snapshots, shard, snapshot, cursor), cursor, snapshot)
@@ -109,6 +116,7 @@ def _check_shard(
             report.differing += found.differing
             report.left |= found.left
             return
+    raise RuntimeError(f"shard {shard}: its snapshot kept moving during the check; run it again")
 
 
 def _settle(
@@ -119,31 +127,62 @@ def _settle(
     call_ids: set[str],
     report: Report,
 ) -> None:
-    """Compare each call at the position of its stored document: a document that changed
-    between the two reads is read again, with the derivation carried to the new cursor."""
-    unsettled = set(call_ids)
-    report.compared += len(unsettled)
+    """Compare each call at the position of its stored document, a chunk at a time: a document
+    that changed between the two reads is read again, with the derivation carried on."""
+    report.compared += len(call_ids)
+    unsettled = sorted(call_ids)
     for _ in range(SETTLE_ROUNDS):
-        before = store.log.cursor(shard)
-        stored = store.docs.load_docs(sorted(unsettled))
-        after = store.log.cursor(shard)
-        extend(snapshots, shard, state.derived, state.position, after)
-        state.position = after
-        for call_id in sorted(unsettled):
-            derived = state.derived.get(call_id)
-            verdict = _compare(
-                stored[call_id], unpack_doc(derived) if derived else None, before, state.snapshot
-            )
-            if verdict is None:
-                continue
-            unsettled.discard(call_id)
-            if verdict in (NOT_IN_LOG, HISTORY_TRIMMED):
-                report.left[call_id] = verdict
-            elif verdict == "differs":
-                report.differing.append(call_id)
+        unsettled = [
+            call_id
+            for chunk in _chunks(unsettled, COMPARE_CHUNK)
+            for call_id in _settle_chunk(store, snapshots, shard, state, chunk, report)
+        ]
         if not unsettled:
             return
-    report.differing += sorted(unsettled)
+    report.differing += unsettled
+
+
+def _settle_chunk(
+    store: Store,
+    snapshots: Snapshots,
+    shard: int,
+    state: ShardState,
+    call_ids: list[str],
+    report: Report,
+) -> list[str]:
+    """Compare a chunk of calls; return those to read again."""
+    before = store.log.cursor(shard)
+    stored = store.docs.load_packed(call_ids)
+    after = store.log.cursor(shard)
+    extend(snapshots, shard, state.derived, state.position, after)
+    state.position = after
+    again = []
+    for call_id in call_ids:
+        derived = state.derived.get(call_id)
+        if stored[call_id] == derived:
+            continue
+        verdict = _compare(_unpacked(stored[call_id]), _unpacked(derived), before, state.snapshot)
+        if verdict is None:
+            again.append(call_id)
+        elif verdict in (NOT_IN_LOG, HISTORY_TRIMMED):
+            report.left[call_id] = verdict
+        elif verdict == "differs":
+            report.differing.append(call_id)
+    return again
+
+
+def _unpacked(packed: bytes | None) -> Doc | None:
+    """A stored document, or an empty (unreadable) one when it cannot even be unpacked."""
+    if packed is None:
+        return None
+    try:
+        return unpack_doc(packed)
+    except Exception:  # a corrupt value is a difference to report, not a reason to stop
+        return cast(Doc, {})
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 def _compare(
@@ -170,18 +209,21 @@ def _readable(doc: Doc) -> bool:
     return isinstance(doc.get("journal"), list) and last_change(doc) is not None
 
 
-def _first_change(doc: Doc) -> streamids.StreamId:
+def _first_log_id(doc: Doc) -> str | None:
     overflow = doc.get("overflow")
-    first = doc["journal"][0]["log_id"] if doc["journal"] else overflow and overflow["first_log_id"]
-    return _id(first)
+    if doc["journal"]:
+        return doc["journal"][0]["log_id"]
+    return overflow["first_log_id"] if overflow else None
+
+
+def _first_change(doc: Doc) -> streamids.StreamId:
+    return _id(_first_log_id(doc))
 
 
 def _history_trimmed(doc: Doc, snapshot: Snapshot) -> bool:
     """A call whose first entries were trimmed before snapshots were kept (an upgraded
     deployment): the log can no longer re-derive it, so it is left as stored."""
-    return doc["call_id"] not in snapshot.docs and (
-        snapshot.position is None or _first_change(doc) <= _id(snapshot.position)
-    )
+    return snapshot.history_trimmed(doc["call_id"], _first_log_id(doc))
 
 
 def _id(log_id: str | None) -> streamids.StreamId:
@@ -203,10 +245,16 @@ def holding_every_shard(store: Store) -> Iterator[str]:
     stop = threading.Event()
     renew_seconds = store.settings.drain_lock_seconds / 3
 
+    # A renewal that fails is only logged: the rebuild's transaction is fenced on the locks, so
+    # it writes nothing if one was lost.
     def renew() -> None:
         while not stop.wait(renew_seconds):
             for shard in held:
-                store.coordination.renew_drain_lock(shard, token)
+                try:
+                    if not store.coordination.renew_drain_lock(shard, token):
+                        log.warning("rebuild: lost the lock of shard %s", shard)
+                except RedisError as exc:
+                    log.warning("rebuild: could not renew the lock of shard %s: %s", shard, exc)
 
     renewer = threading.Thread(target=renew, name="rebuild-lock-renewer", daemon=True)
     try:
@@ -230,8 +278,8 @@ def rebuild(store: Store, machine: CallMachine, batch: int | None = None) -> Rep
     the cursors are not moved, and the backlog is left to the drainers."""
     snapshots = Snapshots(store, machine, batch)
     report = Report()
-    stored_ids = _ids_by_shard(store)
-    with holding_every_shard(store):
+    with holding_every_shard(store) as token:
+        stored_ids = _ids_by_shard(store)
         cursors = {shard: store.log.cursor(shard) for shard in range(store.settings.shards)}
         rewrites: dict[str, Doc] = {}
         active: dict[str, Doc] = {}
@@ -239,32 +287,40 @@ def rebuild(store: Store, machine: CallMachine, batch: int | None = None) -> Rep
             snapshot = snapshots.load(shard)
             derived = derive_shard(snapshots, shard, snapshot, cursors[shard])
             ids = sorted(stored_ids.get(shard, set()) | derived.keys())
-            stored = store.docs.load_docs(ids)
             report.compared += len(ids)
-            for call_id in ids:
-                kept = _settle_one(call_id, stored[call_id], derived.get(call_id), snapshot, report)
-                if kept is not None and kept is not stored[call_id]:
-                    rewrites[call_id] = kept
-                if kept is not None and _readable(kept) and is_active(kept):
-                    active[call_id] = kept
-        if not store.docs.rewrite(cursors, rewrites, active):
-            raise RuntimeError("a drainer committed during the rebuild; nothing written, run again")
+            for chunk in _chunks(ids, COMPARE_CHUNK):
+                stored = store.docs.load_packed(chunk)
+                for call_id in chunk:
+                    if stored[call_id] == derived.get(call_id):
+                        kept, rewrite = _unpacked(stored[call_id]), False
+                    else:
+                        kept, rewrite = _settle_one(
+                            call_id, stored[call_id], derived.get(call_id), snapshot, report
+                        )
+                    if kept is not None and rewrite:
+                        rewrites[call_id] = kept
+                    if kept is not None and _readable(kept) and is_active(kept):
+                        active[call_id] = kept
+        if not store.docs.rewrite(token, cursors, rewrites, active):
+            raise RuntimeError("a shard's lock or cursor moved during the rebuild; nothing written")
     report.rewritten = len(rewrites)
     return report
 
 
 def _settle_one(
-    call_id: str, stored: Doc | None, packed: bytes | None, snapshot: Snapshot, report: Report
-) -> Doc | None:
-    """The document the call keeps: the derived one, or the stored one when the log cannot
-    re-derive it (the reason recorded in `report`). Under the locks nothing moves, so a stored
-    document behind the derived one differs."""
-    derived = unpack_doc(packed) if packed else None
-    verdict = _compare(stored, derived, None, snapshot) if stored is not None else "differs"
+    call_id: str, stored: bytes | None, packed: bytes | None, snapshot: Snapshot, report: Report
+) -> tuple[Doc | None, bool]:
+    """The document the call keeps, and whether it must be written: the derived one, or the
+    stored one when the log cannot re-derive it (the reason recorded in `report`). Under the
+    locks nothing moves, so a stored document behind the derived one differs."""
+    kept, derived = _unpacked(stored), _unpacked(packed)
+    if kept is None and derived is None:  # expired between the scan and its read
+        return None, False
+    verdict = _compare(kept, derived, None, snapshot) if kept is not None else "differs"
     if verdict in (NOT_IN_LOG, HISTORY_TRIMMED):
         report.left[call_id] = verdict
-        return stored
+        return kept, False
     if verdict == "same":
-        return stored
+        return kept, False
     report.differing.append(call_id)
-    return derived
+    return derived, True

@@ -22,7 +22,7 @@ def refresh_record(doc: CallDoc) -> Record | None:
     if doc["status"] != "ended":
         return None
     old = doc["record"]
-    record = build_record(doc, revision=old["revision"] if old else 1)
+    record = build_record(doc, revision=old["revision"] if old else doc.get("first_revision", 1))
     if old is not None:
         if _without_counts(record) == _without_counts(old):
             return None

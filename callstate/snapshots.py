@@ -9,6 +9,7 @@ log is trimmed up to the position, never beyond what the snapshot covers.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,14 +25,39 @@ from callstate.machine import CallMachine
 from callstate.store import Store
 
 ADVANCE_BATCH = 5000
+# Drainers hand a busy shard over between slices: a snapshot step waits that long for a gap.
+LOCK_WAIT_SECONDS = 2.0
+LOCK_POLL_SECONDS = 0.005
+# What a snapshot holds, instead of a copy, for a call whose first entries were trimmed by a
+# version before snapshots: the log cannot re-derive it, so a rebuild leaves it as stored.
+HISTORY_TRIMMED = b"history_trimmed"
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A shard's snapshot: its log position (None: the log's start) and its calls, packed."""
+    """A shard's snapshot: its log position (None: none taken yet), its calls (packed, or
+    HISTORY_TRIMMED) and the first log id its log still held when it was read."""
 
     position: str | None
     docs: dict[str, bytes]
+    log_from: str | None = None
+
+    def derivable(self) -> dict[str, bytes]:
+        """The calls a rebuild starts from: all but those whose history was trimmed."""
+        return {c: packed for c, packed in self.docs.items() if packed != HISTORY_TRIMMED}
+
+    def history_trimmed(self, call_id: str, first_change: str | None) -> bool:
+        """Whether the log and this snapshot lack the call's first entries: marked so, or a
+        call first changed before everything they cover (an upgraded deployment's)."""
+        if call_id in self.docs:
+            return self.docs[call_id] == HISTORY_TRIMMED
+        covered_from = self.position or self.log_from
+        if first_change is None or covered_from is None:
+            return False
+        first = streamids.parse(first_change)
+        if self.position is not None:
+            return first <= streamids.parse(self.position)
+        return first < streamids.parse(covered_from)
 
 
 @dataclass(frozen=True)
@@ -61,10 +87,17 @@ class Snapshots:
         pipe = self.store.redis.pipeline(transaction=True)
         pipe.get(self.keys.snapshot_position(shard))
         pipe.hgetall(self.keys.snapshot(shard))
-        position, docs = pipe.execute()
+        pipe.xrange(self.keys.log(shard), "-", "+", count=1)
+        pipe.get(self.keys.cursor(shard))
+        position, docs, first, cursor = pipe.execute()
+        # An empty log was trimmed up to its cursor, if anything was ever applied.
+        kept_from = first[0][0].decode() if first else None
+        if kept_from is None and cursor:
+            kept_from = streamids.following(cursor.decode())
         return Snapshot(
             position.decode() if position else None,
             {call_id.decode(): packed for call_id, packed in docs.items()},
+            kept_from,
         )
 
     def tombstones(self, call_ids: Iterable[str]) -> dict[str, Tombstone]:
@@ -92,14 +125,22 @@ class Snapshots:
         lock is taken (the caller wakes the shard after, as for any drainer that left).
         """
         token = f"snapshot-{uuid.uuid4().hex}"
-        if not self.store.coordination.acquire_drain_lock(shard, token):
+        if not self._acquire(shard, token):
             return None
         try:
-            return self._advance(shard, before_ms)
+            return self._advance(shard, token, before_ms)
         finally:
             self.store.coordination.release_drain_lock(shard, token)
 
-    def _advance(self, shard: int, before_ms: int) -> Advanced:
+    def _acquire(self, shard: int, token: str) -> bool:
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while not self.store.coordination.acquire_drain_lock(shard, token):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(LOCK_POLL_SECONDS)
+        return True
+
+    def _advance(self, shard: int, token: str, before_ms: int) -> Advanced:
         position, cursor = self.position(shard), self.store.log.cursor(shard)
         if cursor is None:
             return Advanced(position, 0, 0, 0)
@@ -111,52 +152,71 @@ class Snapshots:
         touched = sorted({entry.call_id for entry in entries})
         live = self.store.docs.load_docs(touched)
         retiring = {c: doc for c, doc in live.items() if doc and _ends_by(doc, new_position)}
-        kept = self._as_of(shard, [e for e in entries if e.call_id not in retiring])
+        kept = self._as_of(shard, [e for e in entries if e.call_id not in retiring], live)
         for call_id, doc in list(kept.items()):
-            if doc is not None and live[call_id] is None and _ends_by(doc, new_position):
+            if isinstance(doc, dict) and live[call_id] is None and _ends_by(doc, new_position):
                 retiring[call_id] = doc
                 del kept[call_id]
-        if not self._commit(shard, position, cursor, new_position, retiring, kept):
+        if not self._commit(shard, token, position, cursor, new_position, retiring, kept):
             return Advanced(position, 0, 0, 0)
         return Advanced(new_position, len(entries), len(retiring), len(kept))
 
-    def _as_of(self, shard: int, entries: list[LogEntry]) -> dict[str, Doc | None]:
+    def _as_of(
+        self, shard: int, entries: list[LogEntry], live: dict[str, Doc | None]
+    ) -> dict[str, Doc | bytes | None]:
         """The documents of the entries' calls as of the last entry: the snapshot's copy, with
-        the entries applied as a drainer applied them."""
+        the entries applied as a drainer applied them; HISTORY_TRIMMED for a call the log
+        cannot re-derive."""
         call_ids = sorted({entry.call_id for entry in entries})
         if not call_ids:
             return {}
-        packed = self.store.redis.hmget(self.keys.snapshot(shard), call_ids)
+        copies = self.store.redis.hmget(self.keys.snapshot(shard), call_ids)
+        packed = dict(zip(call_ids, cast(list[bytes | None], copies), strict=True))
+        tombstones = self.tombstones(c for c in call_ids if not packed[c])
+        first_seen: dict[str, str] = {}
+        for entry in entries:
+            first_seen.setdefault(entry.call_id, entry.log_id)
+        trimmed = {
+            c
+            for c in call_ids
+            if packed[c] == HISTORY_TRIMMED
+            or (not packed[c] and c not in tombstones and _began_before(live[c], first_seen[c]))
+        }
+        derivable = [c for c in call_ids if c not in trimmed]
 
         def load() -> dict[str, Doc | None]:
-            return {
-                c: unpack_doc(cast(bytes, raw)) if raw else None
-                for c, raw in zip(call_ids, packed, strict=True)
-            }
+            return {c: unpack_doc(cast(bytes, packed[c])) if packed[c] else None for c in derivable}
 
         docs = load()
-        tombstones = self.tombstones(c for c, doc in docs.items() if doc is None)
         limits = self.store.settings.call_limits
-        applied = apply_batch(docs, load, entries, self.machine, limits, tombstones)
-        return docs | applied.docs
+        ours = [entry for entry in entries if entry.call_id not in trimmed]
+        applied = apply_batch(docs, load, ours, self.machine, limits, tombstones)
+        found: dict[str, Doc | bytes | None] = {c: HISTORY_TRIMMED for c in trimmed}
+        return found | docs | applied.docs
 
     def _commit(
         self,
         shard: int,
+        token: str,
         position: str | None,
         cursor: str,
         new_position: str,
         retiring: dict[str, Doc],
-        kept: dict[str, Doc | None],
+        kept: dict[str, Doc | bytes | None],
     ) -> bool:
         """Write the snapshot's step, retire calls and trim the log in one transaction, fenced
-        like a drainer's commit; it also rewrites the cursor, so a drainer that lost its lock
-        and read a document retired here cannot commit over it."""
-        keys = (self.keys.cursor(shard), self.keys.snapshot_position(shard))
+        like a drainer's commit: only while the shard's lock holds `token` and neither the
+        cursor nor the snapshot moved."""
+        keys = (
+            self.keys.cursor(shard),
+            self.keys.snapshot_position(shard),
+            self.keys.drain_lock(shard),
+        )
+        expected = [cursor.encode(), position.encode() if position else None, token.encode()]
         with self.store.redis.pipeline() as pipe:
             try:
                 pipe.watch(*keys)  # type: ignore[no-untyped-call]
-                if pipe.get(keys[0]) != cursor.encode() or self.position(shard) != position:
+                if pipe.mget(*keys) != expected:
                     return False
                 pipe.multi()
                 for doc in retiring.values():
@@ -165,9 +225,9 @@ class Snapshots:
                     if maybe is None:
                         pipe.hdel(self.keys.snapshot(shard), call_id)
                     else:
-                        pipe.hset(self.keys.snapshot(shard), call_id, pack_doc(maybe))
+                        stored = maybe if isinstance(maybe, bytes) else pack_doc(maybe)
+                        pipe.hset(self.keys.snapshot(shard), call_id, stored)
                 pipe.set(keys[1], new_position)
-                pipe.set(keys[0], cursor)
                 pipe.xtrim(
                     self.keys.log(shard), minid=streamids.following(new_position), approximate=False
                 )
@@ -182,20 +242,34 @@ class Snapshots:
         pipe.hdel(self.keys.snapshot(shard), call_id)
         if doc["record"] is None:
             return
-        retention_ms = self.store.settings.retention_seconds * 1000
+        settings = self.store.settings
+        retention_ms = settings.retention_seconds * 1000
         until_ms = streamids.millis(_last_change(doc)) + 2 * retention_ms
-        # Kept one more retention past `until_ms`: as long as the log may hold an entry
-        # logged before it, which must be refused by a rebuild as it was live.
+        # Kept while the log may still hold an entry logged before `until_ms` (one retention,
+        # one snapshot interval, and one more retention for maintenance running late), which
+        # a rebuild must refuse as the drainer did.
+        keep_ms = 2 * retention_ms + settings.snapshot_interval_seconds * 1000
         pipe.set(
             self.keys.tombstone(call_id),
             f"{doc['record']['revision']}:{until_ms}",
-            pxat=until_ms + retention_ms,
+            pxat=until_ms + keep_ms,
         )
 
 
 def _ends_by(doc: Doc, position: str) -> bool:
-    """A call that is not active and whose last change is at or before `position`."""
+    """A call that is not active and whose last change is at or before `position` (an
+    unreadable document is never retired: it is left for an operator)."""
+    if not isinstance(doc.get("journal"), list) or last_change(doc) is None:
+        return False
     return not is_active(doc) and streamids.parse(_last_change(doc)) <= streamids.parse(position)
+
+
+def _began_before(doc: Doc | None, log_id: str) -> bool:
+    """Whether a stored call was first changed before `log_id`, the first of its entries the
+    log still holds: its earlier entries were trimmed."""
+    if doc is None or not isinstance(doc.get("journal"), list) or not doc["journal"]:
+        return False
+    return streamids.parse(doc["journal"][0]["log_id"]) < streamids.parse(log_id)
 
 
 def _last_change(doc: Doc) -> str:

@@ -45,12 +45,35 @@ def test_commit_is_refused_when_another_drainer_moved_the_cursor(
     applied = apply_batch(docs, dict, entries, machine, store.settings.call_limits)
     assert drainer.drain(shard) == 3
     winner = store.docs.get_doc("c-1")
-    late = store.docs.commit(shard, None, entries[-1].log_id, 3, applied, {"c-1": set()})
+    assert store.coordination.acquire_drain_lock(shard, "late")
+    late = store.docs.commit(shard, "late", None, entries[-1].log_id, 3, applied, {"c-1": set()})
     assert late is False
     assert store.docs.get_doc("c-1") == winner
     assert store.docs.applied_count() == 3
     assert winner is not None
     assert winner["counts"]["accepted"] == 3
+
+
+def test_commit_is_refused_to_a_drainer_that_lost_its_lock(
+    store: Store, machine: CallMachine
+) -> None:
+    """A drainer whose lock expired (or was taken by a snapshot step or a rebuild) commits
+    nothing, even at the right cursor: what it read may have been changed under it."""
+    shard = log_events(store, "c-1", 2)
+    entries = store.log.read_entries(shard, None, 10)
+    applied = apply_batch(
+        store.docs.load_docs({"c-1"}), dict, entries, machine, store.settings.call_limits
+    )
+
+    def commit(token: str) -> bool:
+        last = entries[-1].log_id
+        return store.docs.commit(shard, token, None, last, 2, applied, {"c-1": set()})
+
+    assert not commit("expired"), "no lock at all"
+    assert store.coordination.acquire_drain_lock(shard, "snapshot-step")
+    assert not commit("expired"), "the lock is someone else's"
+    assert store.docs.get_doc("c-1") is None and store.log.cursor(shard) is None
+    assert commit("snapshot-step")
 
 
 def test_drain_leaves_a_locked_shard_to_its_holder(store: Store, drainer: Drainer) -> None:
@@ -101,7 +124,7 @@ def test_each_commit_renews_the_drain_lock(
     configured_ms = store.settings.drain_lock_seconds * 1000
     assert store.coordination.acquire_drain_lock(shard, "mine")
     store.redis.pexpire(lock, configured_ms * 100)
-    assert small_drainer(store, machine, 60_000, wake)._drain_slice(shard) == (1, True)
+    assert small_drainer(store, machine, 60_000, wake)._drain_slice(shard, "mine") == (1, True)
     assert store.redis.get(lock) == b"mine"
     assert 0 < store.redis.pttl(lock) <= configured_ms
 
