@@ -235,7 +235,13 @@ def test_garbage_is_refused_quarantined_and_changes_no_call(make_stack: MakeStac
     shown = stack.cli("quarantine", "--limit", "10")
     assert shown.returncode == 0
     reasons = [json.loads(line)["error"] for line in shown.stdout.splitlines()]
-    assert reasons == ["unsupported_media_type", "out_of_range", "invalid_field", "invalid_json"]
+    assert reasons == [
+        "request_entity_too_large",
+        "unsupported_media_type",
+        "out_of_range",
+        "invalid_field",
+        "invalid_json",
+    ]
     assert stack.get("/calls/kept").json() == before
 
 
