@@ -15,6 +15,7 @@ from callstate.codec import dumps, pack_doc, unpack_doc
 from callstate.config import Settings
 from callstate.connection import text
 from callstate.keys import Keys
+from callstate.retention import Retention
 
 
 class Documents:
@@ -121,7 +122,7 @@ class Documents:
         self._index(pipe, doc, indexed_before)
 
     def _set_doc(self, pipe: Pipeline, doc: Doc, packed: bytes) -> None:
-        expiry_ms = None if is_active(doc) else self._expiry_ms()
+        expiry_ms = None if is_active(doc) else Retention.of(self.settings).document_ttl_ms()
         pipe.set(self.keys.call(doc["call_id"]), packed, px=expiry_ms)
 
     def _index(self, pipe: Pipeline, doc: Doc, indexed_before: set[str]) -> None:
@@ -168,14 +169,6 @@ class Documents:
                 return True
             except WatchError:
                 return False
-
-    def _expiry_ms(self) -> int:
-        """A call that is not active is retired by its shard's snapshot once its last entry is
-        older than retention and a snapshot interval; the TTL, one retention longer, only frees
-        memory if maintenance stops."""
-        return (
-            2 * self.settings.retention_seconds + self.settings.snapshot_interval_seconds
-        ) * 1000
 
     def active_calls(
         self, number: str | None, user: str | None, offset: int, limit: int

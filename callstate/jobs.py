@@ -16,6 +16,7 @@ from callstate.config import Settings
 from callstate.coordination import wake_age_ms
 from callstate.drain import Drainer
 from callstate.machine import CallMachine
+from callstate.retention import Retention
 from callstate.snapshots import Snapshots
 from callstate.store import Store
 
@@ -123,13 +124,13 @@ def _rewake_if_lost(store: Store, queue: Queue, shard: int, job_timeout: int) ->
     return True
 
 
-def advance_snapshots(ctx: Context, before_ms: int) -> int:
-    """Move each shard's snapshot up to `before_ms` once its log holds a snapshot interval
-    more than retention; return how many calls were retired."""
-    interval_ms = ctx.settings.snapshot_interval_seconds * 1000
+def advance_snapshots(ctx: Context, now_ms: int) -> int:
+    """Move each shard's snapshot up to retention once its log holds a snapshot interval more;
+    return how many calls were retired."""
+    before_ms = Retention.of(ctx.settings).snapshot_before(now_ms)
     retired = 0
     for shard in range(ctx.settings.shards):
-        if not ctx.snapshots.due(shard, before_ms, interval_ms):
+        if not ctx.snapshots.due(shard, now_ms):
             continue
         for _ in range(SNAPSHOT_STEPS):
             step = ctx.snapshots.advance(shard, before_ms)
@@ -150,7 +151,7 @@ def maintain() -> dict[str, int]:
     ctx = context()
     settings, store = ctx.settings, ctx.store
     now_ms = store.log.server_time_ms()
-    retired = advance_snapshots(ctx, now_ms - settings.retention_seconds * 1000)
+    retired = advance_snapshots(ctx, now_ms)
     timeout = drain_timeout(settings)
     woken = [
         shard

@@ -22,6 +22,7 @@ from callstate import streamids
 from callstate.calls import Doc, LogEntry, Tombstone, apply_batch, is_active, last_change
 from callstate.codec import pack_doc, unpack_doc
 from callstate.machine import CallMachine
+from callstate.retention import Retention
 from callstate.store import Store
 
 ADVANCE_BATCH = 5000
@@ -111,11 +112,11 @@ class Snapshots:
             if raw
         }
 
-    def due(self, shard: int, before_ms: int, interval_ms: int) -> bool:
-        """Whether the shard's log holds entries older than `before_ms` by more than
-        `interval_ms` that no snapshot covers yet."""
+    def due(self, shard: int, now_ms: int) -> bool:
+        """Whether the shard's log has grown a snapshot interval older than retention."""
         first = self.store.log.first_log_id(shard)
-        return first is not None and streamids.millis(first) < before_ms - interval_ms
+        retention = Retention.of(self.store.settings)
+        return first is not None and retention.snapshot_due(streamids.millis(first), now_ms)
 
     def advance(self, shard: int, before_ms: int) -> Advanced | None:
         """Move the shard's snapshot over up to ADVANCE_BATCH applied entries logged before
@@ -242,17 +243,12 @@ class Snapshots:
         pipe.hdel(self.keys.snapshot(shard), call_id)
         if doc["record"] is None:
             return
-        settings = self.store.settings
-        retention_ms = settings.retention_seconds * 1000
-        until_ms = streamids.millis(_last_change(doc)) + 2 * retention_ms
-        # Kept while the log may still hold an entry logged before `until_ms` (one retention,
-        # one snapshot interval, and one more retention for maintenance running late), which
-        # a rebuild must refuse as the drainer did.
-        keep_ms = 2 * retention_ms + settings.snapshot_interval_seconds * 1000
+        retention = Retention.of(self.store.settings)
+        last_ms = streamids.millis(_last_change(doc))
         pipe.set(
             self.keys.tombstone(call_id),
-            f"{doc['record']['revision']}:{until_ms}",
-            pxat=until_ms + keep_ms,
+            f"{doc['record']['revision']}:{retention.refused_until(last_ms)}",
+            pxat=retention.tombstone_expires(last_ms),
         )
 
 

@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from callstate import streamids
 from callstate.calls import Doc, is_active
 from callstate.config import Settings
 from callstate.connection import connect
@@ -250,7 +251,7 @@ def get_call_events(call_id: str) -> tuple[Response, int]:
     events = [
         {
             **item,
-            "received_ms": int(item["log_id"].split("-")[0]),
+            "received_ms": streamids.millis(item["log_id"]),
             "payload": payloads.get(item["log_id"]),
         }
         for item in journal
