@@ -237,39 +237,61 @@ def _ids_by_shard(store: Store) -> dict[int, set[str]]:
     return found
 
 
-@contextmanager
-def holding_every_shard(store: Store) -> Iterator[str]:
-    """Hold every shard's drain lock, renewed in the background, for the block's duration."""
-    token = f"rebuild-{uuid.uuid4().hex}"
-    held: list[int] = []
-    stop = threading.Event()
-    renew_seconds = store.settings.drain_lock_seconds / 3
+class HeldShards:
+    """Every shard's drain lock, held under one token and renewed by a background thread
+    until `settle` stops it."""
 
-    # A renewal that fails is only logged: the rebuild's transaction is fenced on the locks, so
-    # it writes nothing if one was lost.
-    def renew() -> None:
-        while not stop.wait(renew_seconds):
-            for shard in held:
-                try:
-                    if not store.coordination.renew_drain_lock(shard, token):
-                        log.warning("rebuild: lost the lock of shard %s", shard)
-                except RedisError as exc:
-                    log.warning("rebuild: could not renew the lock of shard %s: %s", shard, exc)
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.token = f"rebuild-{uuid.uuid4().hex}"
+        self.held: list[int] = []
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(target=self._renew, name="rebuild-locks", daemon=True)
 
-    renewer = threading.Thread(target=renew, name="rebuild-lock-renewer", daemon=True)
-    try:
-        for shard in range(store.settings.shards):
-            if not store.coordination.acquire_drain_lock(shard, token):
+    def acquire(self) -> None:
+        for shard in range(self.store.settings.shards):
+            if not self.store.coordination.acquire_drain_lock(shard, self.token):
                 raise RuntimeError(f"shard {shard} is being drained; retry when it is idle")
-            held.append(shard)
-        renewer.start()
-        yield token
+            self.held.append(shard)
+        self._renewer.start()
+
+    def settle(self) -> None:
+        """Stop renewing and renew once more, for the full lock time: a renewal is a write to
+        a key the final transaction watches, so none may land between its WATCH and EXEC."""
+        self._stop.set()
+        if self._renewer.is_alive():
+            self._renewer.join()
+        self._renew_all()
+
+    def release(self) -> None:
+        self.settle()
+        for shard in self.held:
+            self.store.coordination.release_drain_lock(shard, self.token)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.store.settings.drain_lock_seconds / 3):
+            self._renew_all()
+
+    def _renew_all(self) -> None:
+        # A renewal that fails is only logged: the final transaction is fenced on the locks, so
+        # it writes nothing if one was lost.
+        for shard in self.held:
+            try:
+                if not self.store.coordination.renew_drain_lock(shard, self.token):
+                    log.warning("rebuild: lost the lock of shard %s", shard)
+            except RedisError as exc:
+                log.warning("rebuild: could not renew the lock of shard %s: %s", shard, exc)
+
+
+@contextmanager
+def holding_every_shard(store: Store) -> Iterator[HeldShards]:
+    """Hold every shard's drain lock, renewed in the background, for the block's duration."""
+    held = HeldShards(store)
+    try:
+        held.acquire()
+        yield held
     finally:
-        stop.set()
-        if renewer.is_alive():
-            renewer.join()
-        for shard in held:
-            store.coordination.release_drain_lock(shard, token)
+        held.release()
 
 
 def rebuild(store: Store, machine: CallMachine, batch: int | None = None) -> Report:
@@ -278,7 +300,7 @@ def rebuild(store: Store, machine: CallMachine, batch: int | None = None) -> Rep
     the cursors are not moved, and the backlog is left to the drainers."""
     snapshots = Snapshots(store, machine, batch)
     report = Report()
-    with holding_every_shard(store) as token:
+    with holding_every_shard(store) as held:
         stored_ids = _ids_by_shard(store)
         cursors = {shard: store.log.cursor(shard) for shard in range(store.settings.shards)}
         rewrites: dict[str, Doc] = {}
@@ -301,7 +323,8 @@ def rebuild(store: Store, machine: CallMachine, batch: int | None = None) -> Rep
                         rewrites[call_id] = kept
                     if kept is not None and _readable(kept) and is_active(kept):
                         active[call_id] = kept
-        if not store.docs.rewrite(token, cursors, rewrites, active):
+        held.settle()
+        if not store.docs.rewrite(held.token, cursors, rewrites, active):
             raise RuntimeError("a shard's lock or cursor moved during the rebuild; nothing written")
     report.rewritten = len(rewrites)
     return report

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -255,3 +256,22 @@ def test_a_delivery_logged_twice_is_applied_once(deliver: Deliver, store: Store)
     doc = deliver(notice("c9", "https://rec/9"), notice("c9", "https://rec/9"))
     assert doc["counts"] == {"accepted": 2, "duplicate": 2, "rejected": 0, "annotation": 1}
     assert revisions(store, "c9") == [1, 2]
+
+
+def test_no_lock_renewal_can_land_inside_the_rebuilds_transaction(
+    deliver: Deliver, store: Store, machine: CallMachine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewal writes a key the rebuild's transaction watches: one landing between its WATCH
+    and EXEC would make a long rebuild fail for nothing (seen with 200,000 calls)."""
+    deliver(event("c10", "ringing", 100))
+    store.redis.delete(store.keys.call("c10"))
+    real_rewrite = store.docs.rewrite
+    renewing: list[bool] = []
+
+    def rewrite_seeing_the_renewer(*args: Any) -> bool:
+        renewing.append(any(t.name == "rebuild-locks" for t in threading.enumerate()))
+        return real_rewrite(*args)
+
+    monkeypatch.setattr(store.docs, "rewrite", rewrite_seeing_the_renewer)
+    assert rebuild(store, machine).rewritten == 1
+    assert renewing == [False]
