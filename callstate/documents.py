@@ -149,6 +149,9 @@ class Documents:
         shard's drain lock still holds `token` and no cursor moved from `cursors`."""
         cursor_keys = {shard: self.keys.cursor(shard) for shard in cursors}
         lock_keys = [self.keys.drain_lock(shard) for shard in cursors]
+        pattern = self.keys.active_index_pattern()
+        # Indexes are only written under the locks this caller holds: none appears meanwhile.
+        indexes = list(self.redis.scan_iter(match=pattern, count=1000))
         with self.redis.pipeline() as pipe:
             try:
                 pipe.watch(*cursor_keys.values(), *lock_keys)  # type: ignore[no-untyped-call]
@@ -158,7 +161,6 @@ class Documents:
                     return False
                 if any(holder != token for holder in current[len(cursors) :]):
                     return False
-                indexes = list(self.redis.scan_iter(match=self.keys.active_index_pattern()))
                 pipe.multi()
                 pipe.delete(self.keys.active(), *indexes)
                 for doc in docs.values():
