@@ -102,8 +102,8 @@ class Drainer:
         time.sleep(max(0.0, min(self.window_seconds, deadline - time.monotonic())))
 
     def _commit(self, shard: int, token: str, cursor: str | None, entries: list[LogEntry]) -> bool:
-        call_ids = {entry.call_id for entry in entries}
-        docs = self.store.docs.load_docs(call_ids)
+        call_ids = sorted({entry.call_id for entry in entries})
+        docs, tombstones = self.snapshots.docs_and_tombstones(call_ids)
         indexed_before = {call_id: self.store.docs.index_keys(doc) for call_id, doc in docs.items()}
         applied = apply_batch(
             docs,
@@ -111,7 +111,7 @@ class Drainer:
             entries,
             self.machine,
             self.store.settings.call_limits,
-            self.snapshots.tombstones(c for c, doc in docs.items() if doc is None),
+            tombstones,
         )
         committed = self.store.docs.commit(
             shard, token, cursor, entries[-1].log_id, len(entries), applied, indexed_before

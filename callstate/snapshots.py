@@ -112,6 +112,21 @@ class Snapshots:
             if raw
         }
 
+    def docs_and_tombstones(
+        self, call_ids: list[str]
+    ) -> tuple[dict[str, Doc | None], dict[str, Tombstone]]:
+        """The calls' documents and, for those without one, their tombstones: one round trip,
+        as a drainer needs both for every batch."""
+        keys = [self.keys.call(c) for c in call_ids] + [self.keys.tombstone(c) for c in call_ids]
+        raws = cast(list[bytes | None], self.store.redis.mget(keys))
+        docs = {c: unpack_doc(raw) if raw else None for c, raw in zip(call_ids, raws, strict=False)}
+        tombstones = {
+            c: _tombstone(raw)
+            for c, raw in zip(call_ids, raws[len(call_ids) :], strict=True)
+            if raw and docs[c] is None
+        }
+        return docs, tombstones
+
     def due(self, shard: int, now_ms: int) -> bool:
         """Whether the shard's log has grown a snapshot interval older than retention."""
         first = self.store.log.first_log_id(shard)

@@ -139,15 +139,15 @@ def test_redis_trouble_is_retried_and_skips_nothing(
     [call] = ids_in_shard(store, "c", 1)
     log_raw(store, call, body(event(call, "ringing", 1)))
     calls = {"n": 0}
-    real_load = store.docs.load_docs
+    real_load = drainer.snapshots.docs_and_tombstones
 
-    def load_fails_once(call_ids: Any) -> dict[str, Doc | None]:
+    def load_fails_once(call_ids: list[str]) -> tuple[dict[str, Doc | None], Any]:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RedisConnectionError("connection reset")
         return real_load(call_ids)
 
-    monkeypatch.setattr(store.docs, "load_docs", load_fails_once)
+    monkeypatch.setattr(drainer.snapshots, "docs_and_tombstones", load_fails_once)
     with pytest.raises(RedisConnectionError):
         drainer.drain(SHARD)
     assert store.log.has_backlog(SHARD)
