@@ -40,6 +40,7 @@ PROCESS_ERRORS: tuple[type[BaseException], ...] = (
 KNOWN_STATUSES = frozenset({*CALL_STATUSES, CONNECT_FAILED})
 RESERVED_FIELDS = frozenset({"call_id", "call_status", "timestamp_ms"})
 STATUS_TEXT_LIMIT = 64
+UNREADABLE_UNTIL_MS = 2**62
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,19 @@ class Tombstone:
     def refuses(self, entry: LogEntry) -> bool:
         return entry.received_ms < self.until_ms
 
+    def text(self) -> str:
+        """As stored: `revision:until_ms`."""
+        return f"{self.revision}:{self.until_ms}"
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Tombstone:
+        """A stored tombstone; one that cannot be read refuses its call's events for good (its
+        revision unknown), the same in the drainer, the snapshot step and a rebuild."""
+        revision, _, until_ms = raw.decode("ascii", "replace").partition(":")
+        if not (revision.isdigit() and until_ms.isdigit()):
+            return cls(0, UNREADABLE_UNTIL_MS)
+        return cls(int(revision), int(until_ms))
+
 
 @dataclass(frozen=True)
 class Unprocessable:
@@ -92,6 +106,7 @@ class Applied:
     records: list[Record] = field(default_factory=list)
     unprocessable: list[Unprocessable] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
+    reopened: dict[str, tuple[Tombstone, int]] = field(default_factory=dict)
     docs: dict[str, Doc] = field(default_factory=dict)
     packed: dict[str, bytes] = field(default_factory=dict)
 
@@ -371,7 +386,7 @@ def _set_aside(
     """`rejected: unprocessable`: journaled on its call when the call id is readable and the
     call is not retired, and reported, while the rest of the batch goes on."""
     applied.unprocessable.append(Unprocessable(entry.log_id, entry.call_id, error))
-    if not CALL_ID_PATTERN.fullmatch(entry.call_id) or _refused(docs, entry, retired):
+    if not CALL_ID_PATTERN.fullmatch(entry.call_id) or _refused(docs, entry, retired, applied):
         return
     doc = docs.get(entry.call_id)
     assert doc is not None
@@ -489,7 +504,7 @@ def _apply_into(
     retired: Mapping[str, Tombstone],
     applied: Applied,
 ) -> None:
-    if entry.stale_before_ms is None and _refused(docs, entry, retired):
+    if entry.stale_before_ms is None and _refused(docs, entry, retired, applied):
         applied.expired.append(entry.log_id)
         return
     doc = docs.get(entry.call_id)
@@ -505,11 +520,15 @@ def _apply_into(
 
 
 def _refused(
-    docs: dict[str, Doc | None], entry: LogEntry, retired: Mapping[str, Tombstone]
+    docs: dict[str, Doc | None],
+    entry: LogEntry,
+    retired: Mapping[str, Tombstone],
+    applied: Applied,
 ) -> bool:
     """Whether the entry's call is retired and still refuses events; otherwise the call has a
-    document in `docs` after this, a new one numbering its revisions on from the tombstone's,
-    so no two revisions of one call id ever share a number while the tombstone lasts."""
+    document in `docs` after this, a new one numbering its revisions on from the tombstone's
+    (noted in `applied.reopened`: the tombstone must then last as long as the new call's
+    entries may be replayed), so no two revisions of one call id ever share a number."""
     if docs.get(entry.call_id) is not None:
         return False
     tombstone = retired.get(entry.call_id)
@@ -518,6 +537,7 @@ def _refused(
     doc = new_doc(entry.call_id)
     if tombstone is not None:
         doc["first_revision"] = tombstone.revision + 1
+        applied.reopened[entry.call_id] = (tombstone, entry.received_ms)
     docs[entry.call_id] = doc
     return False
 

@@ -80,3 +80,13 @@ def pack_doc(doc: Mapping[str, Any]) -> bytes:
 def unpack_doc(stored: bytes) -> CallDoc:
     """A stored call document; its shape is the drainers' to keep, not checked here."""
     return cast(CallDoc, json.loads(unpack(stored)))
+
+
+def unpack_doc_or_empty(stored: bytes) -> CallDoc:
+    """A stored call document, or an empty one when the value is not one at all (corrupt):
+    for the tools that must report such a value, never stop on it."""
+    try:
+        doc = json.loads(unpack(stored))
+    except Exception:  # whatever a corrupt value raises, it is reported as unreadable
+        doc = None
+    return cast(CallDoc, doc if isinstance(doc, dict) else {})

@@ -110,6 +110,9 @@ class Documents:
                     pipe.incrby(self.keys.unprocessable_counter(shard), len(applied.unprocessable))
                 if applied.expired:
                     pipe.incrby(self.keys.expired_counter(shard), len(applied.expired))
+                for call_id, (tombstone, reopened_ms) in applied.reopened.items():
+                    keep_until = Retention.of(self.settings).tombstone_expires_after(reopened_ms)
+                    pipe.set(self.keys.tombstone(call_id), tombstone.text(), pxat=keep_until)
                 pipe.pexpire(lock_key, self.settings.drain_lock_seconds * 1000)
                 pipe.execute()
                 return True

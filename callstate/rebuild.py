@@ -15,13 +15,12 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import cast
 
 from redis.exceptions import RedisError
 
 from callstate import streamids
 from callstate.calls import Doc, LogEntry, apply_batch, is_active, last_change
-from callstate.codec import unpack_doc
+from callstate.codec import unpack_doc, unpack_doc_or_empty
 from callstate.machine import CallMachine
 from callstate.snapshots import Snapshot, Snapshots
 from callstate.store import Store
@@ -32,6 +31,10 @@ SNAPSHOT_MOVES = 5
 COMPARE_CHUNK = 1000
 NOT_IN_LOG = "not_in_log"
 HISTORY_TRIMMED = "history_trimmed"
+# A stored record already published a higher revision than the log now derives (after a change
+# of the record's rules): rewriting it would publish a number twice.
+NEWER_REVISION = "newer_revision"
+LEFT = frozenset({NOT_IN_LOG, HISTORY_TRIMMED, NEWER_REVISION, "snapshot_unreadable"})
 
 
 @dataclass
@@ -164,7 +167,7 @@ def _settle_chunk(
         verdict = _compare(_unpacked(stored[call_id]), _unpacked(derived), before, state.snapshot)
         if verdict is None:
             again.append(call_id)
-        elif verdict in (NOT_IN_LOG, HISTORY_TRIMMED):
+        elif verdict in LEFT:
             report.left[call_id] = verdict
         elif verdict == "differs":
             report.differing.append(call_id)
@@ -172,13 +175,7 @@ def _settle_chunk(
 
 
 def _unpacked(packed: bytes | None) -> Doc | None:
-    """A stored document, or an empty (unreadable) one when it cannot even be unpacked."""
-    if packed is None:
-        return None
-    try:
-        return unpack_doc(packed)
-    except Exception:  # a corrupt value is a difference to report, not a reason to stop
-        return cast(Doc, {})
+    return None if packed is None else unpack_doc_or_empty(packed)
 
 
 def _chunks(items: list[str], size: int) -> list[list[str]]:
@@ -196,12 +193,15 @@ def _compare(
         return "differs" if _first_change(derived) <= _id(cursor_before) else None
     if not _readable(stored):
         return "differs" if derived is not None else NOT_IN_LOG
+    left = snapshot.underivable(stored["call_id"], _first_log_id(stored))
     if derived is None:
-        return HISTORY_TRIMMED if _history_trimmed(stored, snapshot) else NOT_IN_LOG
+        return left or NOT_IN_LOG
     if _id(last_change(stored)) < _id(last_change(derived)):
         return None
-    if _history_trimmed(stored, snapshot) and _first_change(stored) < _first_change(derived):
-        return HISTORY_TRIMMED
+    if left is not None and _first_change(stored) < _first_change(derived):
+        return left
+    if _revision(stored) > _revision(derived):
+        return NEWER_REVISION
     return "differs"
 
 
@@ -220,10 +220,10 @@ def _first_change(doc: Doc) -> streamids.StreamId:
     return _id(_first_log_id(doc))
 
 
-def _history_trimmed(doc: Doc, snapshot: Snapshot) -> bool:
-    """A call whose first entries were trimmed before snapshots were kept (an upgraded
-    deployment): the log can no longer re-derive it, so it is left as stored."""
-    return snapshot.history_trimmed(doc["call_id"], _first_log_id(doc))
+def _revision(doc: Doc) -> int:
+    record = doc.get("record")
+    revision = record.get("revision") if isinstance(record, dict) else None
+    return revision if isinstance(revision, int) else 0
 
 
 def _id(log_id: str | None) -> streamids.StreamId:
@@ -340,7 +340,7 @@ def _settle_one(
     if kept is None and derived is None:  # expired between the scan and its read
         return None, False
     verdict = _compare(kept, derived, None, snapshot) if kept is not None else "differs"
-    if verdict in (NOT_IN_LOG, HISTORY_TRIMMED):
+    if verdict in LEFT:
         report.left[call_id] = verdict
         return kept, False
     if verdict == "same":

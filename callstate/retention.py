@@ -38,6 +38,12 @@ class Retention:
         interval until that entry is covered, one retention more for maintenance running late."""
         return self.refused_until(last_change_ms) + 2 * self.log_ms + self.snapshot_interval_ms
 
+    def tombstone_expires_after(self, reopened_ms: int) -> int:
+        """A tombstone a new call under the same id numbered its revisions from lasts until that
+        call's first entry is covered by a snapshot (whose copy then carries the numbering), with
+        one retention more for maintenance running late."""
+        return reopened_ms + 2 * self.log_ms + self.snapshot_interval_ms
+
     def document_ttl_ms(self) -> int:
         """An ended call is retired once its last entry is older than retention and an interval;
         its TTL, one retention longer, only frees memory if maintenance stops."""

@@ -20,7 +20,7 @@ from redis.exceptions import WatchError
 
 from callstate import streamids
 from callstate.calls import Doc, LogEntry, Tombstone, apply_batch, is_active, last_change
-from callstate.codec import pack_doc, unpack_doc
+from callstate.codec import pack_doc, unpack_doc, unpack_doc_or_empty
 from callstate.machine import CallMachine
 from callstate.retention import Retention
 from callstate.store import Store
@@ -44,21 +44,27 @@ class Snapshot:
     log_from: str | None = None
 
     def derivable(self) -> dict[str, bytes]:
-        """The calls a rebuild starts from: all but those whose history was trimmed."""
-        return {c: packed for c, packed in self.docs.items() if packed != HISTORY_TRIMMED}
+        """The calls a rebuild starts from: all but those it cannot re-derive."""
+        return {c: packed for c, packed in self.docs.items() if _copy_readable(packed)}
 
-    def history_trimmed(self, call_id: str, first_change: str | None) -> bool:
-        """Whether the log and this snapshot lack the call's first entries: marked so, or a
-        call first changed before everything they cover (an upgraded deployment's)."""
+    def underivable(self, call_id: str, first_change: str | None) -> str | None:
+        """Why the log and this snapshot cannot re-derive a call, if they cannot: its copy is
+        unreadable (corrupt), or its first entries were trimmed (marked so, or first changed
+        before everything they cover: an upgraded deployment's)."""
         if call_id in self.docs:
-            return self.docs[call_id] == HISTORY_TRIMMED
+            copy = self.docs[call_id]
+            if copy == HISTORY_TRIMMED:
+                return "history_trimmed"
+            return None if _copy_readable(copy) else "snapshot_unreadable"
         covered_from = self.position or self.log_from
         if first_change is None or covered_from is None:
-            return False
+            return None
         first = streamids.parse(first_change)
         if self.position is not None:
-            return first <= streamids.parse(self.position)
-        return first < streamids.parse(covered_from)
+            trimmed = first <= streamids.parse(self.position)
+        else:
+            trimmed = first < streamids.parse(covered_from)
+        return "history_trimmed" if trimmed else None
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,7 @@ class Snapshots:
             return {}
         raws = self.store.redis.mget([self.keys.tombstone(call_id) for call_id in ids])
         return {
-            call_id: _tombstone(cast(bytes, raw))
+            call_id: Tombstone.parse(cast(bytes, raw))
             for call_id, raw in zip(ids, raws, strict=True)
             if raw
         }
@@ -121,7 +127,7 @@ class Snapshots:
         raws = cast(list[bytes | None], self.store.redis.mget(keys))
         docs = {c: unpack_doc(raw) if raw else None for c, raw in zip(call_ids, raws, strict=False)}
         tombstones = {
-            c: _tombstone(raw)
+            c: Tombstone.parse(raw)
             for c, raw in zip(call_ids, raws[len(call_ids) :], strict=True)
             if raw and docs[c] is None
         }
@@ -166,7 +172,10 @@ class Snapshots:
             return Advanced(position, 0, 0, 0)
         new_position = entries[-1].log_id
         touched = sorted({entry.call_id for entry in entries})
-        live = self.store.docs.load_docs(touched)
+        live = {
+            c: unpack_doc_or_empty(raw) if raw else None
+            for c, raw in self.store.docs.load_packed(touched).items()
+        }
         retiring = {c: doc for c, doc in live.items() if doc and _ends_by(doc, new_position)}
         kept = self._as_of(shard, [e for e in entries if e.call_id not in retiring], live)
         for call_id, doc in list(kept.items()):
@@ -195,7 +204,7 @@ class Snapshots:
         trimmed = {
             c
             for c in call_ids
-            if packed[c] == HISTORY_TRIMMED
+            if ((copy := packed[c]) is not None and not _copy_readable(copy))
             or (not packed[c] and c not in tombstones and _began_before(live[c], first_seen[c]))
         }
         derivable = [c for c in call_ids if c not in trimmed]
@@ -260,9 +269,10 @@ class Snapshots:
             return
         retention = Retention.of(self.store.settings)
         last_ms = streamids.millis(_last_change(doc))
+        tombstone = Tombstone(_revision(doc), retention.refused_until(last_ms))
         pipe.set(
             self.keys.tombstone(call_id),
-            f"{doc['record']['revision']}:{retention.refused_until(last_ms)}",
+            tombstone.text(),
             pxat=retention.tombstone_expires(last_ms),
         )
 
@@ -289,6 +299,11 @@ def _last_change(doc: Doc) -> str:
     return found
 
 
-def _tombstone(raw: bytes) -> Tombstone:
-    revision, _, until_ms = raw.decode().partition(":")
-    return Tombstone(int(revision), int(until_ms))
+def _copy_readable(copy: bytes) -> bool:
+    return copy != HISTORY_TRIMMED and bool(unpack_doc_or_empty(copy))
+
+
+def _revision(doc: Doc) -> int:
+    record = doc["record"]
+    revision = record.get("revision") if isinstance(record, dict) else None
+    return revision if isinstance(revision, int) else 0

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from redis import Redis
 
+from callstate import jobs
+from callstate.codec import pack, pack_doc
 from callstate.config import Settings
 from callstate.drain import Drainer
 from callstate.machine import CallMachine
@@ -193,3 +195,161 @@ def test_an_unprocessable_entry_does_not_reopen_a_retired_call(
     assert revisions(store, "c8") == [1]
     assert expired_count(store, shard) == 1
     assert check(store, machine).differing == []
+
+
+def reuse_just_before_the_tombstone_expires(
+    store: Store, drainer: Drainer, machine: CallMachine, last: dict[str, Any]
+) -> int:
+    """c9 is retired with revision 1; its id is reused just before its tombstone would expire."""
+    deliver_at(store, drainer, 1_000, event("c9", "ringing", 100))
+    deliver_at(store, drainer, 2_000, ended("c9", 200, "USER_END_CALL", 5))
+    assert age_out(store, machine, 3_000) == 1
+    expires_ms = store.redis.pttl(store.keys.tombstone("c9")) + store.log.server_time_ms()
+    again = expires_ms - T0 - 10
+    deliver_at(store, drainer, again, event("c9", "ringing", 300))
+    deliver_at(store, drainer, again + 1, last)
+    # The tombstone now lasts until the new call's entries are covered by a snapshot.
+    expires_now_ms = store.redis.pttl(store.keys.tombstone("c9")) + store.log.server_time_ms()
+    covered_by_ms = T0 + again + RETENTION_MS + store.settings.snapshot_interval_seconds * 1000
+    assert expires_now_ms > covered_by_ms + RETENTION_MS - 1_000
+    return again
+
+
+def test_a_reused_call_keeps_its_numbering_through_check_and_rebuild(
+    store: Store, drainer: Drainer, machine: CallMachine
+) -> None:
+    last = ended("c9", 400, "USER_END_CALL", 5)
+    again = reuse_just_before_the_tombstone_expires(store, drainer, machine, last)
+    assert revisions(store, "c9") == [1, 2]
+    stored = store.docs.get_doc("c9")
+    assert check(store, machine).differing == []
+    rebuild(store, machine)
+    assert store.docs.get_doc("c9") == stored
+    deliver_at(store, drainer, again + 2, notice("c9", "https://rec/9"))
+    assert revisions(store, "c9") == [1, 2, 3]
+
+
+def test_a_snapshot_copy_carries_a_reused_calls_numbering_after_its_tombstone_ends(
+    store: Store, drainer: Drainer, machine: CallMachine
+) -> None:
+    last = event("c9", "answered", 350)
+    again = reuse_just_before_the_tombstone_expires(store, drainer, machine, last)
+    age_out(store, machine, again + 2)  # the active call is copied into the snapshot
+    store.redis.delete(store.keys.tombstone("c9"))  # its time is over: the copy remembers
+    deliver_at(store, drainer, again + 3, ended("c9", 400, "USER_END_CALL", 5))
+    assert revisions(store, "c9") == [1, 2]
+    assert check(store, machine).differing == []
+
+
+def test_rebuild_never_lowers_a_published_revision(
+    store: Store, drainer: Drainer, machine: CallMachine
+) -> None:
+    deliver_at(store, drainer, 1_000, event("c14", "ringing", 100))
+    doc = deliver_at(store, drainer, 2_000, ended("c14", 200, "USER_END_CALL", 5))
+    assert doc is not None and doc["record"] is not None
+    doc["record"]["revision"] = 5  # as if the record's rules changed since it was published
+    store.redis.set(store.keys.call("c14"), pack_doc(doc))
+    report = rebuild(store, machine)
+    assert report.left == {"c14": "newer_revision"} and report.rewritten == 0
+    assert store.docs.get_doc("c14") == doc
+
+
+@pytest.fixture
+def context(settings: Settings, redis: Redis) -> jobs.Context:
+    return jobs.configure(dataclasses.replace(settings, stale_after_seconds=60), redis)
+
+
+def log_old_ended_call(store: Store, call_id: str) -> int:
+    """Log and drain an ended call old enough for a snapshot step; return its shard."""
+    now = store.log.server_time_ms()
+    shard = store.keys.shard_of(call_id)
+    old = now - 3 * 3600_000 - 10 * RETENTION_MS
+    for ms, payload in ((old, event(call_id, "ringing", 1)), (old + 1, ended(call_id, 2, "X", 1))):
+        store.redis.xadd(
+            store.keys.log(shard), {"call_id": call_id, "event": body(payload)}, id=f"{ms}-0"
+        )
+    jobs.drain_shard(shard)
+    return shard
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [b"\x01garbage", b"\xff\xfe", pack(b'"just a string"')],
+    ids=["bad-zlib", "not-json", "json-string"],
+)
+def test_one_corrupt_document_does_not_stop_maintenance(
+    context: jobs.Context, corrupt: bytes
+) -> None:
+    store = context.store
+    shard = log_old_ended_call(store, "bad1")
+    store.redis.set(store.keys.call("bad1"), corrupt)
+    other = next(f"o{i}" for i in range(100) if store.keys.shard_of(f"o{i}") != shard)
+    store.log.append_event(other, body(event(other, "ringing", 1)))
+    store.redis.delete(store.keys.wake(store.keys.shard_of(other)))  # its job was lost
+    assert jobs.maintain()["woken"] == 1
+    assert store.redis.get(store.keys.call("bad1")) == corrupt, "left for an operator"
+
+
+def test_one_corrupt_document_does_not_stop_its_shards_snapshot(
+    store: Store, drainer: Drainer, machine: CallMachine
+) -> None:
+    shard = store.keys.shard_of("c13")
+    other = next(f"o{i}" for i in range(100) if store.keys.shard_of(f"o{i}") == shard)
+    deliver_at(store, drainer, 1_000, event("c13", "ringing", 100))
+    deliver_at(store, drainer, 1_500, ended("c13", 150, "USER_END_CALL", 5))
+    deliver_at(store, drainer, 2_000, event(other, "ringing", 100))
+    deliver_at(store, drainer, 2_500, ended(other, 200, "USER_END_CALL", 5))
+    store.redis.set(store.keys.call("c13"), b"\x01garbage")
+    age_out(store, machine, 3_000)
+    assert store.docs.get_doc(other) is None, "the other ended call is retired"
+    assert check(store, machine).differing == ["c13"], "the corrupt one is reported"
+
+
+def test_one_corrupt_tombstone_does_not_stop_its_shards_drainer(
+    store: Store, drainer: Drainer
+) -> None:
+    store.redis.set(store.keys.tombstone("c10"), b"garbage")
+    assert deliver_at(store, drainer, 1_000, event("c10", "ringing", 100)) is None
+    shard = store.keys.shard_of("c10")
+    other = next(f"o{i}" for i in range(100) if store.keys.shard_of(f"o{i}") == shard)
+    assert deliver_at(store, drainer, 1_100, event(other, "ringing", 100)) is not None
+    assert expired_count(store, shard) == 1, "an unreadable tombstone refuses its call"
+
+
+def test_check_leaves_a_call_whose_snapshot_copy_is_corrupt(
+    store: Store, drainer: Drainer, machine: CallMachine
+) -> None:
+    deliver_at(store, drainer, 1_000, event("c11", "ringing", 100))
+    deliver_at(store, drainer, 2_000, event("c11", "answered", 150))
+    age_out(store, machine, 3_000)  # c11 is active: copied into the snapshot
+    shard = store.keys.shard_of("c11")
+    store.redis.hset(store.keys.snapshot(shard), "c11", b"\x01garbage")
+    stored = deliver_at(store, drainer, 4_000, event("c11", "agentEnded", 160))
+    report = check(store, machine)
+    assert report.differing == [] and report.left == {"c11": "snapshot_unreadable"}
+    rebuild(store, machine)
+    assert store.docs.get_doc("c11") == stored
+
+
+def test_check_reports_a_document_that_is_json_but_not_an_object(
+    store: Store, drainer: Drainer, machine: CallMachine
+) -> None:
+    deliver_at(store, drainer, 1_000, event("c12", "ringing", 100))
+    store.redis.set(store.keys.call("c12"), pack(b"[1, 2]"))
+    assert check(store, machine).differing == ["c12"]
+
+
+def test_a_failing_snapshot_step_does_not_stop_maintenance(
+    context: jobs.Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = context.store
+    shard = log_old_ended_call(store, "old1")
+
+    def fails(*args: Any) -> None:
+        raise ValueError("a bug in a snapshot step")
+
+    monkeypatch.setattr(context.snapshots, "advance", fails)
+    other = next(f"o{i}" for i in range(100) if store.keys.shard_of(f"o{i}") != shard)
+    store.log.append_event(other, body(event(other, "ringing", 1)))
+    store.redis.delete(store.keys.wake(store.keys.shard_of(other)))  # its job was lost
+    assert jobs.maintain()["woken"] == 1
