@@ -176,3 +176,40 @@ def test_a_lingering_drain_applies_events_logged_while_it_waits(
     assert blocking_reads[0] == 50
     assert len(blocking_reads) == 2, "waited again after the late event, then finished"
     assert not store.log.has_backlog(shard)
+
+
+def test_an_unprocessable_entry_is_quarantined_with_where_it_is_and_why(
+    store: Store, drainer: Drainer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator finds a set-aside entry by its log id and shard, with the error's class,
+    never its payload."""
+    shard = store.keys.shard_of("c-9")
+    added = store.redis.xadd(store.keys.log(shard), {"call_id": "c-9", "event": b"\x01junk"})
+    log_id = added.decode() if isinstance(added, bytes) else added
+    before_ms = store.log.server_time_ms()
+    with caplog.at_level("ERROR"):
+        drainer.drain(shard)
+    [item] = store.quarantine.recent(5)
+    assert before_ms <= item.pop("received_ms") <= store.log.server_time_ms()
+    assert item == {
+        "status": None,
+        "error": "unprocessable",
+        "field": None,
+        "message": "applying the logged entry raised zlib.error",
+        "log_id": log_id,
+        "shard": shard,
+        "call_id": "c-9",
+    }
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert line == (
+        f"shard {shard}: log entry {log_id} (call c-9) could not be applied (zlib.error); set aside"
+    )
+
+
+def test_an_unreadable_call_id_is_logged_as_such(
+    store: Store, drainer: Drainer, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.redis.xadd(store.keys.log(0), {"call_id": b"", "event": b"x"})
+    with caplog.at_level("ERROR"):
+        drainer.drain(0)
+    assert "(call unreadable)" in caplog.text
