@@ -160,21 +160,25 @@ def test_check_reads_again_a_call_a_drainer_changed_between_its_reads(
     machine: CallMachine,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    deliver(event("c6", "ringing", 100))
+    """The check read c6, then a drainer applied an event to it before the check read the
+    cursor again: c6 must be read again at the new cursor, not reported."""
+    deliver(event("c6", "ringing", 100), event("other", "ringing", 100))
     real_load = store.docs.load_packed
-    moved: list[bool] = []
+    reads: list[bytes | None] = []
 
-    def load_after_a_drainer_moved_on(call_ids: list[str]) -> dict[str, bytes | None]:
-        ids = list(call_ids)
-        if "c6" in ids and not moved:
-            moved.append(True)
-            _, shard, _ = store.log.append_event("c6", body(event("c6", "answered", 150)))
-            drainer.drain(shard)
-        return real_load(ids)
+    def read_then_a_drainer_moves_on(call_ids: list[str]) -> dict[str, bytes | None]:
+        found = real_load(call_ids)
+        if "c6" in call_ids:
+            reads.append(found["c6"])
+            if len(reads) == 1:
+                _, shard, _ = store.log.append_event("c6", body(event("c6", "answered", 150)))
+                drainer.drain(shard)
+        return found
 
-    monkeypatch.setattr(store.docs, "load_packed", load_after_a_drainer_moved_on)
+    monkeypatch.setattr(store.docs, "load_packed", read_then_a_drainer_moves_on)
     report = check(store, machine)
-    assert moved and report.differing == []
+    assert len(reads) == 2 and reads[0] != reads[1], "read again after the drainer moved on"
+    assert report.differing == [] and report.compared == 2
 
 
 def test_rebuild_leaves_a_call_whose_history_was_trimmed_before_snapshots(

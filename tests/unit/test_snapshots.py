@@ -11,12 +11,13 @@ import pytest
 from redis import Redis
 
 from callstate import jobs
+from callstate import snapshots as snapshots_module
 from callstate.codec import pack, pack_doc
 from callstate.config import Settings
 from callstate.drain import Drainer
 from callstate.machine import CallMachine
 from callstate.rebuild import check, rebuild
-from callstate.snapshots import Snapshots
+from callstate.snapshots import HISTORY_TRIMMED, Advanced, Snapshot, Snapshots
 from callstate.store import Store
 from tests.factories import body, ended, event
 from tests.unit.test_log_truth import (
@@ -353,3 +354,122 @@ def test_a_failing_snapshot_step_does_not_stop_maintenance(
     store.log.append_event(other, body(event(other, "ringing", 1)))
     store.redis.delete(store.keys.wake(store.keys.shard_of(other)))  # its job was lost
     assert jobs.maintain()["woken"] == 1
+
+
+def test_a_call_straddling_several_snapshot_steps_is_carried_from_copy_to_copy(
+    store: Store, drainer: Drainer, machine: CallMachine
+) -> None:
+    deliver_at(store, drainer, 1_000, event("c15", "ringing", 100))
+    as_of_answer = deliver_at(store, drainer, 4_000, event("c15", "answered", 150))
+    final = deliver_at(store, drainer, 7_000, ended("c15", 200, "USER_END_CALL", 5))
+    shard = store.keys.shard_of("c15")
+    snapshots = Snapshots(store, machine)
+    age_out(store, machine, 3_000)
+    age_out(store, machine, 5_000)
+    copy = snapshots.load(shard).docs["c15"]
+    assert as_of_answer is not None and copy == pack_doc(as_of_answer), "as of the 2nd position"
+    assert check(store, machine).differing == []
+    rebuild(store, machine)
+    assert store.docs.get_doc("c15") == final
+    assert age_out(store, machine, 8_000) == 1
+    assert revisions(store, "c15") == [1] and check(store, machine).differing == []
+
+
+def test_a_snapshot_step_covers_only_entries_logged_before_its_bound(
+    store: Store, drainer: Drainer, machine: CallMachine
+) -> None:
+    deliver_at(store, drainer, 1_000, event("c16", "ringing", 100))
+    deliver_at(store, drainer, 2_000, ended("c16", 200, "USER_END_CALL", 5))
+    shard = store.keys.shard_of("c16")
+    snapshots = Snapshots(store, machine)
+    step = snapshots.advance(shard, T0 + 2_000)  # entries logged before 2_000 only
+    assert step is not None and step.position == f"{T0 + 1_000}-0" and step.retired == 0
+    assert snapshots.advance(shard, T0 + 2_001) == Advanced(f"{T0 + 2_000}-0", 1, 1, 0)
+    assert snapshots.advance(shard, T0 + 9_000) == Advanced(f"{T0 + 2_000}-0", 0, 0, 0)
+
+
+def test_a_snapshot_step_moves_at_most_its_batch(
+    store: Store, drainer: Drainer, machine: CallMachine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for n in range(5):
+        deliver_at(store, drainer, 1_000 + n, event(f"s{n}", "ringing", 100))
+    monkeypatch.setattr(snapshots_module, "ADVANCE_BATCH", 2)
+    steps = [Snapshots(store, machine).advance(shard, T0 + 9_000) for shard in (0, 1)]
+    assert all(step is not None and 0 < step.entries <= 2 for step in steps)
+
+
+def test_a_snapshot_step_writes_nothing_when_its_fence_fails(
+    store: Store, drainer: Drainer, machine: CallMachine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deliver_at(store, drainer, 1_000, event("c17", "ringing", 100))
+    doc = deliver_at(store, drainer, 2_000, ended("c17", 200, "USER_END_CALL", 5))
+    shard = store.keys.shard_of("c17")
+    snapshots = Snapshots(store, machine)
+    real_as_of = snapshots._as_of
+
+    def the_cursor_moves_meanwhile(*args: Any) -> Any:
+        store.redis.set(store.keys.cursor(shard), f"{T0 + 2_000}-5")
+        return real_as_of(*args)
+
+    monkeypatch.setattr(snapshots, "_as_of", the_cursor_moves_meanwhile)
+    assert snapshots.advance(shard, T0 + 3_000) == Advanced(None, 0, 0, 0)
+    assert store.docs.get_doc("c17") == doc and snapshots.position(shard) is None
+    assert len(store.log.read_range(shard, None, None, 10)) == 2
+
+
+def test_a_snapshot_step_retires_a_call_whose_document_already_expired(
+    store: Store, drainer: Drainer, machine: CallMachine
+) -> None:
+    deliver_at(store, drainer, 1_000, event("c18", "ringing", 100))
+    deliver_at(store, drainer, 2_000, ended("c18", 200, "USER_END_CALL", 5))
+    store.redis.delete(store.keys.call("c18"))  # as its TTL would, had maintenance stopped
+    assert age_out(store, machine, 3_000) == 1
+    assert store.redis.get(store.keys.tombstone("c18")) is not None
+
+
+def test_a_snapshot_step_waits_for_a_gap_between_drain_slices(
+    store: Store, drainer: Drainer, machine: CallMachine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deliver_at(store, drainer, 1_000, event("c19", "ringing", 100))
+    shard = store.keys.shard_of("c19")
+    real_acquire = store.coordination.acquire_drain_lock
+    attempts: list[str] = []
+
+    def busy_twice(shard_: int, token: str) -> bool:
+        attempts.append(token)
+        return len(attempts) > 2 and real_acquire(shard_, token)
+
+    monkeypatch.setattr(store.coordination, "acquire_drain_lock", busy_twice)
+    assert Snapshots(store, machine).advance(shard, T0 + 9_000) is not None
+    assert len(attempts) == 3
+    monkeypatch.setattr(snapshots_module, "LOCK_WAIT_SECONDS", 0.02)
+    attempts.clear()
+    monkeypatch.setattr(store.coordination, "acquire_drain_lock", lambda s, t: False)
+    assert Snapshots(store, machine).advance(shard, T0 + 9_000) is None
+
+
+def test_the_history_a_snapshot_cannot_rederive_is_told_by_its_position() -> None:
+    marked = Snapshot("5-0", {"a": HISTORY_TRIMMED, "b": b"\x01junk"}, "5-1")
+    assert marked.underivable("a", "9-0") == "history_trimmed"
+    assert marked.underivable("b", "9-0") == "snapshot_unreadable"
+    assert marked.underivable("c", "5-0") == "history_trimmed", "first changed at the position"
+    assert marked.underivable("c", "5-1") is None
+    assert marked.underivable("c", None) is None
+    fresh = Snapshot(None, {}, "7-0")  # no snapshot yet: the log starts at 7-0
+    assert fresh.underivable("c", "6-9") == "history_trimmed"
+    assert fresh.underivable("c", "7-0") is None
+    assert Snapshot(None, {}, None).underivable("c", "1-0") is None
+
+
+def test_rebuild_rewrites_a_document_changed_without_a_new_revision(
+    store: Store, drainer: Drainer, machine: CallMachine
+) -> None:
+    deliver_at(store, drainer, 1_000, event("c20", "ringing", 100))
+    doc = deliver_at(store, drainer, 2_000, ended("c20", 200, "USER_END_CALL", 5))
+    assert doc is not None
+    tampered = dict(doc, timeline={"ended": 1})
+    store.redis.set(store.keys.call("c20"), pack_doc(tampered))
+    report = check(store, machine)
+    assert report.differing == ["c20"] and report.compared == 1
+    assert rebuild(store, machine).rewritten == 1
+    assert store.docs.get_doc("c20") == doc
