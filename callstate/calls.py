@@ -141,6 +141,13 @@ def is_active(doc: Doc) -> bool:
     return doc["status"] is not None and doc["status"] != FINAL
 
 
+def published_revision(doc: Doc) -> int:
+    """The last revision the call's record published (0: none, or a record unreadable)."""
+    record = doc.get("record")
+    revision = record.get("revision") if isinstance(record, dict) else None
+    return revision if isinstance(revision, int) else 0
+
+
 def last_change(doc: Doc) -> str | None:
     """The log id of the last entry that changed the call: every entry that changes a document
     is journaled, or once the journal is full, counted in its overflow (a sweeper's close is

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from redis.exceptions import RedisError
 
 from callstate import streamids
-from callstate.calls import Doc, LogEntry, apply_batch, is_active, last_change
+from callstate.calls import Doc, LogEntry, apply_batch, is_active, last_change, published_revision
 from callstate.codec import unpack_doc, unpack_doc_or_empty
 from callstate.machine import CallMachine
 from callstate.snapshots import Snapshot, Snapshots
@@ -200,7 +200,7 @@ def _compare(
         return None
     if left is not None and _first_change(stored) < _first_change(derived):
         return left
-    if _revision(stored) > _revision(derived):
+    if published_revision(stored) > published_revision(derived):
         return NEWER_REVISION
     return "differs"
 
@@ -218,12 +218,6 @@ def _first_log_id(doc: Doc) -> str | None:
 
 def _first_change(doc: Doc) -> streamids.StreamId:
     return _id(_first_log_id(doc))
-
-
-def _revision(doc: Doc) -> int:
-    record = doc.get("record")
-    revision = record.get("revision") if isinstance(record, dict) else None
-    return revision if isinstance(revision, int) else 0
 
 
 def _id(log_id: str | None) -> streamids.StreamId:

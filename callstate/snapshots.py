@@ -19,7 +19,15 @@ from redis.client import Pipeline
 from redis.exceptions import WatchError
 
 from callstate import streamids
-from callstate.calls import Doc, LogEntry, Tombstone, apply_batch, is_active, last_change
+from callstate.calls import (
+    Doc,
+    LogEntry,
+    Tombstone,
+    apply_batch,
+    is_active,
+    last_change,
+    published_revision,
+)
 from callstate.codec import pack_doc, unpack_doc, unpack_doc_or_empty
 from callstate.machine import CallMachine
 from callstate.retention import Retention
@@ -269,7 +277,7 @@ class Snapshots:
             return
         retention = Retention.of(self.store.settings)
         last_ms = streamids.millis(_last_change(doc))
-        tombstone = Tombstone(_revision(doc), retention.refused_until(last_ms))
+        tombstone = Tombstone(published_revision(doc), retention.refused_until(last_ms))
         pipe.set(
             self.keys.tombstone(call_id),
             tombstone.text(),
@@ -301,9 +309,3 @@ def _last_change(doc: Doc) -> str:
 
 def _copy_readable(copy: bytes) -> bool:
     return copy != HISTORY_TRIMMED and bool(unpack_doc_or_empty(copy))
-
-
-def _revision(doc: Doc) -> int:
-    record = doc["record"]
-    revision = record.get("revision") if isinstance(record, dict) else None
-    return revision if isinstance(revision, int) else 0
