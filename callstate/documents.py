@@ -25,16 +25,11 @@ class Documents:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.key_prefix, settings.shards)
+        self.retention = Retention.of(settings)
 
     def load_docs(self, call_ids: Iterable[str]) -> dict[str, Doc | None]:
-        ids = list(call_ids)
-        if not ids:
-            return {}
-        raws = self.redis.mget([self.keys.call(call_id) for call_id in ids])
-        return {
-            call_id: unpack_doc(cast(bytes, raw)) if raw else None
-            for call_id, raw in zip(ids, raws, strict=True)
-        }
+        packed = self.load_packed(list(call_ids))
+        return {c: unpack_doc(raw) if raw else None for c, raw in packed.items()}
 
     def load_packed(self, call_ids: list[str]) -> dict[str, bytes | None]:
         """Documents in their stored form, for comparing without unpacking."""
@@ -111,7 +106,7 @@ class Documents:
                 if applied.expired:
                     pipe.incrby(self.keys.expired_counter(shard), len(applied.expired))
                 for call_id, (tombstone, reopened_ms) in applied.reopened.items():
-                    keep_until = Retention.of(self.settings).tombstone_expires_after(reopened_ms)
+                    keep_until = self.retention.tombstone_expires_after(reopened_ms)
                     pipe.set(self.keys.tombstone(call_id), tombstone.text(), pxat=keep_until)
                 pipe.pexpire(lock_key, self.settings.drain_lock_seconds * 1000)
                 pipe.execute()
@@ -125,7 +120,7 @@ class Documents:
         self._index(pipe, doc, indexed_before)
 
     def _set_doc(self, pipe: Pipeline, doc: Doc, packed: bytes) -> None:
-        expiry_ms = None if is_active(doc) else Retention.of(self.settings).document_ttl_ms()
+        expiry_ms = None if is_active(doc) else self.retention.document_ttl_ms()
         pipe.set(self.keys.call(doc["call_id"]), packed, px=expiry_ms)
 
     def _index(self, pipe: Pipeline, doc: Doc, indexed_before: set[str]) -> None:

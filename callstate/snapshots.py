@@ -93,6 +93,7 @@ class Snapshots:
         self.keys = store.keys
         self.machine = machine
         self.batch = batch or store.settings.drain_batch
+        self.retention = Retention.of(store.settings)
 
     def position(self, shard: int) -> str | None:
         raw = self.store.redis.get(self.keys.snapshot_position(shard))
@@ -144,7 +145,7 @@ class Snapshots:
     def due(self, shard: int, now_ms: int) -> bool:
         """Whether the shard's log has grown a snapshot interval older than retention."""
         first = self.store.log.first_log_id(shard)
-        retention = Retention.of(self.store.settings)
+        retention = self.retention
         return first is not None and retention.snapshot_due(streamids.millis(first), now_ms)
 
     def advance(self, shard: int, before_ms: int) -> Advanced | None:
@@ -275,7 +276,7 @@ class Snapshots:
         pipe.hdel(self.keys.snapshot(shard), call_id)
         if doc["record"] is None:
             return
-        retention = Retention.of(self.store.settings)
+        retention = self.retention
         last_ms = streamids.millis(_last_change(doc))
         tombstone = Tombstone(published_revision(doc), retention.refused_until(last_ms))
         pipe.set(
