@@ -23,7 +23,8 @@ from callstate.drain import Drainer
 from callstate.eventlog import event_fields
 from callstate.signature import sign
 from callstate.store import Store
-from callstate.web import QUARANTINE_PREVIEW_BYTES, create_app
+from callstate.web import create_app
+from callstate.webhook import QUARANTINE_PREVIEW_BYTES
 from tests.factories import body, ended, event, example, record_of
 
 URL = "/webhooks/stringee"
@@ -392,7 +393,7 @@ def test_start_warns_when_reachable_without_secret_or_token(
     warnings: list[str],
 ) -> None:
     exposed = dataclasses.replace(settings, host=host, signing_secret=secret, api_token=token)
-    with caplog.at_level(logging.WARNING, logger="callstate.web"):
+    with caplog.at_level(logging.WARNING, logger="callstate.webhook"):
         create_app(exposed, redis)
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SECURITY")]
     assert [name for name in warnings if any(name in line for line in said)] == warnings
