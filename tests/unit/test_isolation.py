@@ -90,7 +90,9 @@ def test_poison_entries_are_set_aside_and_the_shard_keeps_flowing(
         log_id: call_id
         for log_id, call_id in zip(aside, [*poisoned[:-1], garbled, unreadable], strict=True)
     }
-    assert int(store.redis.get(store.keys.unprocessable_counter(SHARD)) or 0) == len(aside)
+    assert int(store.redis.hget(store.keys.verdicts(SHARD), "rejected:unprocessable") or 0) == len(
+        aside
+    )
     assert check(store, machine, 3).differing == []
 
 
