@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis import Redis
 
+import callstate.calls
+import callstate.codec
 from callstate.config import Settings
 from callstate.drain import Drainer
 from callstate.figures import read_figures, record_drain_seconds, shard_backlogs
@@ -125,3 +129,21 @@ def test_the_backlog_alone_is_read_the_same_way(store: Store, drainer: Drainer) 
     waiting = [b.shard for b in alone if b.oldest_seconds is not None]
     assert waiting == sorted(shards - {min(shards)})
     assert waiting == [b.shard for b in with_the_rest if b.oldest_seconds is not None]
+
+
+def test_an_entry_set_aside_after_it_was_applied_counts_only_as_set_aside(
+    store: Store, drainer: Drainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry whose result cannot be stored is rolled back, its verdict with it."""
+    real_pack = callstate.codec.pack_doc
+
+    def pack_unless_777(doc: Mapping[str, Any]) -> bytes:
+        if doc["last_timestamp_ms"] == 777:
+            raise ValueError("a document this entry made unstorable")
+        return real_pack(doc)
+
+    monkeypatch.setattr(callstate.calls, "pack_doc", pack_unless_777)
+    for status, ts in (("ringing", 700), ("answered", 777), ("answered", 800)):
+        _, shard, _ = store.log.append_event("fig-p", body(event("fig-p", status, ts)))
+    drainer.drain(shard)
+    assert read_figures(store).verdicts == {"accepted": 2, "rejected:unprocessable": 1}

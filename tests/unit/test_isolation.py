@@ -19,6 +19,7 @@ from callstate.config import Settings
 from callstate.connection import StreamRows
 from callstate.drain import Drainer
 from callstate.eventlog import event_fields
+from callstate.figures import read_figures
 from callstate.machine import CallMachine
 from callstate.rebuild import check
 from callstate.store import Store
@@ -132,6 +133,7 @@ def test_the_entry_that_breaks_leaves_its_call_as_it_was_and_later_entries_apply
     }
     assert doc["timeline"] == {"ringing": 700, "answered": 800, "ended": 900}
     assert doc["counts"] == {"accepted": 3, "duplicate": 0, "rejected": 1, "annotation": 0}
+    assert read_figures(store).verdicts == {"accepted": 3, "rejected:unprocessable": 1}
     assert check(store, machine, 2).differing == []
 
 
