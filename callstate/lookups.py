@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
@@ -12,6 +13,10 @@ from callstate.http import error, require_read_token, services
 from callstate.schema import CALL_ID_PATTERN
 
 MAX_PAGE = 500
+# Far past any real list of active calls, and keeps Redis's range arguments within 64 bits.
+MAX_OFFSET = 1_000_000_000
+# ASCII digits only: str.isdigit() also takes "²", which int() then refuses.
+_DIGITS = re.compile(r"[0-9]{1,10}")
 
 calls = Blueprint("calls", __name__)
 calls.before_request(require_read_token)
@@ -80,7 +85,7 @@ def list_calls() -> tuple[Response, int]:
         return error(400, "invalid_query", "only active=true is supported", field="active")
     try:
         limit = _int_arg("limit", 50, 1, MAX_PAGE)
-        offset = _int_arg("offset", 0, 0, None)
+        offset = _int_arg("offset", 0, 0, MAX_OFFSET)
     except ValueError as exc:
         return error(400, "invalid_query", str(exc), field=exc.args[1])
     total, docs = services().store.docs.active_calls(
@@ -97,11 +102,10 @@ def _doc_or_none(call_id: str) -> Doc | None:
     return services().store.docs.get_doc(call_id)
 
 
-def _int_arg(name: str, default: int, low: int, high: int | None) -> int:
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
     raw = request.args.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) < low or (high is not None and int(raw) > high):
-        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise ValueError(f"{name} must be an integer {bound}", name)
+    if not _DIGITS.fullmatch(raw) or not low <= int(raw) <= high:
+        raise ValueError(f"{name} must be an integer between {low} and {high}", name)
     return int(raw)

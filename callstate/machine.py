@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from transitions import Machine, MachineError, State
 
 from callstate.schema import CALL_STATUSES
@@ -20,6 +22,17 @@ TABLE: dict[str, tuple[str, ...]] = {
 }
 
 
+def definition() -> dict[str, Any]:
+    """The machine as `transitions` takes it, from TABLE: what the call machine enforces and what
+    the README's diagram (callstate/diagram.py) draws."""
+    return {
+        "states": [State(NEW)] + [State(s, final=s == FINAL) for s in CALL_STATUSES],
+        "transitions": _transitions(),
+        "initial": NEW,
+        "auto_transitions": False,
+    }
+
+
 def _transitions() -> list[dict[str, str]]:
     edges = [{"trigger": status, "source": NEW, "dest": status} for status in CALL_STATUSES]
     for source, dests in TABLE.items():
@@ -33,15 +46,7 @@ class CallMachine:
     state: str
 
     def __init__(self) -> None:
-        states = [State(NEW)] + [State(s, final=s == FINAL) for s in CALL_STATUSES]
-        self.machine = Machine(
-            model=self,
-            states=states,
-            transitions=_transitions(),
-            initial=NEW,
-            auto_transitions=False,
-            send_event=False,
-        )
+        self.machine = Machine(model=self, send_event=False, **definition())
 
     def advance(self, current: str | None, status: str) -> bool:
         """Move from `current` (None: a new call) on `status`; False when the table forbids it."""

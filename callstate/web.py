@@ -10,6 +10,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 from werkzeug.exceptions import HTTPException
 
+from callstate.apidoc import apidoc
 from callstate.config import Settings
 from callstate.connection import connect
 from callstate.doctor import warn_if_unsafe
@@ -32,6 +33,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     )
     app.register_blueprint(webhooks)
     app.register_blueprint(calls)
+    app.register_blueprint(apidoc)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(RedisError, _redis_down)
     warn_if_exposed(settings)
@@ -60,7 +62,12 @@ def warn_if_exposed(settings: Settings) -> None:
 def _http_error(exc: HTTPException) -> tuple[Response, int]:
     status = exc.code or 500
     code = (exc.name or "error").lower().replace(" ", "_")
-    return error(status, code, exc.description or code)
+    response, status = error(status, code, exc.description or code)
+    # Keep what the exception's own answer says besides its HTML, such as a 405's `Allow`.
+    response.headers.extend(
+        (name, value) for name, value in exc.get_headers() if name.lower() != "content-type"
+    )
+    return response, status
 
 
 def _redis_down(exc: RedisError) -> tuple[Response, int]:
