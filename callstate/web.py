@@ -10,6 +10,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 from werkzeug.exceptions import HTTPException
 
+from callstate.board import board
 from callstate.config import Settings
 from callstate.connection import connect
 from callstate.doctor import warn_if_unsafe
@@ -32,6 +33,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     )
     app.register_blueprint(webhooks)
     app.register_blueprint(calls)
+    app.register_blueprint(board)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(RedisError, _redis_down)
     warn_if_exposed(settings)
