@@ -54,6 +54,8 @@ class Settings:
     snapshot_interval_seconds: int = 3600
     records_stream_maxlen: int = 1_000_000
     quarantine_max: int = 1000
+    board_streams: int = 2
+    board_stream_seconds: int = 300
     max_clock_skew_seconds: int = 600
     fsync: str = "always"
     max_events_per_call: int = DEFAULT_LIMITS.max_events
@@ -129,6 +131,10 @@ class Settings:
                     env, "CALLSTATE_RECORDS_STREAM_MAXLEN", cls.records_stream_maxlen
                 ),
                 quarantine_max=_int(env, "CALLSTATE_QUARANTINE_MAX", cls.quarantine_max),
+                board_streams=_int(env, "CALLSTATE_BOARD_STREAMS", cls.board_streams),
+                board_stream_seconds=_int(
+                    env, "CALLSTATE_BOARD_STREAM_SECONDS", cls.board_stream_seconds
+                ),
                 max_clock_skew_seconds=_int(
                     env, "CALLSTATE_MAX_CLOCK_SKEW_SECONDS", cls.max_clock_skew_seconds
                 ),

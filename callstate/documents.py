@@ -11,6 +11,7 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import WatchError
 
+from callstate.boardview import queue_board_update
 from callstate.calls import Applied, Doc, is_active
 from callstate.codec import dumps, pack_doc, unpack_doc
 from callstate.config import Settings
@@ -121,6 +122,7 @@ class Documents:
                 for call_id, (tombstone, reopened_ms) in applied.reopened.items():
                     keep_until = self.retention.tombstone_expires_after(reopened_ms)
                     pipe.set(self.keys.tombstone(call_id), tombstone.text(), pxat=keep_until)
+                queue_board_update(pipe, self.keys, shard, applied, expected_cursor)
                 pipe.pexpire(lock_key, self.settings.drain_lock_seconds * 1000)
                 pipe.execute()
                 return True

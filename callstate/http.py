@@ -12,6 +12,9 @@ from rq import Queue
 from callstate.config import Settings
 from callstate.store import Store
 
+# The cookie that carries the read token for a browser (set by the board's `GET /?token=`).
+TOKEN_COOKIE = "callstate_token"  # noqa: S105 - a name, not a secret
+
 
 @dataclass(frozen=True)
 class Services:
@@ -31,12 +34,19 @@ def error(status: int, code: str, message: str, **extra: Any) -> tuple[Response,
 
 def require_read_token() -> tuple[Response, int] | None:
     """A blueprint's `before_request`: with CALLSTATE_API_TOKEN set, reads need it as a bearer
-    token (compared in constant time)."""
+    token, or as the cookie a browser got from `GET /?token=` (compared in constant time)."""
     token = services().settings.api_token
     if token is None:
         return None
-    sent = request.headers.get("Authorization", "")
-    expected = f"Bearer {token}"
-    if not hmac.compare_digest(sent.encode(), expected.encode()):
-        return error(401, "unauthorized", "send Authorization: Bearer <CALLSTATE_API_TOKEN>")
-    return None
+    bearer = request.headers.get("Authorization", "")
+    cookie = request.cookies.get(TOKEN_COOKIE, "")
+    if hmac.compare_digest(bearer.encode(), f"Bearer {token}".encode()):
+        return None
+    if hmac.compare_digest(cookie.encode("utf-8", "replace"), token.encode()):
+        return None
+    return error(
+        401,
+        "unauthorized",
+        f"send Authorization: Bearer <CALLSTATE_API_TOKEN>, or the {TOKEN_COOKIE} cookie "
+        "that GET /?token=<CALLSTATE_API_TOKEN> sets",
+    )

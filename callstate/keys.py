@@ -99,3 +99,11 @@ class Keys:
 
     def quarantine(self) -> str:
         return f"{self.prefix}:quarantine"
+
+    def board_channel(self, shard: int) -> str:
+        """Pub/sub channel on which the shard's commits publish what the live board shows."""
+        return f"{self.prefix}:board:{shard}"
+
+    def board_rejections(self, shard: int) -> str:
+        """List of the shard's latest rejected events, newest first, capped, for the board."""
+        return f"{self.prefix}:board-rejections:{shard}"

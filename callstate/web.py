@@ -11,6 +11,7 @@ from rq import Queue
 from werkzeug.exceptions import HTTPException
 
 from callstate.apidoc import apidoc
+from callstate.board import board
 from callstate.config import Settings
 from callstate.connection import connect
 from callstate.doctor import warn_if_unsafe
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     app.register_blueprint(webhooks)
     app.register_blueprint(calls)
     app.register_blueprint(apidoc)
+    app.register_blueprint(board)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(RedisError, _redis_down)
     warn_if_exposed(settings)

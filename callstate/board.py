@@ -1,0 +1,187 @@
+"""The live call board: the page, its first picture (`/board/state`) and its live updates
+(`/board/events`, Server-Sent Events fed by the drainers' commits through `BoardFeed`)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import queue
+import time
+from collections.abc import Iterator
+from typing import Any, cast
+
+from flask import Blueprint, Response, current_app, jsonify, redirect, render_template, request
+from flask.blueprints import BlueprintSetupState
+from flask.typing import ResponseReturnValue
+
+from callstate.boardfeed import BoardFeed, Stream, read_backlog
+from callstate.boardview import Summary, call_summary, record_summary
+from callstate.connection import StreamRows, text
+from callstate.http import TOKEN_COOKIE, error, require_read_token, services
+from callstate.store import Store
+
+ACTIVE_SHOWN = 500
+RECORDS_SHOWN = 20
+REJECTIONS_SHOWN = 20
+HEARTBEAT_SECONDS = 15.0
+RETRY_MS = 2000
+TOKEN_COOKIE_SECONDS = 30 * 24 * 3600
+# Only the package's own files: no inline script or style, no other origin.
+PAGE_POLICY = "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'"
+
+board = Blueprint(
+    "board",
+    __name__,
+    static_folder="static",
+    static_url_path="/board/static",
+    template_folder="templates",
+)
+
+
+@board.record_once
+def _create_feed(state: BlueprintSetupState) -> None:
+    svc = state.app.extensions["callstate"]
+    feed = BoardFeed(svc.store, svc.settings.board_streams)
+    feed.stop_on_sigterm()
+    state.app.extensions["callstate.board"] = feed
+
+
+def board_feed() -> BoardFeed:
+    return cast(BoardFeed, current_app.extensions["callstate.board"])
+
+
+@board.before_request
+def _guard() -> tuple[Response, int] | None:
+    """The read token, but for the page's own files and for `/?token=`, which checks it itself."""
+    if request.endpoint == "board.static":
+        return None
+    if request.endpoint == "board.page" and "token" in request.args:
+        return None
+    return require_read_token()
+
+
+@board.get("/")
+def page() -> ResponseReturnValue:
+    token = request.args.get("token")
+    if token is not None:
+        return _keep_token(token)
+    response = Response(render_template("board.html"), mimetype="text/html")
+    response.headers["Content-Security-Policy"] = PAGE_POLICY
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _keep_token(token: str) -> ResponseReturnValue:
+    """`/?token=`: a browser cannot put a header on a page load or an EventSource, so the token
+    goes into an HttpOnly cookie, and the address bar loses it at once (303 to `/`)."""
+    expected = services().settings.api_token
+    if expected is not None and not hmac.compare_digest(token.encode(), expected.encode()):
+        return error(401, "unauthorized", "wrong token")
+    response = redirect("/", 303)
+    if expected is not None:
+        response.set_cookie(
+            TOKEN_COOKIE,
+            token,
+            max_age=TOKEN_COOKIE_SECONDS,
+            path="/",
+            httponly=True,
+            samesite="Strict",
+            secure=request.is_secure,
+        )
+    return response
+
+
+@board.get("/board/state")
+def state() -> tuple[Response, int]:
+    store = services().store
+    _, docs = store.docs.active_calls(None, None, 0, ACTIVE_SHOWN)
+    return jsonify(
+        {
+            "server_ms": store.log.server_time_ms(),
+            "active": [call_summary(doc) for doc in docs],
+            "records": recent_records(store, RECORDS_SHOWN),
+            "rejections": recent_rejections(store, REJECTIONS_SHOWN),
+            "backlog": read_backlog(store),
+        }
+    ), 200
+
+
+@board.get("/board/events")
+def events() -> Response | tuple[Response, int]:
+    feed = board_feed()
+    stream = feed.open()
+    if stream is None:
+        answer, status = error(
+            503,
+            "too_many_streams",
+            f"this web process already serves {feed.max_streams} board streams "
+            "(CALLSTATE_BOARD_STREAMS); retry later",
+        )
+        answer.headers["Retry-After"] = "30"
+        return answer, status
+    lifetime = services().settings.board_stream_seconds
+    response = Response(frames(stream, lifetime), mimetype="text/event-stream")
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Accel-Buffering"] = "no"  # a proxy must not hold the events back
+    response.call_on_close(lambda: feed.close(stream))
+    return response
+
+
+def frames(stream: Stream, lifetime_seconds: float) -> Iterator[str]:
+    """The stream's events, a comment every `HEARTBEAT_SECONDS` so a gone client is noticed,
+    until it is dropped or `lifetime_seconds` pass: each stream holds one of the process's few
+    threads, and the browser reconnects by itself (after `retry`)."""
+    yield f"retry: {RETRY_MS}\n\n"
+    deadline = time.monotonic() + lifetime_seconds
+    while not stream.dropped.is_set():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        try:
+            found = stream.frames.get(timeout=min(HEARTBEAT_SECONDS, remaining))
+        except queue.Empty:
+            found = ": keep-alive\n\n"
+        if stream.dropped.is_set():
+            return
+        yield found
+
+
+def recent_records(store: Store, limit: int) -> list[Summary]:
+    """The latest final records, newest first, one per call (its latest revision)."""
+    rows = cast(StreamRows, store.redis.xrevrange(store.keys.records(), count=limit * 2))
+    found: dict[str, Summary] = {}
+    for _, fields in rows:
+        summary = record_summary(json.loads(fields[b"record"]))
+        call_id = summary["call_id"] or text(fields.get(b"call_id", b""))
+        found.setdefault(call_id, summary)
+    return list(found.values())[:limit]
+
+
+def recent_rejections(store: Store, limit: int) -> list[Summary]:
+    """The latest rejected events of every shard and refused deliveries, newest first."""
+    pipe = store.redis.pipeline(transaction=False)
+    for shard in range(store.settings.shards):
+        pipe.lrange(store.keys.board_rejections(shard), 0, limit - 1)
+    lists: list[list[bytes]] = pipe.execute()
+    found: list[Summary] = [json.loads(raw) for rows in lists for raw in rows]
+    seen = {item["log_id"] for item in found}
+    found += [
+        _refused_delivery(item)
+        for item in store.quarantine.recent(limit)
+        if item.get("log_id") is None or item["log_id"] not in seen
+    ]
+    found.sort(key=lambda item: item["ms"] or 0, reverse=True)
+    return found[:limit]
+
+
+def _refused_delivery(item: dict[str, Any]) -> Summary:
+    """A quarantined delivery as a rejection: what was wrong, never the body."""
+    return {
+        "source": "delivery",
+        "call_id": item.get("call_id"),
+        "log_id": item.get("log_id"),
+        "call_status": None,
+        "reason": item.get("error"),
+        "field": item.get("field"),
+        "ms": item.get("received_ms"),
+    }

@@ -1,0 +1,424 @@
+"""The live call board on fakeredis: what a commit publishes, the feed's fan-out, the page's
+token cookie, the stream limit, and the first picture."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from redis import Redis
+from redis.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
+from werkzeug.test import TestResponse
+
+from callstate import board as board_module
+from callstate.boardfeed import DOWN, RESET, BoardFeed, Stream
+from callstate.calls import Doc
+from callstate.config import Settings
+from callstate.drain import Drainer
+from callstate.store import Store
+from callstate.web import create_app
+from tests.factories import body, ended, event, to_agent
+
+JSON = {"Content-Type": "application/json"}
+
+
+def same_shard_ids(store: Store, count: int) -> list[str]:
+    """Call ids that share a shard, so one drain batch holds all their events."""
+    found: list[str] = []
+    wanted = store.keys.shard_of("board-0")
+    n = 0
+    while len(found) < count:
+        call_id = f"board-{n}"
+        if store.keys.shard_of(call_id) == wanted:
+            found.append(call_id)
+        n += 1
+    return found
+
+
+def log_events(store: Store, *payloads: dict[str, Any]) -> int:
+    shards = {store.log.append_event(p["call_id"], body(p))[1] for p in payloads}
+    assert len(shards) == 1
+    return shards.pop()
+
+
+def next_message(pubsub: PubSub, timeout: float = 2.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+        if message is not None:
+            loaded: dict[str, Any] = json.loads(message["data"])
+            return loaded
+    raise AssertionError("nothing published")
+
+
+@pytest.fixture
+def board_channel(redis: Redis, store: Store) -> Iterator[PubSub]:
+    pubsub = redis.pubsub()  # type: ignore[no-untyped-call]
+    pubsub.subscribe(*(store.keys.board_channel(s) for s in range(store.settings.shards)))
+    yield pubsub
+    pubsub.close()
+
+
+def test_a_commit_publishes_its_calls_records_and_rejections_on_its_shards_channel(
+    store: Store, drainer: Drainer, board_channel: PubSub
+) -> None:
+    live, done = same_shard_ids(store, 2)
+    shard = log_events(
+        store,
+        event(live, "ringing", 2_000),
+        event(live, "created", 1_000),  # older than the ringing: rejected out_of_order
+        event(done, "ringing", 1_000),
+        ended(done, 5_000, "486 Busy Here", 0),
+    )
+    drainer.drain(shard)
+    message = next_message(board_channel)
+    assert message["shard"] == shard
+    calls = {call["call_id"]: call for call in message["calls"]}
+    assert calls[live] == {
+        "call_id": live,
+        "status": "ringing",
+        "active": True,
+        "caller": "84899199866",
+        "callee": "84909985668",
+        "agent": "huydn",
+        "since_ms": 2_000,
+        "version": 2,
+    }
+    assert calls[done]["status"] == "ended" and calls[done]["active"] is False
+    [record] = message["records"]
+    assert record["call_id"] == done
+    assert record["disposition"] == "busy"
+    assert record["sip_code"] == 486
+    assert (record["duration"], record["answer_duration"]) == (9, 0)
+    assert (record["ended_ms"], record["revision"], record["agent"]) == (5_000, 1, "huydn")
+    [rejection] = message["rejections"]
+    created_log_id = store.docs.get_doc(live)["journal"][1]["log_id"]  # type: ignore[index]
+    assert rejection == {
+        "source": "event",
+        "call_id": live,
+        "log_id": created_log_id,
+        "call_status": "created",
+        "reason": "out_of_order",
+        "ms": int(created_log_id.split("-")[0]),
+    }
+    kept = store.redis.lrange(store.keys.board_rejections(shard), 0, -1)
+    assert [json.loads(raw) for raw in kept] == [rejection]
+
+
+def test_only_the_batchs_own_rejections_are_published(
+    store: Store, drainer: Drainer, board_channel: PubSub
+) -> None:
+    [call_id] = same_shard_ids(store, 1)
+    shard = log_events(store, event(call_id, "answered", 2_000), event(call_id, "ringing", 1_000))
+    drainer.drain(shard)
+    assert len(next_message(board_channel)["rejections"]) == 1
+    log_events(store, ended(call_id, 3_000, "USER_END_CALL", 10))
+    drainer.drain(shard)
+    later = next_message(board_channel)
+    assert later["rejections"] == []
+    assert [record["disposition"] for record in later["records"]] == ["answered"]
+    assert store.redis.llen(store.keys.board_rejections(shard)) == 1
+
+
+def test_the_agent_of_a_call_center_call_is_the_agent_ringing_now(
+    deliver: Callable[..., Doc], board_channel: PubSub
+) -> None:
+    inbound = {"callCreatedReason": "EXTERNAL_CALL_IN", "request_from_user_id": None}
+    deliver(
+        event("cc-1", "created", 1_000, **inbound),
+        event("cc-1", "ringing", 1_001, to=to_agent("agent-1"), **inbound),
+        event("cc-1", "agentEnded", 1_002, to=to_agent("agent-1"), **inbound),
+        event("cc-1", "ringing", 1_003, to=to_agent("agent-2"), **inbound),
+    )
+    [call] = next_message(board_channel)["calls"]
+    assert (call["status"], call["agent"], call["since_ms"]) == ("ringing", "agent-2", 1_003)
+
+
+def test_values_a_sender_controls_are_cut_and_typed(
+    deliver: Callable[..., Doc], board_channel: PubSub
+) -> None:
+    deliver(event("long-1", "ringing", 1_000, request_from_user_id="u" * 500, to={"number": 7}))
+    [call] = next_message(board_channel)["calls"]
+    assert call["agent"] == "u" * 64
+    assert call["callee"] is None
+
+
+# --- the feed -------------------------------------------------------------------------------
+
+
+def frames_until(stream: Stream, wanted: int, timeout: float = 3.0) -> list[str]:
+    """Take `wanted` frames off a stream, polling with a deadline."""
+    taken: list[str] = []
+    deadline = time.monotonic() + timeout
+    while len(taken) < wanted:
+        try:
+            taken.append(stream.frames.get(timeout=max(0.0, deadline - time.monotonic())))
+        except queue.Empty:
+            raise AssertionError(f"got {taken}, wanted {wanted} frames") from None
+    return taken
+
+
+def feed_threads() -> int:
+    return sum(1 for thread in threading.enumerate() if thread.name == "board-feed")
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def feed(store: Store) -> Iterator[BoardFeed]:
+    feed = BoardFeed(store, max_streams=3, queue_frames=3, backlog=lambda _: [])
+    yield feed
+    for stream in list(feed._streams):
+        feed.close(stream)
+    wait_for(lambda: feed_threads() == 0)
+
+
+def test_the_feed_fans_out_to_every_stream_and_drops_a_slow_one(
+    feed: BoardFeed, redis: Redis, store: Store
+) -> None:
+    fast, slow = feed.open(), feed.open()
+    assert fast is not None and slow is not None
+    assert frames_until(fast, 2) == [
+        'event: backlog\ndata: {"backlog": []}\n\n',
+        RESET,
+    ]
+    channel = store.keys.board_channel(1)
+    for n in range(3):
+        redis.publish(channel, json.dumps({"n": n}))
+        assert frames_until(fast, 1) == [f'event: change\ndata: {{"n": {n}}}\n\n']
+    # The slow one took nothing: its 3 frames filled up at the second change, the third
+    # dropped it, and nobody waited for it.
+    wait_for(slow.dropped.is_set)
+    assert feed.streams == 1
+    redis.publish(channel, json.dumps({"n": 3}))
+    assert frames_until(fast, 1) == ['event: change\ndata: {"n": 3}\n\n']
+
+
+def test_one_subscriber_thread_starts_with_the_first_stream_and_stops_with_the_last(
+    feed: BoardFeed,
+) -> None:
+    assert feed_threads() == 0
+    first, second = feed.open(), feed.open()
+    assert first is not None and second is not None
+    assert RESET in frames_until(first, 2)
+    assert feed_threads() == 1
+    late = feed.open()
+    assert late is not None
+    assert frames_until(late, 1) == [RESET]  # the feed is live already: reload at once
+    for stream in (first, second, late):
+        feed.close(stream)
+    wait_for(lambda: feed_threads() == 0)
+    again = feed.open()
+    assert again is not None
+    assert RESET in frames_until(again, 2)
+
+
+def test_the_feed_tells_boards_to_reload_after_redis_came_back(
+    feed: BoardFeed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("callstate.boardfeed.RECONNECT_SECONDS", 0.01)
+    failed = threading.Event()
+
+    def backlog_failing_once_live(_: Store) -> list[dict[str, Any]]:
+        if feed._live and not failed.is_set():
+            failed.set()
+            raise RedisConnectionError("gone")
+        return []
+
+    feed.backlog, feed.backlog_every = backlog_failing_once_live, 0.0
+    stream = feed.open()
+    assert stream is not None
+    taken = frames_until(stream, 5)
+    assert failed.is_set()
+    assert taken.count(RESET) == 2  # once subscribed, again once subscribed anew
+    assert taken.index(RESET) < taken.index(DOWN) < len(taken) - 1 - taken[::-1].index(RESET)
+    assert feed_threads() == 1
+
+
+def test_stopping_ends_every_stream_at_once_and_opens_no_more(feed: BoardFeed) -> None:
+    stream = feed.open()
+    assert stream is not None
+    sender = board_module.frames(stream, lifetime_seconds=60)
+    assert next(sender).startswith("retry:")
+    frames_until(stream, 2)  # the backlog and the reset: the queue is empty now
+    ended_at: list[float] = []
+
+    def send_all() -> None:
+        list(sender)
+        ended_at.append(time.monotonic())
+
+    sending = threading.Thread(target=send_all)
+    sending.start()
+    feed.stop()
+    sending.join(timeout=2)
+    assert ended_at, "the stream did not end"
+    assert feed.open() is None
+    assert feed.streams == 0
+
+
+def test_sigterm_stops_the_feed_then_reaches_the_servers_own_handler(
+    feed: BoardFeed,
+) -> None:
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: received.append(signum))
+    try:
+        stream = feed.open()
+        assert stream is not None
+        feed.stop_on_sigterm()
+        os.kill(os.getpid(), signal.SIGTERM)
+        wait_for(lambda: bool(received))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert received == [signal.SIGTERM]
+    assert stream.dropped.is_set() and feed.open() is None
+
+
+# --- the endpoints ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_app(settings: Settings, redis: Redis) -> Callable[..., Flask]:
+    def build(**changes: Any) -> Flask:
+        return create_app(dataclasses.replace(settings, **changes), redis)
+
+    return build
+
+
+def test_the_page_stores_the_token_in_a_cookie_that_every_read_accepts(
+    make_app: Callable[..., Flask],
+) -> None:
+    client = make_app(api_token="tok").test_client()
+    refused = client.get("/")
+    assert refused.status_code == 401 and refused.get_json()["error"] == "unauthorized"
+    wrong = client.get("/?token=nope")
+    assert wrong.status_code == 401 and wrong.get_json()["error"] == "unauthorized"
+    assert "Set-Cookie" not in wrong.headers
+    stored = client.get("/?token=tok")
+    assert stored.status_code == 303 and stored.headers["Location"] == "/"
+    cookie = stored.headers["Set-Cookie"]
+    for attribute in ("callstate_token=tok", "HttpOnly", "SameSite=Strict", "Path=/"):
+        assert attribute in cookie
+    for path in ("/", "/board/state", "/calls?active=true"):
+        assert client.get(path).status_code == 200, path
+    client.set_cookie("callstate_token", "forged")
+    assert client.get("/board/state").status_code == 401
+    stranger = make_app(api_token="tok").test_client()
+    bearer = {"Authorization": "Bearer tok"}
+    assert stranger.get("/board/state", headers=bearer).status_code == 200
+
+
+def test_the_page_is_html_with_only_its_own_scripts(make_app: Callable[..., Flask]) -> None:
+    client = make_app(api_token="tok").test_client()
+    client.get("/?token=tok")
+    page = client.get("/")
+    assert page.mimetype == "text/html"
+    assert page.headers["Content-Security-Policy"].startswith("default-src 'self'")
+    html = page.get_data(as_text=True)
+    assert "/board/static/board.js" in html and "/board/static/board.css" in html
+    assert "<script>" not in html  # nothing inline: the policy would block it
+    stranger = make_app(api_token="tok").test_client()
+    script = stranger.get("/board/static/board.js")  # no data in it: no token needed
+    assert script.status_code == 200 and "EventSource" in script.get_data(as_text=True)
+    assert "innerHTML" not in script.get_data(as_text=True)
+    script.close()
+
+
+def open_stream(client: FlaskClient) -> TestResponse:
+    return client.get("/board/events", buffered=False)
+
+
+def test_streams_beyond_the_limit_get_503_and_a_closed_one_frees_its_place(
+    make_app: Callable[..., Flask],
+) -> None:
+    app = make_app(board_streams=2)
+    client = app.test_client()
+    first, second = open_stream(client), open_stream(client)
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert first.mimetype == "text/event-stream"
+    refused = open_stream(client)
+    assert refused.status_code == 503
+    assert refused.get_json()["error"] == "too_many_streams"
+    assert refused.headers["Retry-After"]
+    first.close()
+    third = open_stream(client)
+    assert third.status_code == 200
+    for response in (second, third):
+        response.close()
+    assert app.extensions["callstate.board"].streams == 0
+
+
+def test_a_stream_says_when_to_retry_beats_while_idle_and_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(board_module, "HEARTBEAT_SECONDS", 0.05)
+    stream = Stream(4)
+    stream.offer("event: change\ndata: {}\n\n")
+    started = time.monotonic()
+    sent = list(board_module.frames(stream, lifetime_seconds=0.3))
+    assert sent[0] == f"retry: {board_module.RETRY_MS}\n\n"
+    assert sent[1] == "event: change\ndata: {}\n\n"
+    assert ": keep-alive\n\n" in sent[2:]
+    assert 0.3 <= time.monotonic() - started < 2
+
+
+def test_a_dropped_stream_ends() -> None:
+    stream = Stream(4)
+    stream.dropped.set()
+    assert list(board_module.frames(stream, lifetime_seconds=60)) == [
+        f"retry: {board_module.RETRY_MS}\n\n"
+    ]
+
+
+def test_the_state_holds_active_calls_latest_records_rejections_and_backlog(
+    make_app: Callable[..., Flask], store: Store, drainer: Drainer
+) -> None:
+    client = make_app().test_client()
+    live, done = same_shard_ids(store, 2)
+    shard = log_events(
+        store,
+        event(live, "ringing", 2_000),
+        event(live, "created", 1_000),
+        event(done, "answered", 1_000),
+        ended(done, 3_000, "USER_END_CALL", 20),
+        {"call_id": done, "recording_url": "https://r/1"},  # a second revision
+    )
+    drainer.drain(shard)
+    refused = client.post("/webhooks/stringee", data=b"{", headers=JSON)
+    assert refused.status_code == 400
+    state = client.get("/board/state").get_json()
+    assert isinstance(state["server_ms"], int)
+    assert [(c["call_id"], c["status"]) for c in state["active"]] == [(live, "ringing")]
+    [record] = state["records"]
+    assert (record["call_id"], record["revision"], record["disposition"]) == (done, 2, "answered")
+    assert [(r["source"], r["reason"]) for r in state["rejections"]] == [
+        ("delivery", "invalid_json"),
+        ("event", "out_of_order"),
+    ]
+    assert [b["shard"] for b in state["backlog"]] == list(range(store.settings.shards))
+    assert all(b["entries"] == 0 for b in state["backlog"])
+
+
+def test_board_settings_come_from_the_environment() -> None:
+    env = {"CALLSTATE_BOARD_STREAMS": "5", "CALLSTATE_BOARD_STREAM_SECONDS": "60"}
+    settings = Settings.from_env(env)
+    assert (settings.board_streams, settings.board_stream_seconds) == (5, 60)
+    assert Settings.from_env({}).board_streams == 2
+    with pytest.raises(ValueError, match="CALLSTATE_BOARD_STREAMS"):
+        Settings.from_env({"CALLSTATE_BOARD_STREAMS": "0"})
