@@ -38,6 +38,7 @@ from callstate import streamids
 from callstate.calldoc import CallDoc
 from callstate.config import Settings
 from callstate.connection import StreamRows
+from callstate.figures import read_figures
 from callstate.jobs import DRAIN_JOB
 from callstate.store import Store
 from tests.integration.stack import RedisServer, Stack, wait_until
@@ -279,8 +280,7 @@ class Faults:
 
     def quarantined(self) -> int:
         """Entries set aside (exact counters) and refused deliveries kept, together."""
-        keys = [self.store.keys.unprocessable_counter(s) for s in range(self.settings.shards)]
-        counted = sum(int(n or 0) for n in cast(list[bytes | None], self.redis.mget(keys)))
+        counted = read_figures(self.store).verdicts.get("rejected:unprocessable", 0)
         return counted + int(self.redis.llen(self.store.keys.quarantine()))
 
     def last_log_ids(self) -> dict[int, str | None]:

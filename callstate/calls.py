@@ -7,6 +7,7 @@ derive exactly the same state from the same log.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,13 +101,15 @@ class Unprocessable:
 
 @dataclass
 class Applied:
-    """What a batch changed: documents (and their stored form), records, entries set aside."""
+    """What a batch changed: documents (and their stored form), records, entries set aside,
+    and how many entries got each verdict (`verdict` or `verdict:reason`)."""
 
     changed: set[str] = field(default_factory=set)
     records: list[Record] = field(default_factory=list)
     unprocessable: list[Unprocessable] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
     reopened: dict[str, tuple[Tombstone, int]] = field(default_factory=dict)
+    verdicts: Counter[str] = field(default_factory=Counter)
     docs: dict[str, Doc] = field(default_factory=dict)
     packed: dict[str, bytes] = field(default_factory=dict)
 
@@ -393,6 +396,7 @@ def _set_aside(
     """`rejected: unprocessable`: journaled on its call when the call id is readable and the
     call is not retired, and reported, while the rest of the batch goes on."""
     applied.unprocessable.append(Unprocessable(entry.log_id, entry.call_id, error))
+    applied.verdicts["rejected:unprocessable"] += 1
     if not CALL_ID_PATTERN.fullmatch(entry.call_id) or _refused(docs, entry, retired, applied):
         return
     doc = docs.get(entry.call_id)
@@ -480,6 +484,7 @@ def _apply_one_by_one(
         before = docs.get(entry.call_id)
         kept = pack_doc(before) if before is not None else None
         changed, records = set(applied.changed), len(applied.records)
+        verdicts = Counter(applied.verdicts)
         try:
             _apply_into(docs, entry, machine, limits, retired, applied)
             if entry.call_id in applied.changed:
@@ -489,6 +494,7 @@ def _apply_one_by_one(
         except Exception as exc:  # any other failure sets this one entry aside
             docs[entry.call_id] = unpack_doc(kept) if kept is not None else None
             applied.changed, applied.records = changed, applied.records[:records]
+            applied.verdicts = verdicts
             _set_aside(docs, entry, error_name(exc), limits, retired, applied)
     return applied.pack(docs)
 
@@ -513,17 +519,36 @@ def _apply_into(
 ) -> None:
     if entry.stale_before_ms is None and _refused(docs, entry, retired, applied):
         applied.expired.append(entry.log_id)
+        applied.verdicts["rejected:expired"] += 1
         return
     doc = docs.get(entry.call_id)
     version = doc["version"] if doc else None
+    before = _verdicts_given(doc)
     doc, record = apply_entry(doc, entry, machine, limits)
     if doc is None:
         return
     docs[entry.call_id] = doc
     if doc["version"] != version:
         applied.changed.add(entry.call_id)
+        applied.verdicts[_verdict_given(doc, before)] += 1
     if record is not None:
         applied.records.append(record)
+
+
+def _verdicts_given(doc: Doc | None) -> tuple[int, int]:
+    """How many entries the call has journaled and counted as overflow."""
+    if doc is None:
+        return 0, 0
+    overflow = doc.get("overflow")
+    return len(doc["journal"]), overflow["count"] if overflow else 0
+
+
+def _verdict_given(doc: Doc, before: tuple[int, int]) -> str:
+    """The verdict of the entry just applied to `doc`: journaled, or counted as overflow."""
+    if len(doc["journal"]) > before[0]:
+        item = doc["journal"][-1]
+        return f"{item['verdict']}:{item['reason']}" if item["reason"] else item["verdict"]
+    return "rejected:too_many_events"
 
 
 def _refused(

@@ -4,6 +4,7 @@ records and the cursor in one transaction."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, cast
 
 from redis import Redis
@@ -16,6 +17,14 @@ from callstate.config import Settings
 from callstate.connection import text
 from callstate.keys import Keys
 from callstate.retention import Retention
+
+
+@dataclass(frozen=True)
+class Prior:
+    """What a document was indexed and counted under before a batch changed it."""
+
+    indexes: frozenset[str]
+    active_status: str | None
 
 
 class Documents:
@@ -48,6 +57,11 @@ class Documents:
             for key in self.redis.scan_iter(match=self.keys.call_pattern(), count=1000)
         }
 
+    def prior(self, doc: Doc | None) -> Prior:
+        """Take note of a document's indexes and active status before a batch changes it."""
+        status = doc["status"] if doc is not None and is_active(doc) else None
+        return Prior(frozenset(self.index_keys(doc)), status)
+
     def index_keys(self, doc: Doc | None) -> set[str]:
         """The lookup indexes an active call belongs to: its numbers and its user."""
         if doc is None or not is_active(doc):
@@ -71,9 +85,10 @@ class Documents:
         new_cursor: str,
         entries: int,
         applied: Applied,
-        indexed_before: dict[str, set[str]],
+        prior: dict[str, Prior],
     ) -> bool:
-        """Write a batch's documents, indexes, records and the new cursor in one transaction.
+        """Write a batch's documents, indexes, records, counters and the new cursor in one
+        transaction, so the counters are exact.
 
         The transaction only runs if the cursor is still `expected_cursor` and the shard's drain
         lock still holds `token`: a drainer that lost its lock while it worked commits nothing,
@@ -91,7 +106,9 @@ class Documents:
                     return False
                 pipe.multi()
                 for call_id, doc in applied.docs.items():
-                    self.write_doc(pipe, doc, applied.packed[call_id], indexed_before[call_id])
+                    before = prior[call_id]
+                    self.write_doc(pipe, doc, applied.packed[call_id], before.indexes)
+                    self._count_active(pipe, shard, before.active_status, doc)
                 for record in applied.records:
                     pipe.xadd(
                         self.keys.records(),
@@ -100,11 +117,7 @@ class Documents:
                         approximate=True,
                     )
                 pipe.set(cursor_key, new_cursor)
-                pipe.incrby(self.keys.applied_counter(), entries)
-                if applied.unprocessable:
-                    pipe.incrby(self.keys.unprocessable_counter(shard), len(applied.unprocessable))
-                if applied.expired:
-                    pipe.incrby(self.keys.expired_counter(shard), len(applied.expired))
+                self._count_batch(pipe, shard, entries, applied)
                 for call_id, (tombstone, reopened_ms) in applied.reopened.items():
                     keep_until = self.retention.tombstone_expires_after(reopened_ms)
                     pipe.set(self.keys.tombstone(call_id), tombstone.text(), pxat=keep_until)
@@ -114,7 +127,25 @@ class Documents:
             except WatchError:
                 return False
 
-    def write_doc(self, pipe: Pipeline, doc: Doc, packed: bytes, indexed_before: set[str]) -> None:
+    def _count_batch(self, pipe: Pipeline, shard: int, entries: int, applied: Applied) -> None:
+        pipe.incrby(self.keys.applied_counter(shard), entries)
+        for verdict, count in applied.verdicts.items():
+            pipe.hincrby(self.keys.verdicts(shard), verdict, count)
+        if applied.records:
+            pipe.incrby(self.keys.records_counter(shard), len(applied.records))
+
+    def _count_active(self, pipe: Pipeline, shard: int, was: str | None, doc: Doc) -> None:
+        now = doc["status"] if is_active(doc) else None
+        if was == now:
+            return
+        if was is not None:
+            pipe.hincrby(self.keys.active_statuses(shard), was, -1)
+        if now is not None:
+            pipe.hincrby(self.keys.active_statuses(shard), now, 1)
+
+    def write_doc(
+        self, pipe: Pipeline, doc: Doc, packed: bytes, indexed_before: frozenset[str]
+    ) -> None:
         """Queue a document's write and its index updates on `pipe`."""
         self._set_doc(pipe, doc, packed)
         self._index(pipe, doc, indexed_before)
@@ -123,7 +154,7 @@ class Documents:
         expiry_ms = None if is_active(doc) else self.retention.document_ttl_ms()
         pipe.set(self.keys.call(doc["call_id"]), packed, px=expiry_ms)
 
-    def _index(self, pipe: Pipeline, doc: Doc, indexed_before: set[str]) -> None:
+    def _index(self, pipe: Pipeline, doc: Doc, indexed_before: frozenset[str]) -> None:
         call_id = doc["call_id"]
         indexed_now = self.index_keys(doc)
         for key in indexed_before - indexed_now:
@@ -161,10 +192,13 @@ class Documents:
                     return False
                 pipe.multi()
                 pipe.delete(self.keys.active(), *indexes)
+                pipe.delete(*(self.keys.active_statuses(shard) for shard in cursors))
                 for doc in docs.values():
                     self._set_doc(pipe, doc, pack_doc(doc))
                 for doc in active.values():
-                    self._index(pipe, doc, set())
+                    self._index(pipe, doc, frozenset())
+                    shard = self.keys.shard_of(doc["call_id"])
+                    self._count_active(pipe, shard, None, doc)
                 pipe.execute()
                 return True
             except WatchError:
@@ -199,7 +233,9 @@ class Documents:
         return [text(member) for member in cast(list[bytes], ids)]
 
     def applied_count(self) -> int:
-        return int(self.redis.get(self.keys.applied_counter()) or 0)
+        """Entries applied over all shards."""
+        counters = [self.keys.applied_counter(shard) for shard in range(self.settings.shards)]
+        return sum(int(raw or 0) for raw in self.redis.mget(counters))
 
 
 def _text_field(container: Any, name: str) -> str | None:

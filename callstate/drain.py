@@ -104,7 +104,7 @@ class Drainer:
     def _commit(self, shard: int, token: str, cursor: str | None, entries: list[LogEntry]) -> bool:
         call_ids = sorted({entry.call_id for entry in entries})
         docs, tombstones = self.snapshots.docs_and_tombstones(call_ids)
-        indexed_before = {call_id: self.store.docs.index_keys(doc) for call_id, doc in docs.items()}
+        prior = {call_id: self.store.docs.prior(doc) for call_id, doc in docs.items()}
         applied = apply_batch(
             docs,
             lambda: self.store.docs.load_docs(call_ids),
@@ -114,7 +114,7 @@ class Drainer:
             tombstones,
         )
         committed = self.store.docs.commit(
-            shard, token, cursor, entries[-1].log_id, len(entries), applied, indexed_before
+            shard, token, cursor, entries[-1].log_id, len(entries), applied, prior
         )
         if not committed:
             log.warning(

@@ -17,11 +17,12 @@ from callstate.coordination import new_wake_id
 from callstate.keys import Keys
 from callstate.schema import CALL_ID_PATTERN, PayloadError, decode_logged
 
-# Log an event and claim its shard's wake flag for the drain job the caller will queue, as one
-# command with one reply: the webhook's only Redis call. A flag whose job was never queued (a web
-# process that died in between) is found out and replaced by maintenance.
+# Log an event, count it, and claim its shard's wake flag for the drain job the caller will
+# queue, as one command with one reply: the webhook's only Redis call. A flag whose job was never
+# queued (a web process that died in between) is found out and replaced by maintenance.
 APPEND_EVENT = """
 local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+redis.call('INCR', KEYS[3])
 local claimed = redis.call('SET', KEYS[2], ARGV[1], 'NX')
 return {id, claimed and 1 or 0}
 """
@@ -54,7 +55,7 @@ class EventLog:
     ) -> tuple[str, int, str | None]:
         shard, wake_id = self.keys.shard_of(call_id), new_wake_id()
         log_id, claimed = self._append_event(
-            keys=[self.keys.log(shard), self.keys.wake(shard)],
+            keys=[self.keys.log(shard), self.keys.wake(shard), self.keys.logged_counter(shard)],
             args=[wake_id, *(x for pair in fields.items() for x in pair)],
         )
         return text(log_id), shard, wake_id if claimed else None

@@ -6,7 +6,9 @@ and connection with `configure` before it starts working.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from dataclasses import dataclass
 
 from redis import Redis
@@ -16,6 +18,7 @@ from rq import Queue
 from callstate.config import Settings
 from callstate.coordination import wake_age_ms
 from callstate.drain import Drainer
+from callstate.figures import record_drain_seconds
 from callstate.machine import CallMachine
 from callstate.retention import Retention
 from callstate.snapshots import Snapshots
@@ -104,7 +107,15 @@ def enqueue_drain(queue: Queue, shard: int, job_timeout: int, job_id: str | None
 
 
 def drain_shard(shard: int, wake_id: str | None = None) -> int:
-    return context().drainer.drain(shard, wake_id)
+    """The drain job; its duration is counted for `/metrics` (best effort: a Redis that fails
+    here has failed the drain already, or will fail the next one)."""
+    ctx = context()
+    started = time.monotonic()
+    try:
+        return ctx.drainer.drain(shard, wake_id)
+    finally:
+        with contextlib.suppress(RedisError):
+            record_drain_seconds(ctx.store.redis, ctx.store.keys, shard, time.monotonic() - started)
 
 
 def _rewake_if_lost(store: Store, queue: Queue, shard: int, job_timeout: int) -> bool:

@@ -54,17 +54,34 @@ class Keys:
         """Stream of final call records for downstream consumer groups."""
         return f"{self.prefix}:records"
 
-    def applied_counter(self) -> str:
-        """Total log entries applied since the store was created: for monitoring and benchmarks."""
-        return f"{self.prefix}:stats:applied"
+    def logged_counter(self, shard: int) -> str:
+        """Entries appended to the shard's log (events and sweeper requests), counted by the
+        append itself."""
+        return f"{self.prefix}:stats:logged:{shard}"
 
-    def unprocessable_counter(self, shard: int) -> str:
-        """Log entries of the shard set aside because they could not be applied."""
-        return f"{self.prefix}:stats:unprocessable:{shard}"
+    def applied_counter(self, shard: int) -> str:
+        """Entries of the shard's log applied, counted in the commit that applies them."""
+        return f"{self.prefix}:stats:applied:{shard}"
 
-    def expired_counter(self, shard: int) -> str:
-        """Events of the shard refused because their call was retired (`rejected: expired`)."""
-        return f"{self.prefix}:stats:expired:{shard}"
+    def verdicts(self, shard: int) -> str:
+        """Hash of the shard's applied entries by `verdict` or `verdict:reason`."""
+        return f"{self.prefix}:stats:verdicts:{shard}"
+
+    def records_counter(self, shard: int) -> str:
+        """Record revisions the shard's commits published."""
+        return f"{self.prefix}:stats:records:{shard}"
+
+    def active_statuses(self, shard: int) -> str:
+        """Hash of the shard's active calls counted by status, kept by its commits."""
+        return f"{self.prefix}:stats:active:{shard}"
+
+    def drain_seconds(self, shard: int) -> str:
+        """Hash of the shard's drain job durations: a count per histogram bucket, sum, count."""
+        return f"{self.prefix}:stats:drain-seconds:{shard}"
+
+    def quarantined_counter(self) -> str:
+        """Deliveries ever quarantined (the quarantine list itself is bounded)."""
+        return f"{self.prefix}:stats:quarantined"
 
     def snapshot(self, shard: int) -> str:
         """Hash of the shard's calls that straddle its snapshot position, as of that position:

@@ -30,6 +30,7 @@ class Quarantine:
             # ASCII escapes: a rejected body's text may not even be encodable as UTF-8.
             pipe.lpush(self.keys.quarantine(), json.dumps(item))
             pipe.ltrim(self.keys.quarantine(), 0, self.settings.quarantine_max - 1)
+            pipe.incr(self.keys.quarantined_counter())
             pipe.execute()
         except RedisError as exc:
             log.warning("rejected delivery not quarantined: %s", exc)

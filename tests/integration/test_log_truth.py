@@ -59,7 +59,7 @@ def test_a_call_ages_out_without_a_check_ever_differing(make_stack: MakeStack) -
     late = stack.post(ended("aging-1", 200, "USER_END_CALL", 5))
     assert late.status_code == 200
     wait_until(
-        lambda: int(redis.get(stack.keys.expired_counter(shard)) or 0) == 1,
+        lambda: int(redis.hget(stack.keys.verdicts(shard), "rejected:expired") or 0) == 1,
         10,
         "the late event to be refused as expired",
     )

@@ -46,7 +46,9 @@ def test_commit_is_refused_when_another_drainer_moved_the_cursor(
     assert drainer.drain(shard) == 3
     winner = store.docs.get_doc("c-1")
     assert store.coordination.acquire_drain_lock(shard, "late")
-    late = store.docs.commit(shard, "late", None, entries[-1].log_id, 3, applied, {"c-1": set()})
+    late = store.docs.commit(
+        shard, "late", None, entries[-1].log_id, 3, applied, {"c-1": store.docs.prior(None)}
+    )
     assert late is False
     assert store.docs.get_doc("c-1") == winner
     assert store.docs.applied_count() == 3
@@ -67,7 +69,9 @@ def test_commit_is_refused_to_a_drainer_that_lost_its_lock(
 
     def commit(token: str) -> bool:
         last = entries[-1].log_id
-        return store.docs.commit(shard, token, None, last, 2, applied, {"c-1": set()})
+        return store.docs.commit(
+            shard, token, None, last, 2, applied, {"c-1": store.docs.prior(None)}
+        )
 
     assert not commit("expired"), "no lock at all"
     assert store.coordination.acquire_drain_lock(shard, "snapshot-step")

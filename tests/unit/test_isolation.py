@@ -19,6 +19,7 @@ from callstate.config import Settings
 from callstate.connection import StreamRows
 from callstate.drain import Drainer
 from callstate.eventlog import event_fields
+from callstate.figures import read_figures
 from callstate.machine import CallMachine
 from callstate.rebuild import check
 from callstate.store import Store
@@ -90,7 +91,9 @@ def test_poison_entries_are_set_aside_and_the_shard_keeps_flowing(
         log_id: call_id
         for log_id, call_id in zip(aside, [*poisoned[:-1], garbled, unreadable], strict=True)
     }
-    assert int(store.redis.get(store.keys.unprocessable_counter(SHARD)) or 0) == len(aside)
+    assert int(store.redis.hget(store.keys.verdicts(SHARD), "rejected:unprocessable") or 0) == len(
+        aside
+    )
     assert check(store, machine, 3).differing == []
 
 
@@ -130,6 +133,7 @@ def test_the_entry_that_breaks_leaves_its_call_as_it_was_and_later_entries_apply
     }
     assert doc["timeline"] == {"ringing": 700, "answered": 800, "ended": 900}
     assert doc["counts"] == {"accepted": 3, "duplicate": 0, "rejected": 1, "annotation": 0}
+    assert read_figures(store).verdicts == {"accepted": 3, "rejected:unprocessable": 1}
     assert check(store, machine, 2).differing == []
 
 

@@ -125,7 +125,7 @@ def test_an_event_for_a_retired_call_never_publishes_a_second_revision_1(
     assert deliver_at(store, drainer, 4_000, ended("c3", 200, "USER_END_CALL", 5)) is None
     assert revisions(store, "c3") == [1]
     shard = store.keys.shard_of("c3")
-    assert int(store.redis.get(store.keys.expired_counter(shard)) or 0) == 1
+    assert int(store.redis.hget(store.keys.verdicts(shard), "rejected:expired") or 0) == 1
     assert check(store, machine).differing == []
     # Once its tombstone's time is over, the id may start a new call.
     after = 2_000 + 2 * RETENTION_MS

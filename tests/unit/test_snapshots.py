@@ -44,7 +44,7 @@ def settings(tmp_path: Path) -> Settings:
 
 
 def expired_count(store: Store, shard: int) -> int:
-    return int(store.redis.get(store.keys.expired_counter(shard)) or 0)
+    return int(store.redis.hget(store.keys.verdicts(shard), "rejected:expired") or 0)
 
 
 def test_a_drainer_that_lost_its_lock_cannot_resurrect_a_call_a_snapshot_retired(

@@ -273,8 +273,9 @@ def test_bad_delivery_gets_a_json_error_and_changes_nothing(
     assert json_of(response)["message"]
     after = stored_state(redis)
     quarantine = after.pop(store.keys.quarantine().encode(), [])
+    counted = after.pop(store.keys.quarantined_counter().encode(), None)
     assert after == before
-    assert len(quarantine) == 1
+    assert len(quarantine) == 1 and counted == b"1"
 
 
 OVERSIZED = b'{"call_id": "c", "call_status": "ringing", "x": "' + b"y" * 70_000 + b'"}'
@@ -292,6 +293,7 @@ def test_a_body_over_the_size_limit_is_413_and_logs_nothing(
     assert json_of(response)["message"]
     after = stored_state(redis)
     after.pop(store.keys.quarantine().encode(), None)
+    after.pop(store.keys.quarantined_counter().encode(), None)
     assert after == before
 
 

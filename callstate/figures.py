@@ -1,0 +1,187 @@
+"""The pipeline's figures, kept in Redis per shard and read at once for `/metrics`, `/readyz`,
+the board and `callstate stats`: every reader sees the same truth, and workers need no port."""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from dataclasses import dataclass
+from typing import cast
+
+from redis import Redis
+
+from callstate import streamids
+from callstate.connection import StreamRows, text
+from callstate.keys import Keys
+from callstate.store import Store
+
+# Drain jobs last a slice (50 ms by default) or less; the tail shows a stalled shard.
+DRAIN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Cumulative counts per upper bound (the last one +Inf), with the sum and count."""
+
+    buckets: list[tuple[float, int]]
+    sum: float
+    count: int
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Entries of a shard logged and not yet applied, and the age of the oldest of them."""
+
+    shard: int
+    entries: int
+    oldest_seconds: float | None
+
+
+@dataclass(frozen=True)
+class ShardFigures:
+    shard: int
+    logged: int
+    applied: int
+    backlog: Backlog
+    verdicts: dict[str, int]
+    records: int
+    active: dict[str, int]
+    drain_seconds: Histogram
+
+
+@dataclass(frozen=True)
+class Figures:
+    """Every shard's figures and the quarantine's, as of `server_ms` on Redis' clock."""
+
+    server_ms: int
+    shards: list[ShardFigures]
+    quarantined: int
+    quarantine_size: int
+
+    @property
+    def logged(self) -> int:
+        return sum(shard.logged for shard in self.shards)
+
+    @property
+    def applied(self) -> int:
+        return sum(shard.applied for shard in self.shards)
+
+    @property
+    def records(self) -> int:
+        return sum(shard.records for shard in self.shards)
+
+    @property
+    def verdicts(self) -> dict[str, int]:
+        return dict(sum((Counter(shard.verdicts) for shard in self.shards), Counter()))
+
+    @property
+    def active(self) -> dict[str, int]:
+        return dict(sum((Counter(shard.active) for shard in self.shards), Counter()))
+
+    @property
+    def active_total(self) -> int:
+        return sum(self.active.values())
+
+
+def record_drain_seconds(redis: Redis, keys: Keys, shard: int, seconds: float) -> None:
+    """Count one drain job's duration in the shard's histogram."""
+    bucket = bisect.bisect_left(DRAIN_BUCKETS, seconds)
+    bound = f"{DRAIN_BUCKETS[bucket]}" if bucket < len(DRAIN_BUCKETS) else "+Inf"
+    pipe = redis.pipeline(transaction=False)
+    pipe.hincrby(keys.drain_seconds(shard), bound, 1)
+    pipe.hincrby(keys.drain_seconds(shard), "count", 1)
+    pipe.hincrbyfloat(keys.drain_seconds(shard), "sum", seconds)
+    pipe.execute()
+
+
+def shard_backlogs(store: Store) -> list[Backlog]:
+    """Each shard's backlog: two round trips whatever the number of shards, for `/readyz`."""
+    shards = range(store.settings.shards)
+    pipe = store.redis.pipeline(transaction=False)
+    pipe.time()
+    for shard in shards:
+        pipe.mget(
+            store.keys.logged_counter(shard),
+            store.keys.applied_counter(shard),
+            store.keys.cursor(shard),
+        )
+    now, *rows = pipe.execute()
+    return _backlogs(store, _millis(now), [cast(list[bytes | None], row) for row in rows])
+
+
+def read_figures(store: Store) -> Figures:
+    """Every figure of every shard: three round trips whatever the number of shards."""
+    keys, shards = store.keys, range(store.settings.shards)
+    pipe = store.redis.pipeline(transaction=False)
+    pipe.time()
+    pipe.get(keys.quarantined_counter())
+    pipe.llen(keys.quarantine())
+    for shard in shards:
+        pipe.mget(
+            keys.logged_counter(shard),
+            keys.applied_counter(shard),
+            keys.cursor(shard),
+            keys.records_counter(shard),
+        )
+        pipe.hgetall(keys.verdicts(shard))
+        pipe.hgetall(keys.active_statuses(shard))
+        pipe.hgetall(keys.drain_seconds(shard))
+    now, quarantined, quarantine_size, *rows = pipe.execute()
+    counters = [cast(list[bytes | None], rows[4 * shard]) for shard in shards]
+    backlogs = _backlogs(store, _millis(now), counters)
+    return Figures(
+        server_ms=_millis(now),
+        shards=[
+            ShardFigures(
+                shard=shard,
+                logged=_int(counters[shard][0]),
+                applied=_int(counters[shard][1]),
+                backlog=backlogs[shard],
+                verdicts=_counts(rows[4 * shard + 1]),
+                records=_int(counters[shard][3]),
+                active={status: n for status, n in _counts(rows[4 * shard + 2]).items() if n},
+                drain_seconds=_histogram(rows[4 * shard + 3]),
+            )
+            for shard in shards
+        ],
+        quarantined=_int(quarantined),
+        quarantine_size=int(quarantine_size),
+    )
+
+
+def _backlogs(store: Store, now_ms: int, counters: list[list[bytes | None]]) -> list[Backlog]:
+    """Entries from the counters (exact, both written with what they count); the oldest
+    unapplied entry's age from the log itself, the first entry after the cursor."""
+    pipe = store.redis.pipeline(transaction=False)
+    for shard, row in enumerate(counters):
+        cursor = row[2]
+        pipe.xrange(store.keys.log(shard), f"({text(cursor)}" if cursor else "-", "+", count=1)
+    backlogs = []
+    for shard, (row, found) in enumerate(zip(counters, pipe.execute(), strict=True)):
+        oldest = cast(StreamRows, found)
+        age = (now_ms - streamids.millis(text(oldest[0][0]))) / 1000 if oldest else None
+        entries = max(0, _int(row[0]) - _int(row[1])) if oldest else 0
+        backlogs.append(Backlog(shard, entries, None if age is None else max(0.0, age)))
+    return backlogs
+
+
+def _histogram(raw: dict[bytes, bytes]) -> Histogram:
+    fields = {text(name): value for name, value in raw.items()}
+    running, buckets = 0, []
+    for bound in (*DRAIN_BUCKETS, float("inf")):
+        running += _int(fields.get("+Inf" if bound == float("inf") else f"{bound}"))
+        buckets.append((bound, running))
+    return Histogram(buckets, float(fields.get("sum", b"0")), _int(fields.get("count")))
+
+
+def _counts(raw: dict[bytes, bytes]) -> dict[str, int]:
+    return {text(name): int(value) for name, value in raw.items()}
+
+
+def _millis(redis_time: tuple[int, int]) -> int:
+    seconds, micros = redis_time
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def _int(raw: bytes | None) -> int:
+    return int(raw) if raw else 0
