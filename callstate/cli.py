@@ -1,11 +1,13 @@
-"""callstate's command line: look at calls, final records and refused deliveries; check the Redis
-server; check or rebuild the calls from the event log; run the embedded Redis."""
+"""callstate's command line: look at calls, final records, the pipeline's figures and refused
+deliveries; check the Redis server; check or rebuild the calls from the event log; run the
+embedded Redis."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -24,6 +26,7 @@ from callstate import streamids
 from callstate.config import Settings
 from callstate.connection import StreamRows, connect, text
 from callstate.doctor import examine
+from callstate.figures import Figures, ShardFigures, read_figures
 from callstate.jobs import drain_timeout, wake_drain
 from callstate.logs import configure_logging
 from callstate.lookups import events_view, public_view
@@ -32,7 +35,7 @@ from callstate.rebuild import Report, check, rebuild
 from callstate.redis_server import server_argv
 from callstate.store import Store
 
-OK, FOUND_NOTHING, UNAVAILABLE = 0, 1, 2
+OK, PROBLEM, UNAVAILABLE = 0, 1, 2
 EPILOG = """\
 exit codes (the same for every command):
   0  done; for a check, nothing is wrong
@@ -133,6 +136,13 @@ def parser() -> argparse.ArgumentParser:
         "with --json, one JSON object per line",
     )
     records.add_argument("--limit", type=_positive, default=20, help="at most this many (20)")
+    command(
+        "stats",
+        show_stats,
+        "show the pipeline's figures, the same as GET /metrics reads: per shard and in total",
+        "Events logged and applied, backlog and the age of its oldest entry, verdicts, active "
+        "calls by status, records, drain job durations, the quarantine.",
+    )
     quarantine = command(
         "quarantine",
         show_quarantine,
@@ -336,6 +346,68 @@ def _fixed_row(cells: Sequence[str]) -> str:
     return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
 
 
+STATS_COLUMNS = ("SHARD", "LOGGED", "APPLIED", "BACKLOG", "OLDEST", "RECORDS", "ACTIVE", "DRAINS")
+
+
+def show_stats(store: Store, args: argparse.Namespace) -> int:
+    figures = read_figures(store)
+    if args.json:
+        _print_json(_figures_json(figures))
+        return OK
+    rows = [_stats_row(shard.shard, [shard]) for shard in figures.shards]
+    print(f"as of {_time(figures.server_ms)} UTC (Redis' clock)\n")
+    print(_table((*STATS_COLUMNS, "MEAN DRAIN"), [*rows, _stats_row("all", figures.shards)]))
+    print()
+    print(_table(("VERDICT", "ENTRIES"), sorted(figures.verdicts.items())))
+    print()
+    print(_table(("ACTIVE STATUS", "CALLS"), sorted(figures.active.items())))
+    print(f"\nquarantine: {figures.quarantine_size} kept, {figures.quarantined} quarantined in all")
+    return OK
+
+
+def _stats_row(name: int | str, shards: list[ShardFigures]) -> tuple[Any, ...]:
+    """One line of the stats table: one shard's figures, or the sum of several."""
+    backlog = sum(shard.backlog.entries for shard in shards)
+    ages = [shard.backlog.oldest_seconds for shard in shards]
+    oldest = max((age for age in ages if age is not None), default=None)
+    drains = sum(shard.drain_seconds.count for shard in shards)
+    drain_seconds = sum(shard.drain_seconds.sum for shard in shards)
+    return (
+        name,
+        sum(shard.logged for shard in shards),
+        sum(shard.applied for shard in shards),
+        backlog,
+        None if oldest is None else f"{oldest:.1f}s",
+        sum(shard.records for shard in shards),
+        sum(sum(shard.active.values()) for shard in shards),
+        drains,
+        f"{drain_seconds / drains * 1000:.1f}ms" if drains else None,
+    )
+
+
+def _figures_json(figures: Figures) -> dict[str, Any]:
+    """The figures as JSON, totals first; a histogram's last bound is "+Inf", as in /metrics."""
+    shards = [asdict(shard) for shard in figures.shards]
+    for shard in shards:
+        histogram = shard["drain_seconds"]
+        histogram["buckets"] = [
+            ["+Inf" if math.isinf(bound) else bound, count] for bound, count in histogram["buckets"]
+        ]
+    return {
+        "server_ms": figures.server_ms,
+        "logged": figures.logged,
+        "applied": figures.applied,
+        "backlog": sum(shard.backlog.entries for shard in figures.shards),
+        "records": figures.records,
+        "verdicts": figures.verdicts,
+        "active": figures.active,
+        "active_total": figures.active_total,
+        "quarantined": figures.quarantined,
+        "quarantine_size": figures.quarantine_size,
+        "shards": shards,
+    }
+
+
 def show_quarantine(store: Store, args: argparse.Namespace) -> int:
     items = store.quarantine.recent(args.limit)
     if args.json:
@@ -374,34 +446,36 @@ def run_doctor(store: Store, args: argparse.Namespace) -> int:
     healthy = all(finding.ok for finding in findings)
     if args.json:
         _print_json({"ok": healthy, "findings": [asdict(finding) for finding in findings]})
-        return OK if healthy else FOUND_NOTHING
+        return OK if healthy else PROBLEM
     for finding in findings:
         mark = "ok" if finding.ok else "PROBLEM"
         print(f"{mark:<8} {finding.setting} = {finding.found} (needs {finding.needed})")
         if not finding.ok:
             print(f"         {finding.why}")
-    return OK if healthy else FOUND_NOTHING
+    return OK if healthy else PROBLEM
 
 
 def run_rebuild(store: Store, args: argparse.Namespace) -> int:
     """What was compared, what differs and what is left as stored (and why); exit 1 when
     something differs (with `--check`) or the rebuild could not run."""
     machine = CallMachine()
-    if args.check:
-        report = check(store, machine)
-    else:
-        try:
-            report = rebuild(store, machine)
-        except RuntimeError as exc:
-            print(f"rebuild: {exc}", file=sys.stderr)
-            return FOUND_NOTHING
-        finally:
-            _wake_left_shards(store)
+    try:
+        report = check(store, machine) if args.check else _rebuild(store, machine)
+    except RuntimeError as exc:
+        print(f"rebuild: {exc}", file=sys.stderr)
+        return PROBLEM
     if args.json:
         _print_json(asdict(report))
     else:
         _print_report(report, check_only=args.check)
-    return FOUND_NOTHING if args.check and report.differing else OK
+    return PROBLEM if args.check and report.differing else OK
+
+
+def _rebuild(store: Store, machine: CallMachine) -> Report:
+    try:
+        return rebuild(store, machine)
+    finally:
+        _wake_left_shards(store)
 
 
 def _print_report(report: Report, *, check_only: bool) -> None:
@@ -520,7 +594,7 @@ def _print_json(value: Any) -> None:
 
 def _not_found(call_id: str) -> int:
     print(f"callstate: no such call: {call_id}", file=sys.stderr)
-    return FOUND_NOTHING
+    return PROBLEM
 
 
 def _where(settings: Settings) -> str:

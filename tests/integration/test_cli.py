@@ -90,6 +90,13 @@ def test_an_operator_follows_a_call_from_webhook_to_record(
     )
     assert "422  out_of_range" in stack.cli("quarantine").stdout
 
+    figures = json.loads(stack.cli("stats", "--json").stdout)
+    assert (figures["logged"], figures["applied"], figures["records"]) == (4, 4, 1)
+    assert (figures["verdicts"], figures["active"]) == ({"accepted": 4}, {"ringing": 1})
+    assert (figures["quarantined"], figures["quarantine_size"]) == (1, 1)
+    [total] = [row.split() for row in stack.cli("stats").stdout.splitlines() if row[:4] == "all "]
+    assert total[:4] == ["all", "4", "4", "0"]
+
     missing = stack.cli("show", "no-such-call")
     assert (missing.returncode, missing.stdout) == (1, "")
     assert "no such call" in missing.stderr

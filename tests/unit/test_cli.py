@@ -225,6 +225,45 @@ def test_rebuild_check_reports_a_difference_with_exit_1(run: Run, store: Store) 
     assert out.splitlines() == ["3 calls compared, 1 differ", "differs: live-1"]
 
 
+@pytest.mark.usefixtures("calls")
+def test_stats_shows_the_figures_per_shard_and_in_all(run: Run, store: Store) -> None:
+    code, out, _ = run("stats", "--json")
+    figures = json.loads(out)
+    assert code == 0
+    assert {name: figures[name] for name in ("logged", "applied", "backlog", "records")} == {
+        "logged": 6,
+        "applied": 6,
+        "backlog": 0,
+        "records": 1,
+    }
+    assert figures["verdicts"] == {"accepted": 5, "duplicate": 1}
+    assert figures["active"] == {"ringing": 1, "answered": 1}
+    assert [shard["shard"] for shard in figures["shards"]] == [0, 1, 2, 3]
+    assert figures["shards"][0]["drain_seconds"]["buckets"][-1] == ["+Inf", 0]
+
+    store.log.append_event("late-1", body(event("late-1", "ringing", 1)))
+    code, out, _ = run("stats")
+    lines = out.splitlines()
+    assert code == 0
+    assert lines[2].split() == [
+        "SHARD",
+        "LOGGED",
+        "APPLIED",
+        "BACKLOG",
+        "OLDEST",
+        "RECORDS",
+        "ACTIVE",
+        "DRAINS",
+        "MEAN",
+        "DRAIN",
+    ]
+    [total] = [line.split() for line in lines if line.startswith("all ")]
+    assert total[:4] == ["all", "7", "6", "1"]
+    assert total[4].endswith("s")
+    assert "duplicate        1" in out
+    assert out.endswith("quarantine: 0 kept, 0 quarantined in all\n")
+
+
 def test_an_unreachable_redis_exits_2_without_its_password(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

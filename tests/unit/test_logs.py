@@ -120,3 +120,10 @@ def test_a_configured_process_writes_json_only_and_keeps_rq_to_its_warnings() ->
         ("py.warnings", "WARNING"),
     ]
     assert lines[0]["shard"] == 2
+
+
+def test_the_log_format_is_a_checked_setting() -> None:
+    assert Settings.from_env({}).log_format == "text"
+    assert Settings.from_env({"LOG_FORMAT": "json"}).log_format == "json"
+    with pytest.raises(ValueError, match="LOG_FORMAT must be one of text, json"):
+        Settings.from_env({"LOG_FORMAT": "JSON"})
