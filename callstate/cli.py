@@ -1,52 +1,501 @@
-"""`callstate` command line: run the embedded Redis, rebuild from the log, show the quarantine."""
+"""callstate's command line: look at calls, final records, the pipeline's figures and refused
+deliveries; check the Redis server; check or rebuild the calls from the event log; run the
+embedded Redis."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import signal
 import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any, cast
 from urllib.parse import urlparse
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue
 
+from callstate import streamids
 from callstate.config import Settings
-from callstate.connection import connect
+from callstate.connection import StreamRows, connect, text
 from callstate.doctor import examine
+from callstate.figures import Figures, ShardFigures, read_figures
 from callstate.jobs import drain_timeout, wake_drain
+from callstate.logs import configure_logging
+from callstate.lookups import events_view, public_view
 from callstate.machine import CallMachine
-from callstate.rebuild import check, rebuild
+from callstate.rebuild import Report, check, rebuild
 from callstate.redis_server import server_argv
 from callstate.store import Store
 
+OK, PROBLEM, UNAVAILABLE = 0, 1, 2
+EPILOG = """\
+exit codes (the same for every command):
+  0  done; for a check, nothing is wrong
+  1  not found (show, events), a difference (rebuild --check), a problem (doctor),
+     or the rebuild could not run
+  2  Redis cannot be reached or failed, a setting is invalid, or the command line is wrong
+
+Every read command takes --json: one JSON document on stdout (records --follow: one per
+line). Messages go to stderr. Times are UTC; phone numbers are shown as stored.
+Settings come from the environment (REDIS_URL, CALLSTATE_*), as for the service.
+`callstate COMMAND --help` explains a command and its options."""
+# An XREAD BLOCK must return within the client's socket timeout (callstate.connection).
+FOLLOW_BLOCK_MS = 1000
+LAST_ID = 2**64 - 1
+
+Command = Callable[[Store, argparse.Namespace], int]
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="callstate", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("redis", help="run the embedded Redis (unless REDIS_URL is set)")
-    rebuild_cmd = commands.add_parser("rebuild", help="re-derive all calls from the event log")
-    rebuild_cmd.add_argument(
-        "--check", action="store_true", help="only compare; exit 1 if anything differs"
-    )
-    quarantine_cmd = commands.add_parser("quarantine", help="show rejected deliveries")
-    quarantine_cmd.add_argument("--limit", type=int, default=20)
-    commands.add_parser(
-        "doctor", help="check the Redis server's settings against what the guarantees need"
-    )
-    args = parser.parse_args(argv)
-    settings = Settings.from_env()
+    args = parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        print(f"callstate: {exc}", file=sys.stderr)
+        return UNAVAILABLE
+    configure_logging(settings.log_format)
     if args.command == "redis":
         return run_redis(settings)
     store = Store(connect(settings.redis_url), settings)
-    if args.command == "rebuild":
-        return run_rebuild(store, settings, check_only=args.check)
-    if args.command == "doctor":
-        return run_doctor(store)
-    for item in store.quarantine.recent(args.limit):
-        print(json.dumps(item, ensure_ascii=False))
-    return 0
+    run = cast(Command, args.run)
+    try:
+        return run(store, args)
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        print(f"callstate: cannot reach Redis at {_where(settings)}: {exc}", file=sys.stderr)
+        return UNAVAILABLE
+    except RedisError as exc:
+        print(f"callstate: Redis at {_where(settings)} failed: {exc}", file=sys.stderr)
+        return UNAVAILABLE
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="callstate",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    reads = argparse.ArgumentParser(add_help=False)
+    reads.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+
+    def command(name: str, run: Command, summary: str, details: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name, parents=[reads], help=summary, description=f"{summary}. {details}"
+        )
+        sub.set_defaults(run=run)
+        return sub
+
+    show = command(
+        "show",
+        show_call,
+        "show a call: status, parties, timeline, counts, and its final record once it ended",
+        "--json: the body of GET /calls/<id> with `record` added (null until the call ends).",
+    )
+    show.add_argument("call_id", metavar="ID")
+    events = command(
+        "events",
+        show_events,
+        "show a call's events in arrival order, with the verdict on each",
+        "--json: the body of GET /calls/<id>/events, logged payloads included.",
+    )
+    events.add_argument("call_id", metavar="ID")
+    active = command(
+        "active",
+        show_active,
+        "list active calls, most recently heard from first",
+        "--json: the body of GET /calls?active=true.",
+    )
+    active.add_argument("--number", help="only calls from or to this number")
+    active.add_argument("--user", help="only calls of this request_from_user_id")
+    active.add_argument("--limit", type=_positive, default=50, help="at most this many (50)")
+    records = command(
+        "records",
+        show_records,
+        "show final call records from the records stream, oldest first",
+        "Without --since, the last --limit records. --json: a list of {id, call_id, record}.",
+    )
+    records.add_argument(
+        "--since",
+        type=_since_ms,
+        metavar="T",
+        help="records from this time on: ISO 8601 (UTC unless it has an offset) or Unix ms",
+    )
+    records.add_argument(
+        "--follow",
+        action="store_true",
+        help="then print every later record as it comes, until Ctrl-C (exit 0); "
+        "with --json, one JSON object per line",
+    )
+    records.add_argument("--limit", type=_positive, default=20, help="at most this many (20)")
+    command(
+        "stats",
+        show_stats,
+        "show the pipeline's figures, the same as GET /metrics reads: per shard and in total",
+        "Events logged and applied, backlog and the age of its oldest entry, verdicts, active "
+        "calls by status, records, drain job durations, the quarantine.",
+    )
+    quarantine = command(
+        "quarantine",
+        show_quarantine,
+        "show refused deliveries and unprocessable log entries, newest first",
+        "Bodies are masked; --json shows them (the first 2 KiB).",
+    )
+    quarantine.add_argument("--limit", type=_positive, default=20, help="at most this many (20)")
+    rebuild_cmd = command(
+        "rebuild",
+        run_rebuild,
+        "re-derive every call from its shard's snapshot and event log, and rewrite what differs",
+        "Holds every shard's drain lock while it runs. Exit 1 when it could not run.",
+    )
+    rebuild_cmd.add_argument(
+        "--check", action="store_true", help="only compare, on a live system; exit 1 if any differ"
+    )
+    command(
+        "doctor",
+        run_doctor,
+        "check the Redis server's settings against what the guarantees need",
+        "Exit 1 when one is off.",
+    )
+    commands.add_parser(
+        "redis",
+        help="run the embedded Redis (the Procfile's); with REDIS_URL set, idle",
+        description="Run the embedded Redis server in the foreground; with REDIS_URL set, idle "
+        "until stopped, so a Procfile keeps going.",
+    )
+    return top
+
+
+def show_call(store: Store, args: argparse.Namespace) -> int:
+    doc = store.docs.get_doc(args.call_id)
+    if doc is None:
+        return _not_found(args.call_id)
+    view = {**public_view(doc), "record": doc["record"]}
+    if args.json:
+        _print_json(view)
+        return OK
+    rows: list[tuple[str, Any]] = [
+        ("call", view["call_id"]),
+        ("status", view["status"]),
+        ("active", "yes" if view["active"] else "no"),
+        ("from", _party(view["from"])),
+        ("to", _party(view["to"])),
+        ("user", view["request_from_user_id"]),
+        ("closed by", view["closed_by"]),
+        ("version", view["version"]),
+        ("last event", _time(view["last_timestamp_ms"])),
+        ("last received", _time(view["last_received_ms"])),
+        ("counts", _pairs(view["counts"])),
+        *(
+            ("" if n else "timeline", f"{status:<10} {_time(ms)}")
+            for n, (status, ms) in enumerate(view["timeline"].items())
+        ),
+        ("record", _record_summary(view["record"])),
+    ]
+    if view["overflow"]:
+        rows.append(("overflow", _pairs(view["overflow"])))
+    print(_table(None, rows))
+    return OK
+
+
+def show_events(store: Store, args: argparse.Namespace) -> int:
+    doc = store.docs.get_doc(args.call_id)
+    if doc is None:
+        return _not_found(args.call_id)
+    events = events_view(store, doc)
+    if args.json:
+        _print_json({"call_id": args.call_id, "events": events})
+        return OK
+    print(
+        _table(
+            ("LOG ID", "RECEIVED", "STATUS", "EVENT TIME", "VERDICT", "REASON"),
+            (
+                (
+                    item["log_id"],
+                    _time(item["received_ms"]),
+                    item["call_status"],
+                    _time(item["timestamp_ms"]),
+                    item["verdict"],
+                    _reason(item),
+                )
+                for item in events
+            ),
+        )
+    )
+    return OK
+
+
+def show_active(store: Store, args: argparse.Namespace) -> int:
+    total, docs = store.docs.active_calls(args.number, args.user, 0, args.limit)
+    views = [public_view(doc) for doc in docs]
+    if args.json:
+        _print_json({"total": total, "offset": 0, "limit": args.limit, "calls": views})
+        return OK
+    now_ms = store.log.server_time_ms()
+    print(
+        _table(
+            ("CALL", "STATUS", "SINCE", "FROM", "TO", "USER", "LAST HEARD"),
+            (
+                (
+                    view["call_id"],
+                    view["status"],
+                    _time(view["timeline"].get(view["status"])),
+                    _party(view["from"]),
+                    _party(view["to"]),
+                    view["request_from_user_id"],
+                    _ago(now_ms, view["last_received_ms"]),
+                )
+                for view in views
+            ),
+        )
+    )
+    print(f"{len(views)} of {total} active calls")
+    return OK
+
+
+RECORD_COLUMNS = (
+    ("LOGGED", 23),
+    ("CALL", 28),
+    ("REV", 3),
+    ("DISPOSITION", 11),
+    ("SIP", 3),
+    ("DURATION", 8),
+    ("ANSWERED", 8),
+    ("DIRECTION", 9),
+    ("FROM", 15),
+    ("TO", 15),
+    ("CLOSED BY", 0),
+)
+
+
+def show_records(store: Store, args: argparse.Namespace) -> int:
+    stream = store.keys.records()
+    if args.since is None:
+        rows = cast(StreamRows, store.redis.xrevrange(stream, count=args.limit))[::-1]
+    else:
+        rows = cast(StreamRows, store.redis.xrange(stream, f"{args.since}-0", count=args.limit))
+    shown = [_stream_record(raw_id, fields) for raw_id, fields in rows]
+    if args.json and not args.follow:
+        _print_json(shown)
+        return OK
+    if not args.json:
+        print(_fixed_row([name for name, _ in RECORD_COLUMNS]))
+    for item in shown:
+        _print_record(item, as_json=args.json)
+    if not args.follow:
+        return OK
+    after = shown[-1]["id"] if shown else _before(args.since)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a follow ends
+        _follow(store, after, as_json=args.json)
+    return OK
+
+
+def _follow(store: Store, after: str, *, as_json: bool) -> None:
+    """Print every record appended after `after`, as it comes, until interrupted."""
+    stream = store.keys.records()
+    while True:
+        found = cast(
+            list[tuple[bytes, StreamRows]] | None,
+            store.redis.xread({stream: after}, count=100, block=FOLLOW_BLOCK_MS),
+        )
+        for raw_id, fields in found[0][1] if found else []:
+            item = _stream_record(raw_id, fields)
+            _print_record(item, as_json=as_json)
+            after = item["id"]
+
+
+def _stream_record(raw_id: bytes, fields: dict[bytes, bytes]) -> dict[str, Any]:
+    return {
+        "id": text(raw_id),
+        "call_id": text(fields[b"call_id"]),
+        "record": json.loads(fields[b"record"]),
+    }
+
+
+def _print_record(item: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(item, ensure_ascii=False), flush=True)
+        return
+    record = item["record"]
+    values = (
+        _time(streamids.millis(item["id"])),
+        item["call_id"],
+        record.get("revision"),
+        record.get("disposition"),
+        record.get("sip_code"),
+        _seconds(record.get("duration")),
+        _seconds(record.get("answerDuration")),
+        record.get("direction"),
+        _party(record.get("from")),
+        _party(record.get("to")),
+        record.get("closed_by"),
+    )
+    print(_fixed_row([_cell(value) for value in values]), flush=True)
+
+
+def _fixed_row(cells: Sequence[str]) -> str:
+    widths = [width for _, width in RECORD_COLUMNS]
+    return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+
+
+STATS_COLUMNS = ("SHARD", "LOGGED", "APPLIED", "BACKLOG", "OLDEST", "RECORDS", "ACTIVE", "DRAINS")
+
+
+def show_stats(store: Store, args: argparse.Namespace) -> int:
+    figures = read_figures(store)
+    if args.json:
+        _print_json(_figures_json(figures))
+        return OK
+    rows = [_stats_row(shard.shard, [shard]) for shard in figures.shards]
+    print(f"as of {_time(figures.server_ms)} UTC (Redis' clock)\n")
+    print(_table((*STATS_COLUMNS, "MEAN DRAIN"), [*rows, _stats_row("all", figures.shards)]))
+    print()
+    print(_table(("VERDICT", "ENTRIES"), sorted(figures.verdicts.items())))
+    print()
+    print(_table(("ACTIVE STATUS", "CALLS"), sorted(figures.active.items())))
+    print(f"\nquarantine: {figures.quarantine_size} kept, {figures.quarantined} quarantined in all")
+    return OK
+
+
+def _stats_row(name: int | str, shards: list[ShardFigures]) -> tuple[Any, ...]:
+    """One line of the stats table: one shard's figures, or the sum of several."""
+    backlog = sum(shard.backlog.entries for shard in shards)
+    ages = [shard.backlog.oldest_seconds for shard in shards]
+    oldest = max((age for age in ages if age is not None), default=None)
+    drains = sum(shard.drain_seconds.count for shard in shards)
+    drain_seconds = sum(shard.drain_seconds.sum for shard in shards)
+    return (
+        name,
+        sum(shard.logged for shard in shards),
+        sum(shard.applied for shard in shards),
+        backlog,
+        None if oldest is None else f"{oldest:.1f}s",
+        sum(shard.records for shard in shards),
+        sum(sum(shard.active.values()) for shard in shards),
+        drains,
+        f"{drain_seconds / drains * 1000:.1f}ms" if drains else None,
+    )
+
+
+def _figures_json(figures: Figures) -> dict[str, Any]:
+    """The figures as JSON, totals first; a histogram's last bound is "+Inf", as in /metrics."""
+    shards = [asdict(shard) for shard in figures.shards]
+    for shard in shards:
+        histogram = shard["drain_seconds"]
+        histogram["buckets"] = [
+            ["+Inf" if math.isinf(bound) else bound, count] for bound, count in histogram["buckets"]
+        ]
+    return {
+        "server_ms": figures.server_ms,
+        "logged": figures.logged,
+        "applied": figures.applied,
+        "backlog": sum(shard.backlog.entries for shard in figures.shards),
+        "records": figures.records,
+        "verdicts": figures.verdicts,
+        "active": figures.active,
+        "active_total": figures.active_total,
+        "quarantined": figures.quarantined,
+        "quarantine_size": figures.quarantine_size,
+        "shards": shards,
+    }
+
+
+def show_quarantine(store: Store, args: argparse.Namespace) -> int:
+    items = store.quarantine.recent(args.limit)
+    if args.json:
+        _print_json(items)
+        return OK
+    print(
+        _table(
+            ("RECEIVED", "STATUS", "ERROR", "FIELD", "BYTES", "WHERE", "MESSAGE"),
+            (
+                (
+                    _time(item.get("received_ms")),
+                    item.get("status"),
+                    item.get("error"),
+                    item.get("field"),
+                    item.get("bytes"),
+                    _log_place(item),
+                    item.get("message"),
+                )
+                for item in items
+            ),
+        )
+    )
+    return OK
+
+
+def _log_place(item: dict[str, Any]) -> str | None:
+    """Where an unprocessable entry stays: its call, log id and shard."""
+    if item.get("log_id") is None:
+        return None
+    return f"{item.get('call_id') or '?'} {item['log_id']} (shard {item.get('shard')})"
+
+
+def run_doctor(store: Store, args: argparse.Namespace) -> int:
+    """Each setting with `ok` or `PROBLEM`; exit 1 when any guarantee is not met."""
+    findings = examine(store.redis)
+    healthy = all(finding.ok for finding in findings)
+    if args.json:
+        _print_json({"ok": healthy, "findings": [asdict(finding) for finding in findings]})
+        return OK if healthy else PROBLEM
+    for finding in findings:
+        mark = "ok" if finding.ok else "PROBLEM"
+        print(f"{mark:<8} {finding.setting} = {finding.found} (needs {finding.needed})")
+        if not finding.ok:
+            print(f"         {finding.why}")
+    return OK if healthy else PROBLEM
+
+
+def run_rebuild(store: Store, args: argparse.Namespace) -> int:
+    """What was compared, what differs and what is left as stored (and why); exit 1 when
+    something differs (with `--check`) or the rebuild could not run."""
+    machine = CallMachine()
+    try:
+        report = check(store, machine) if args.check else _rebuild(store, machine)
+    except RuntimeError as exc:
+        print(f"rebuild: {exc}", file=sys.stderr)
+        return PROBLEM
+    if args.json:
+        _print_json(asdict(report))
+    else:
+        _print_report(report, check_only=args.check)
+    return PROBLEM if args.check and report.differing else OK
+
+
+def _rebuild(store: Store, machine: CallMachine) -> Report:
+    try:
+        return rebuild(store, machine)
+    finally:
+        _wake_left_shards(store)
+
+
+def _print_report(report: Report, *, check_only: bool) -> None:
+    if check_only:
+        print(f"{report.compared} calls compared, {len(report.differing)} differ")
+    else:
+        print(f"{report.compared} calls compared, {report.rewritten} rewritten from the log")
+    for call_id in report.differing[:20]:
+        print(f"differs: {call_id}")
+    for call_id, reason in sorted(report.left.items())[:20]:
+        print(f"left as stored ({reason}): {call_id}")
+
+
+def _wake_left_shards(store: Store) -> None:
+    """Drain jobs that found a shard locked by the rebuild left it to the rebuild: wake them."""
+    settings = store.settings
+    queue = Queue(settings.queue_name, connection=store.redis)
+    for shard in range(settings.shards):
+        if store.log.has_backlog(shard):
+            wake_drain(store, queue, shard, drain_timeout(settings))
 
 
 def run_redis(settings: Settings) -> int:
@@ -54,7 +503,7 @@ def run_redis(settings: Settings) -> int:
     if not settings.embedded_redis:
         print("REDIS_URL is set: using that server, not starting the embedded one", flush=True)
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
-        return 0
+        return OK
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     port = urlparse(settings.redis_url).port
     assert port is not None
@@ -62,51 +511,122 @@ def run_redis(settings: Settings) -> int:
     os.execv(argv[0], argv)  # noqa: S606 - the Procfile line becomes the server itself
 
 
-def run_doctor(store: Store) -> int:
-    """Print each setting with `ok` or `PROBLEM`; exit 1 when any guarantee is not met, 2 when
-    the server cannot be reached."""
+def _table(headers: Sequence[str] | None, rows: Iterable[Sequence[Any]]) -> str:
+    """Plain aligned columns: numbers to the right, the rest to the left, `-` for nothing."""
+    raw = [list(row) for row in rows]
+    cells = [[_cell(value) for value in row] for row in raw]
+    lines = ([list(headers)] if headers else []) + cells
+    if not lines:
+        return ""
+    widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]))]
+    numeric = [_numeric([row[column] for row in raw]) for column in range(len(widths))]
+    return "\n".join(
+        "  ".join(
+            cell.rjust(width) if right else cell.ljust(width)
+            for cell, width, right in zip(line, widths, numeric, strict=True)
+        ).rstrip()
+        for line in lines
+    )
+
+
+def _numeric(column: list[Any]) -> bool:
+    present = [value for value in column if value is not None]
+    return bool(present) and all(_is_number(value) for value in present)
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _time(ms: Any) -> str | None:
+    """A Unix time in ms as UTC, to the millisecond; what is not one, as it is."""
+    if not _is_number(ms):
+        return None if ms is None else str(ms)
     try:
-        findings = examine(store.redis)
-    except RedisError as exc:
-        print(f"cannot reach Redis at {store.settings.redis_url}: {exc}", file=sys.stderr)
-        return 2
-    for finding in findings:
-        mark = "ok" if finding.ok else "PROBLEM"
-        print(f"{mark:<8} {finding.setting} = {finding.found} (needs {finding.needed})")
-        if not finding.ok:
-            print(f"         {finding.why}")
-    return 0 if all(finding.ok for finding in findings) else 1
+        moment = datetime.fromtimestamp(ms / 1000, UTC)
+    except (OverflowError, OSError, ValueError):
+        return str(ms)
+    return moment.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
-def run_rebuild(store: Store, settings: Settings, *, check_only: bool) -> int:
-    """Print what was compared, what differs and what is left as stored (and why); exit 1 when
-    something differs (with `--check`) or the rebuild could not run."""
-    machine = CallMachine()
-    if check_only:
-        report = check(store, machine)
-        print(f"{report.compared} calls compared, {len(report.differing)} differ")
-    else:
-        try:
-            report = rebuild(store, machine)
-        except RuntimeError as exc:
-            print(f"rebuild: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            _wake_left_shards(store, settings)
-        print(f"{report.compared} calls compared, {report.rewritten} rewritten from the log")
-    for call_id in report.differing[:20]:
-        print(f"differs: {call_id}")
-    for call_id, reason in sorted(report.left.items())[:20]:
-        print(f"left as stored ({reason}): {call_id}")
-    return 1 if check_only and report.differing else 0
+def _ago(now_ms: int, then_ms: int | None) -> str | None:
+    return None if then_ms is None else f"{max(0, now_ms - then_ms) // 1000}s ago"
 
 
-def _wake_left_shards(store: Store, settings: Settings) -> None:
-    """Drain jobs that found a shard locked by the rebuild left it to the rebuild: wake them."""
-    queue = Queue(settings.queue_name, connection=store.redis)
-    for shard in range(settings.shards):
-        if store.log.has_backlog(shard):
-            wake_drain(store, queue, shard, drain_timeout(settings))
+def _seconds(value: Any) -> str | None:
+    return f"{value}s" if _is_number(value) else None
+
+
+def _party(value: Any) -> Any:
+    """A `from` or `to`: its number (or alias), as an operator dials it."""
+    if isinstance(value, dict):
+        return value.get("number") or value.get("alias")
+    return value
+
+
+def _pairs(values: dict[str, Any]) -> str:
+    return " ".join(f"{name}={value}" for name, value in values.items())
+
+
+def _reason(item: dict[str, Any]) -> str | None:
+    reason, problem = item.get("reason"), item.get("error")
+    return f"{reason} ({problem})" if reason and problem else reason or problem
+
+
+def _record_summary(record: dict[str, Any] | None) -> str | None:
+    if record is None:
+        return None
+    return (
+        f"revision {record.get('revision')}: {record.get('disposition')}, "
+        f"SIP {_cell(record.get('sip_code'))}, {_cell(_seconds(record.get('duration')))} long, "
+        f"{_cell(_seconds(record.get('answerDuration')))} answered, "
+        f"{record.get('direction')}, closed by {record.get('closed_by')}"
+    )
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False, indent=2))
+
+
+def _not_found(call_id: str) -> int:
+    print(f"callstate: no such call: {call_id}", file=sys.stderr)
+    return PROBLEM
+
+
+def _where(settings: Settings) -> str:
+    """The server's address without the password a REDIS_URL may carry."""
+    url = urlparse(settings.redis_url)
+    return f"{url.hostname}:{url.port}" if url.hostname else url.path
+
+
+def _positive(raw: str) -> int:
+    if not raw.isdigit() or int(raw) < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer, not {raw!r}")
+    return int(raw)
+
+
+def _since_ms(raw: str) -> int:
+    """Unix milliseconds, or an ISO 8601 time (UTC when it names no offset)."""
+    if raw.isdigit():
+        return int(raw)
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"an ISO 8601 time (2026-11-25T16:00:00Z) or Unix milliseconds, not {raw!r}"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0, int(moment.timestamp() * 1000))
+
+
+def _before(since_ms: int | None) -> str:
+    """The stream id just before `since_ms` (XREAD reads after an id), or the stream's start."""
+    return f"{since_ms - 1}-{LAST_ID}" if since_ms else "0-0"
 
 
 if __name__ == "__main__":

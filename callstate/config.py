@@ -10,6 +10,7 @@ from pathlib import Path
 
 EMBEDDED_REDIS_PORT = 6390
 FSYNC_POLICIES = ("always", "everysec")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Settings:
     board_stream_seconds: int = 300
     max_clock_skew_seconds: int = 600
     fsync: str = "always"
+    log_format: str = "text"
     max_events_per_call: int = DEFAULT_LIMITS.max_events
     max_call_bytes: int = DEFAULT_LIMITS.max_call_bytes
     max_record_revisions: int = DEFAULT_LIMITS.max_revisions
@@ -139,6 +141,7 @@ class Settings:
                     env, "CALLSTATE_MAX_CLOCK_SKEW_SECONDS", cls.max_clock_skew_seconds
                 ),
                 fsync=_choice(env, "CALLSTATE_FSYNC", FSYNC_POLICIES, cls.fsync),
+                log_format=_choice(env, "LOG_FORMAT", LOG_FORMATS, cls.log_format),
                 max_events_per_call=_int(
                     env, "CALLSTATE_MAX_EVENTS_PER_CALL", cls.max_events_per_call
                 ),

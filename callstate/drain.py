@@ -117,7 +117,11 @@ class Drainer:
             shard, token, cursor, entries[-1].log_id, len(entries), applied, prior
         )
         if not committed:
-            log.warning("shard %s: lock lost or cursor moved under this drainer; stopping", shard)
+            log.warning(
+                "shard %s: lock lost or cursor moved under this drainer; stopping",
+                shard,
+                extra={"shard": shard},
+            )
         else:
             if applied.unprocessable:
                 self._report_unprocessable(shard, applied)
@@ -126,6 +130,7 @@ class Drainer:
                     "shard %s: %d events refused, their calls were retired (rejected: expired)",
                     shard,
                     len(applied.expired),
+                    extra={"shard": shard},
                 )
         return committed
 
@@ -139,6 +144,7 @@ class Drainer:
                 item.log_id,
                 item.call_id or "unreadable",
                 item.error,
+                extra={"shard": shard, "log_id": item.log_id, "call_id": item.call_id},
             )
             self.store.quarantine.add(
                 {

@@ -149,7 +149,11 @@ def advance_snapshots(ctx: Context, now_ms: int) -> int:
         except RedisError:
             raise
         except Exception:  # one shard's snapshot must not keep the others woken and swept
-            log.exception("shard %s: snapshot step failed; left for the next run", shard)
+            log.exception(
+                "shard %s: snapshot step failed; left for the next run",
+                shard,
+                extra={"shard": shard},
+            )
     return retired
 
 

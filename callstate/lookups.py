@@ -11,6 +11,7 @@ from callstate import streamids
 from callstate.calls import Doc, is_active
 from callstate.http import error, require_read_token, services
 from callstate.schema import CALL_ID_PATTERN
+from callstate.store import Store
 
 MAX_PAGE = 500
 # Far past any real list of active calls, and keeps Redis's range arguments within 64 bits.
@@ -42,6 +43,20 @@ def public_view(doc: Doc) -> dict[str, Any]:
     }
 
 
+def events_view(store: Store, doc: Doc) -> list[dict[str, Any]]:
+    """What `GET /calls/<id>/events` shows: the journal, with each entry's logged payload."""
+    journal = doc["journal"]
+    payloads = store.log.payloads(doc["call_id"], [item["log_id"] for item in journal])
+    return [
+        {
+            **item,
+            "received_ms": streamids.millis(item["log_id"]),
+            "payload": payloads.get(item["log_id"]),
+        }
+        for item in journal
+    ]
+
+
 @calls.get("/calls/<call_id>")
 def get_call(call_id: str) -> tuple[Response, int]:
     doc = _doc_or_none(call_id)
@@ -55,17 +70,7 @@ def get_call_events(call_id: str) -> tuple[Response, int]:
     doc = _doc_or_none(call_id)
     if doc is None:
         return error(404, "not_found", "no such call", call_id=call_id)
-    journal = doc["journal"]
-    payloads = services().store.log.payloads(call_id, [item["log_id"] for item in journal])
-    events = [
-        {
-            **item,
-            "received_ms": streamids.millis(item["log_id"]),
-            "payload": payloads.get(item["log_id"]),
-        }
-        for item in journal
-    ]
-    return jsonify({"call_id": call_id, "events": events}), 200
+    return jsonify({"call_id": call_id, "events": events_view(services().store, doc)}), 200
 
 
 @calls.get("/calls/<call_id>/record")

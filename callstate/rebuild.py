@@ -272,9 +272,14 @@ class HeldShards:
         for shard in self.held:
             try:
                 if not self.store.coordination.renew_drain_lock(shard, self.token):
-                    log.warning("rebuild: lost the lock of shard %s", shard)
+                    log.warning("rebuild: lost the lock of shard %s", shard, extra={"shard": shard})
             except RedisError as exc:
-                log.warning("rebuild: could not renew the lock of shard %s: %s", shard, exc)
+                log.warning(
+                    "rebuild: could not renew the lock of shard %s: %s",
+                    shard,
+                    exc,
+                    extra={"shard": shard},
+                )
 
 
 @contextmanager

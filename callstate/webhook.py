@@ -40,7 +40,7 @@ def receive_event() -> tuple[Response, int]:
     try:
         log_id, shard, wake_id = svc.store.log.append_event(call_id, raw, signer)
     except RedisError as exc:
-        log.warning("event for call %s not stored: %s", call_id, exc)
+        log.warning("event for call %s not stored: %s", call_id, exc, extra={"call_id": call_id})
         # A timed-out append may still have run: the retry is then applied as a duplicate.
         return error(
             503, "unavailable", "the event store did not confirm the event; deliver it again"
@@ -50,8 +50,20 @@ def receive_event() -> tuple[Response, int]:
             enqueue_drain(svc.queue, shard, drain_timeout(svc.settings), wake_id)
         except RedisError as exc:
             # The event is logged; maintenance wakes any shard left with a backlog.
-            log.warning("event %s stored but drain of shard %s not queued: %s", log_id, shard, exc)
-    log.debug("stored %s for call %s as %s", payload.get("call_status"), call_id, log_id)
+            log.warning(
+                "event %s stored but drain of shard %s not queued: %s",
+                log_id,
+                shard,
+                exc,
+                extra={"call_id": call_id, "shard": shard, "log_id": log_id},
+            )
+    log.debug(
+        "stored %s for call %s as %s",
+        payload.get("call_status"),
+        call_id,
+        log_id,
+        extra={"call_id": call_id, "shard": shard, "log_id": log_id},
+    )
     return jsonify({"status": "stored", "call_id": call_id, "log_id": log_id}), 200
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from rq.worker import SimpleWorker
 
 from callstate import jobs
 from workers.connect import connect
+
+log = logging.getLogger("workers.events")  # by name: under `python -m` it is __main__
 
 
 def main() -> None:
@@ -13,7 +17,10 @@ def main() -> None:
     jobs.configure(settings, redis)
     # Drain jobs last milliseconds, so a fork per job (RQ's default Worker) would cost more than
     # the work; SimpleWorker runs them in this process, keeping one machine and one connection.
-    SimpleWorker([settings.queue_name], connection=redis).work()
+    worker = SimpleWorker([settings.queue_name], connection=redis)
+    log.info("worker %s started on queue %s", worker.name, settings.queue_name)
+    # RQ's own lines for every job (`Job OK`, `Result discarded`) are INFO: keep its warnings.
+    worker.work(logging_level="WARNING")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from callstate import jobs
 from callstate.redis_server import wait_for_redis
 from workers.connect import connect
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("workers.scheduler")  # by name: under `python -m` it is __main__
 
 
 def main() -> None:
@@ -20,6 +20,11 @@ def main() -> None:
     start it again, as RQ's workers do, instead of exiting: under `make run` one process that
     exits stops them all."""
     settings, redis = connect()
+    log.info(
+        "scheduler started: maintenance every %d s on queue %s",
+        settings.maintenance_interval_seconds,
+        settings.queue_name,
+    )
     while True:
         cron = CronScheduler(connection=redis)
         cron.register(

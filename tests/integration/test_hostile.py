@@ -77,9 +77,7 @@ def test_hostile_bodies_are_refused_and_poison_entries_do_not_stall_a_shard(
 
     check = stack.cli("rebuild", "--check")
     assert check.returncode == 0, check.stdout + check.stderr
-    shown = [
-        json.loads(line) for line in stack.cli("quarantine", "--limit", "50").stdout.splitlines()
-    ]
+    shown = json.loads(stack.cli("quarantine", "--limit", "50", "--json").stdout)
     assert {item["log_id"] for item in shown if item["error"] == "unprocessable"} == set(poison_ids)
     assert sum(1 for item in shown if item["status"] in (400, 422)) == len(refused)
     assert "84909985668" not in stack.logs()

@@ -1,0 +1,54 @@
+"""Logging for every process: the web (through gunicorn's `logconfig_dict`), the workers, the
+scheduler and the CLI. Readable text by default; with `LOG_FORMAT=json`, one JSON object per
+line, where the `extra` fields a log call passes (`call_id`, `shard`, `log_id`) are fields."""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
+
+TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
+JSON_FIELDS = "%(levelname)s %(name)s %(process)d %(message)s"
+JSON_NAMES = {"levelname": "level", "name": "logger"}
+# RQ logs every job at INFO (`Job OK`, `Result discarded`) and its cron scheduler every
+# enqueue; transitions narrates every callback. Per-event noise, not news: their warnings stay.
+QUIET_LOGGERS = ("rq", "transitions")
+
+
+def make_formatter(log_format: str) -> logging.Formatter:
+    """The one formatter of every process, for `log_format` "text" or "json"."""
+    if log_format == "json":
+        return JsonFormatter(JSON_FIELDS, rename_fields=JSON_NAMES, timestamp="time")
+    return logging.Formatter(TEXT_FORMAT)
+
+
+def logging_config(log_format: str) -> dict[str, Any]:
+    """A `logging.config.dictConfig` schema: one handler on stderr at INFO, which gunicorn's
+    error and access loggers write through too, and the quiet loggers held to warnings."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"callstate": {"()": make_formatter, "log_format": log_format}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "callstate",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"level": "INFO", "handlers": ["stderr"]},
+        "loggers": {
+            "gunicorn.error": {"level": "INFO", "propagate": True},
+            "gunicorn.access": {"level": "INFO", "propagate": True},
+            **{name: {"level": "WARNING"} for name in QUIET_LOGGERS},
+        },
+    }
+
+
+def configure_logging(log_format: str) -> None:
+    """Set up this process's logging, once, at its start; Python's warnings go through it too."""
+    logging.config.dictConfig(logging_config(log_format))
+    logging.captureWarnings(True)
