@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from importlib import metadata
 from typing import Any
 
@@ -33,6 +34,11 @@ DOC = openapi_document()
 JSON = {"Content-Type": "application/json"}
 NO_CLOCK_BOUND = 2**53  # the clock's bound is the one the document cannot state
 SAMPLES: list[Any] = ["text", 7, -7, 1.5, True, None, {}, {"number": 5}, [], [1]]
+
+
+def openapi_path(rule: str) -> str:
+    """A Flask rule as an OpenAPI path: `<path:filename>` becomes `{filename}`."""
+    return re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule)
 
 
 def validator(schema: dict[str, Any]) -> OAS31Validator:
@@ -86,7 +92,7 @@ def test_every_route_of_the_app_is_described(app: Flask) -> None:
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static":
             continue
-        path = rule.rule.replace("<", "{").replace(">", "}")
+        path = openapi_path(rule.rule)
         methods = {method.lower() for method in rule.methods or ()} - {"head", "options"}
         assert path in DOC["paths"], path
         assert methods <= DOC["paths"][path].keys(), path
@@ -99,7 +105,7 @@ def test_a_method_the_document_does_not_list_is_405_naming_those_it_does(
         if rule.endpoint == "static":
             continue
         path = rule.rule.replace("<call_id>", "call-1")
-        documented = DOC["paths"][rule.rule.replace("<", "{").replace(">", "}")].keys()
+        documented = DOC["paths"][openapi_path(rule.rule)].keys()
         method = "PUT" if "put" not in documented else "DELETE"
         answer = client.open(path, method=method)
         assert answer.status_code == 405, path
