@@ -67,7 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(connect(settings.redis_url), settings)
     run = cast(Command, args.run)
     try:
-        return run(store, args)
+        code = run(store, args)
+        sys.stdout.flush()  # here, so a closed pipe is met inside the `except` below
+        return code
+    except BrokenPipeError:
+        # The reader went away (`callstate records --follow | head`): nothing left to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return OK
     except (RedisConnectionError, RedisTimeoutError) as exc:
         print(f"callstate: cannot reach Redis at {_where(settings)}: {exc}", file=sys.stderr)
         return UNAVAILABLE

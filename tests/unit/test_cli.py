@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -282,3 +284,16 @@ def test_a_bad_setting_exits_2_naming_it(
     monkeypatch.setenv("LOG_FORMAT", "xml")
     assert cli.main(["active"]) == 2
     assert "LOG_FORMAT must be one of text, json" in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch, calls: None
+) -> None:
+    """`callstate records | head -1`: the pipe closes under the command, which exits 0."""
+    monkeypatch.setattr(cli, "connect", lambda url: redis)
+    monkeypatch.setattr(cli, "configure_logging", lambda log_format: None)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with os.fdopen(write_end, "w") as closed_pipe:
+        monkeypatch.setattr(sys, "stdout", closed_pipe)
+        assert cli.main(["records", "--json"]) == 0
