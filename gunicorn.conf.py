@@ -1,0 +1,42 @@
+"""gunicorn's settings and hooks, read from the working directory by every `gunicorn app:app`
+(the Procfile's, the integration tests', the benchmark's)."""
+
+from __future__ import annotations
+
+import os
+
+from gunicorn.arbiter import Arbiter
+from gunicorn.workers.base import Worker
+
+from callstate.config import Settings
+
+# --- Prometheus multiprocess mode (callstate/metrics.py) --------------------------------------
+# Each gunicorn process counts its own requests; `/metrics` adds up every process's figures from
+# one directory (prometheus_client's multiprocess mode). prometheus_client chooses where values
+# live when it is imported, so the variable is set here, in the arbiter, before any worker
+# imports the app (with `--preload` too).
+_metrics = Settings.from_env()
+if _metrics.metrics:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics.metrics_dir)
+
+
+def on_starting(server: Arbiter) -> None:
+    """Start from an empty directory: files left by an earlier run would be counted again."""
+    if not _metrics.metrics:
+        return
+    _metrics.metrics_dir.mkdir(parents=True, exist_ok=True)
+    for stale in _metrics.metrics_dir.glob("*.db"):
+        stale.unlink()
+
+
+def child_exit(server: Arbiter, worker: Worker) -> None:
+    """A dead worker's live gauges go with it; its counters stay in the sum."""
+    if not _metrics.metrics:
+        return
+    # Imported here, not at the top: the import must follow the variable set above.
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid, path=str(_metrics.metrics_dir))
+
+
+# --- end of Prometheus multiprocess mode ------------------------------------------------------
