@@ -77,12 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cost-rounds",
         type=int,
-        default=2,
+        default=3,
         help="metrics on and off are each measured this many times, alternated (on, off, off, on)",
     )
-    parser.add_argument("--cost-duration", type=float, default=15.0, help="seconds per webhook run")
+    parser.add_argument("--cost-duration", type=float, default=10.0, help="seconds per webhook run")
     parser.add_argument(
-        "--cost-drain-seconds", type=float, default=8.0, help="size of each backlog drained"
+        "--cost-drain-seconds", type=float, default=6.0, help="size of each backlog drained"
     )
     parser.add_argument(
         "--scrape-interval", type=float, default=1.0, help="seconds between /metrics scrapes"

@@ -30,6 +30,7 @@ from callstate.store import Store
 ACTIVE_STATUSES = tuple(status for status in TABLE if status != FINAL)
 # The label of a request that matched no route: its raw path would let any client add series.
 UNMATCHED = "unmatched"
+REDIS_UP = "Whether Redis answered this scrape (the pipeline's figures are missing when not)."
 
 metrics = Blueprint("metrics", __name__)
 metrics.before_request(require_read_token)
@@ -115,9 +116,6 @@ class PipelineCollector:
         )
         yield from _shard_families(figures)
         yield from _call_families(figures)
-
-
-REDIS_UP = "Whether Redis answered this scrape (the pipeline's figures are missing when not)."
 
 
 def _shard_families(figures: Figures) -> Iterator[Metric]:

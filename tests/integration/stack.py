@@ -159,7 +159,7 @@ class Stack:
         try:
             status = requests.get(f"{self.web_url}/calls?active=true", timeout=2).status_code
             return status < 500
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # a worker still importing the app
             return False
 
     def start_workers(self, count: int, prefix: str = "worker") -> list[subprocess.Popen[bytes]]:
