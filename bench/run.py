@@ -8,6 +8,7 @@ traffic's reference model, prints one table and writes the figures to bench/resu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -24,7 +25,8 @@ from typing import Any, cast
 from redis import Redis
 from rq import Queue, Worker
 
-from bench.load import command
+from bench.load import command, percentiles
+from bench.metrics_cost import Scraper, alternating, compare
 from bench.traffic import PlannedCall, check_call, plan_call
 from callstate.calldoc import CallDoc
 from callstate.calls import LogEntry, apply_batch
@@ -45,6 +47,8 @@ TARGETS = {
     "half_rate_apply_lag_p99_ms": 500.0,
     "bytes_per_active_call": 2048.0,
     "flat_cost_drop": 0.10,
+    "metrics_on_vs_off_webhook": 0.95,
+    "metrics_on_vs_off_apply": 0.95,
 }
 
 
@@ -70,6 +74,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed-calls", type=int, default=200_000)
     parser.add_argument("--active-calls", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=16, help="load-generator threads")
+    parser.add_argument(
+        "--cost-rounds",
+        type=int,
+        default=3,
+        help="metrics on and off are each measured this many times, alternated (on, off, off, on)",
+    )
+    parser.add_argument("--cost-duration", type=float, default=10.0, help="seconds per webhook run")
+    parser.add_argument(
+        "--cost-drain-seconds", type=float, default=6.0, help="size of each backlog drained"
+    )
+    parser.add_argument(
+        "--scrape-interval", type=float, default=1.0, help="seconds between /metrics scrapes"
+    )
     parser.add_argument("--smoke", action="store_true", help="a few seconds of everything")
     parser.add_argument("--out", type=Path, default=None, help="result file (JSON)")
     args = parser.parse_args(argv)
@@ -79,6 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.drain_seconds = 0.5
         args.noop_jobs, args.seed_calls, args.active_calls = 100, 1000, 100
         args.calibration_events = 1000
+        args.cost_rounds, args.cost_duration, args.cost_drain_seconds = 1, 1.0, 0.2
     return args
 
 
@@ -91,13 +109,17 @@ class Bench:
         self.settings = Settings.from_env({**stack.env})
         self.store = Store(self.redis, self.settings)
         self.queue = Queue(self.settings.queue_name, connection=self.redis)
+        self.scrapers: list[Scraper] = []
 
     # Processes and load ----------------------------------------------------------------------
 
-    def load(self, name: str, duration: float, rate: float = 0.0, echo: bool = False) -> Any:
+    def load(
+        self, name: str, duration: float, rate: float = 0.0, echo: bool = False, url: str = ""
+    ) -> Any:
         out = self.workdir / f"load-{name}.json"
         flags = ["--echo"] if echo else []
-        argv = command(self.stack.web_url, out, duration, rate, name, self.args.threads, *flags)
+        target = url or self.stack.web_url
+        argv = command(target, out, duration, rate, name, self.args.threads, *flags)
         subprocess.run(argv, check=True, cwd=Path(__file__).parents[1], env=self.stack.env)
         return json.loads(out.read_text())
 
@@ -281,6 +303,52 @@ class Bench:
         pipe.execute()
         return int(self.args.seed_calls)
 
+    @contextlib.contextmanager
+    def web_with_metrics(self, mode: str, name: str) -> Iterator[Stack]:
+        """gunicorn as the main phases run it, with CALLSTATE_METRICS=`mode`; when on, scraped
+        every --scrape-interval seconds (Prometheus' default is every 15 s)."""
+        env = {"CALLSTATE_SHARDS": str(self.settings.shards), "CALLSTATE_METRICS": mode}
+        web = Stack(self.stack.redis, self.workdir, env)
+        web.start_web(self.args.web, name=name)
+        try:
+            with contextlib.ExitStack() as scraping:
+                if mode == "on":
+                    scraper = Scraper(web.web_url, self.args.scrape_interval)
+                    self.scrapers.append(scraping.enter_context(scraper))
+                yield web
+        finally:
+            web.stop()
+
+    def metrics_cost_webhook(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The webhook's highest sustained rate with metrics on and off, in turn."""
+        runs, results = [], []
+        for n, mode in enumerate(alternating(self.args.cost_rounds)):
+            with self.web_with_metrics(mode, f"web-cost-{n}") as web:
+                result = self.load(f"cost{n}", self.args.cost_duration, url=web.web_url)
+            self.wait_drained()
+            runs.append((mode, float(result["throughput"])))
+            results.append(result)
+        return compare(runs), results
+
+    def metrics_cost_apply(self, events_per_s: float) -> dict[str, Any]:
+        """Apply capacity on a backlog with metrics on (the web scraped) and off, in turn: the
+        drainers' own counters cannot be turned off, so only the scrapes can differ."""
+        self.fresh_redis()
+        events = max(self.args.calibration_events, int(events_per_s * self.args.cost_drain_seconds))
+        runs = []
+        for n, mode in enumerate(alternating(self.args.cost_rounds)):
+            with self.web_with_metrics(mode, f"web-cost-apply-{n}"):
+                runs.append((mode, self.drain_rate(f"cost-apply-{n}", events)["events_per_s"]))
+        return compare(runs)
+
+    def scrape_summary(self) -> dict[str, Any]:
+        latencies = [ms for scraper in self.scrapers for ms in scraper.latencies_ms]
+        return {
+            "interval_s": self.args.scrape_interval,
+            "failures": sum(scraper.failures for scraper in self.scrapers),
+            "latency_ms": percentiles(latencies),
+        }
+
     def fresh_redis(self) -> None:
         self.stop_workers()
         self.redis.flushdb()
@@ -360,8 +428,15 @@ def verdicts(figures: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "half_rate_apply_lag_p99_ms": half["apply_lag_ms"]["p99"],
         "bytes_per_active_call": figures["memory"]["bytes_per_active_call"],
         "flat_cost_drop": 1 - flat["ratio"],
+        "metrics_on_vs_off_webhook": figures["metrics_cost"]["webhook"]["ratio"],
+        "metrics_on_vs_off_apply": figures["metrics_cost"]["apply"]["ratio"],
     }
-    at_least = {"applied_vs_empty_rq_jobs", "webhook_vs_bare_echo"}
+    at_least = {
+        "applied_vs_empty_rq_jobs",
+        "webhook_vs_bare_echo",
+        "metrics_on_vs_off_webhook",
+        "metrics_on_vs_off_apply",
+    }
     return {
         name: {
             "value": value,
@@ -375,6 +450,7 @@ def verdicts(figures: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def table(figures: dict[str, Any]) -> str:
     echo, rq, top, half = (figures[k] for k in ("echo_floor", "rq_floor", "max_rate", "half_rate"))
     flat, memory, check = figures["flat_cost"], figures["memory"], figures["correctness"]
+    cost = figures["metrics_cost"]
     rows = [
         ("machine", f"{figures['machine']['cpus']} cpus, {figures['machine']['cpu']}"),
         (
@@ -417,6 +493,14 @@ def table(figures: dict[str, Any]) -> str:
             f"{half['apply_lag_ms']['p99']:.1f} ms ({half['apply_lag_ms']['count']} probes)",
         ),
         ("  GET /calls/<id>", f"p99 {half['get_ms']['p99']:.1f} ms"),
+        ("metrics on / off: webhook", _on_off(cost["webhook"], "req/s")),
+        ("metrics on / off: apply capacity", _on_off(cost["apply"], "events/s")),
+        (
+            "  /metrics scraped",
+            f"every {cost['scrape']['interval_s']:g} s: p50 "
+            f"{cost['scrape']['latency_ms']['p50']:.1f} / p99 "
+            f"{cost['scrape']['latency_ms']['p99']:.1f} ms, {cost['scrape']['failures']} failed",
+        ),
         ("Redis commands per event", f"{top['redis_commands_per_event']:.2f}"),
         ("Redis bytes per ended call", f"{top['bytes_per_ended_call']:.0f}"),
         ("Redis bytes per active call", f"{memory['bytes_per_active_call']:.0f}"),
@@ -432,6 +516,14 @@ def table(figures: dict[str, Any]) -> str:
         rows.append((f"target {name}", f"{verdict['value']:.3g} vs {verdict['target']} {mark}"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _on_off(compared: dict[str, Any], unit: str) -> str:
+    on, off = compared["on"], compared["off"]
+    return (
+        f"{on['median']:.0f} / {off['median']:.0f} {unit} (medians of {len(on['runs'])} runs "
+        f"each, alternated): {compared['ratio']:.3f}"
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -453,8 +545,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stack.start_scheduler()
         figures["max_rate"], top = bench.max_rate()
         figures["half_rate"], half = bench.half_rate(figures["max_rate"]["throughput"])
-        figures["correctness"] = bench.correctness(top, half)
         stack.stop_process("web")
+        webhook_cost, cost_loads = bench.metrics_cost_webhook()
+        figures["correctness"] = bench.correctness(top, half, *cost_loads)
         echo_after = bench.echo_floor("echo-after")
         # The machine is shared and noisy: divide by the better of the two echo runs.
         figures["echo_floor"] = max(echo_before, echo_after, key=lambda run: run["throughput"])
@@ -464,6 +557,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ]
         figures["memory"] = bench.active_memory()
         figures["flat_cost"] = bench.flat_cost()
+        figures["metrics_cost"] = {
+            "webhook": webhook_cost,
+            "apply": bench.metrics_cost_apply(figures["flat_cost"]["empty_redis"]["events_per_s"]),
+            "scrape": bench.scrape_summary(),
+        }
         figures["targets"] = verdicts(figures)
     finally:
         stack.stop()

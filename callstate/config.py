@@ -11,6 +11,7 @@ from pathlib import Path
 EMBEDDED_REDIS_PORT = 6390
 FSYNC_POLICIES = ("always", "everysec")
 LOG_FORMATS = ("text", "json")
+SWITCH = ("on", "off")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,16 @@ class Settings:
     max_events_per_call: int = DEFAULT_LIMITS.max_events
     max_call_bytes: int = DEFAULT_LIMITS.max_call_bytes
     max_record_revisions: int = DEFAULT_LIMITS.max_revisions
+    # A shard whose oldest unapplied entry is older than this makes `/readyz` answer 503.
+    ready_max_lag_seconds: int = 30
+    metrics: bool = True
+    multiproc_dir: Path | None = None
+
+    @property
+    def metrics_dir(self) -> Path:
+        """Where gunicorn's processes keep their HTTP figures for `/metrics` to add up:
+        PROMETHEUS_MULTIPROC_DIR when given, else a directory of the var dir."""
+        return self.multiproc_dir or self.var_dir / "prometheus"
 
     @property
     def call_limits(self) -> Limits:
@@ -149,6 +160,11 @@ class Settings:
                 max_record_revisions=_int(
                     env, "CALLSTATE_MAX_RECORD_REVISIONS", cls.max_record_revisions
                 ),
+                ready_max_lag_seconds=_int(
+                    env, "CALLSTATE_READY_MAX_LAG_SECONDS", cls.ready_max_lag_seconds
+                ),
+                metrics=_choice(env, "CALLSTATE_METRICS", SWITCH, "on") == "on",
+                multiproc_dir=_path(env.get("PROMETHEUS_MULTIPROC_DIR")),
             )
         )
 
@@ -202,6 +218,10 @@ def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
     return value
+
+
+def _path(raw: str | None) -> Path | None:
+    return Path(raw).resolve() if raw else None
 
 
 def _bind_address(host: str) -> str:

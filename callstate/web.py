@@ -15,8 +15,10 @@ from callstate.board import board
 from callstate.config import Settings
 from callstate.connection import connect
 from callstate.doctor import warn_if_unsafe
+from callstate.health import health
 from callstate.http import Services, error
 from callstate.lookups import calls
+from callstate.metrics import install as install_metrics
 from callstate.store import Store
 from callstate.webhook import webhooks
 
@@ -36,6 +38,8 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     app.register_blueprint(calls)
     app.register_blueprint(apidoc)
     app.register_blueprint(board)
+    app.register_blueprint(health)
+    install_metrics(app)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(RedisError, _redis_down)
     warn_if_exposed(settings)

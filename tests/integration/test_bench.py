@@ -25,5 +25,10 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
         "half_rate_apply_lag_p99_ms",
         "bytes_per_active_call",
         "flat_cost_drop",
+        "metrics_on_vs_off_webhook",
+        "metrics_on_vs_off_apply",
     }
+    cost = figures["metrics_cost"]
+    assert cost["webhook"]["order"] == cost["apply"]["order"] == ["on", "off"]
+    assert cost["scrape"]["latency_ms"]["count"] > 0 and cost["scrape"]["failures"] == 0
     assert "floor: empty RQ jobs" in run.stdout

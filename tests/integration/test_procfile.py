@@ -54,6 +54,10 @@ def test_procfile_runs_the_whole_service_on_the_embedded_redis(tmp_path: Path) -
         found = wait_until(record, 60, "the Procfile's worker to produce the record")
         assert found["disposition"] == "busy"
         assert (tmp_path / "var").is_dir()
+        # Readiness and metrics with nothing set up by hand: gunicorn.conf.py made the directory.
+        wait_until(lambda: requests.get(f"{url}/readyz", timeout=2).ok, 30, "/readyz to be 200")
+        assert "callstate_http_requests_total" in requests.get(f"{url}/metrics", timeout=5).text
+        assert any((tmp_path / "var" / "prometheus").glob("counter_*.db"))
         assert any((tmp_path / "var").rglob("appendonly*"))
     finally:
         os.killpg(honcho.pid, signal.SIGTERM)

@@ -1,0 +1,88 @@
+"""Health checks for a load balancer or an orchestrator: `/healthz` (the process is up) and
+`/readyz` (Redis answers, a worker is alive, no shard is falling behind)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, cast
+
+from flask import Blueprint, Response, jsonify
+from redis.exceptions import RedisError
+from rq import Queue, Worker
+from rq.defaults import DEFAULT_WORKER_TTL
+from rq.utils import now, utcparse
+
+from callstate.figures import Backlog, shard_backlogs
+from callstate.http import services
+
+# An RQ worker's key lives this long after its last heartbeat (RQ's worker_ttl plus the 60 s it
+# adds); an idle worker heartbeats every worker_ttl - 15 s, so a younger heartbeat is live.
+HEARTBEAT_HORIZON = timedelta(seconds=DEFAULT_WORKER_TTL + 60)
+
+health = Blueprint("health", __name__)
+
+
+@health.get("/healthz")
+def healthz() -> tuple[Response, int]:
+    return jsonify({"status": "ok"}), 200
+
+
+@health.get("/readyz")
+def readyz() -> tuple[Response, int]:
+    """Five round trips at most, whatever the number of shards and workers: PING, the
+    queue's worker set, their heartbeats (one pipeline), the backlog (two)."""
+    svc = services()
+    try:
+        svc.store.redis.ping()
+        checks = {
+            "redis": {"ok": True},
+            "workers": _workers_check(live_workers(svc.queue)),
+            "backlog": _backlog_check(
+                shard_backlogs(svc.store), svc.settings.ready_max_lag_seconds
+            ),
+        }
+    except RedisError as exc:
+        unavailable = {"ok": False, "error": "redis unavailable"}
+        checks = {
+            "redis": {"ok": False, "error": str(exc)},
+            "workers": unavailable,
+            "backlog": unavailable,
+        }
+    failing = [name for name, check in checks.items() if not check["ok"]]
+    body = {"status": "unready" if failing else "ready", "failing": failing, "checks": checks}
+    return jsonify(body), 503 if failing else 200
+
+
+def live_workers(queue: Queue) -> int:
+    """Workers of `queue` in RQ's own registry whose last heartbeat is within RQ's horizon.
+
+    Reads the heartbeats itself rather than through `Worker.all`: building a `Worker` raises
+    the client's socket timeout to the worker's dequeue timeout (415 s), which would take
+    the web's fast failure away."""
+    keys = Worker.all_keys(queue=queue)
+    if not keys:
+        return 0
+    pipe = queue.connection.pipeline(transaction=False)
+    for key in keys:
+        pipe.hmget(key, "last_heartbeat", "death")
+    oldest = now() - HEARTBEAT_HORIZON
+    return sum(
+        1
+        for heartbeat, death in cast(list[list[bytes | None]], pipe.execute())
+        if heartbeat is not None and death is None and utcparse(heartbeat.decode()) > oldest
+    )
+
+
+def _workers_check(live: int) -> dict[str, Any]:
+    return {"ok": live > 0, "live": live}
+
+
+def _backlog_check(backlogs: list[Backlog], max_lag_seconds: int) -> dict[str, Any]:
+    ages = [b.oldest_seconds for b in backlogs if b.oldest_seconds is not None]
+    oldest = max(ages, default=None)
+    return {
+        "ok": oldest is None or oldest <= max_lag_seconds,
+        "max_lag_seconds": max_lag_seconds,
+        "oldest_seconds": oldest,
+        "by_shard": {str(b.shard): b.oldest_seconds for b in backlogs},
+    }

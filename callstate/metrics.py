@@ -1,0 +1,192 @@
+"""`GET /metrics` for Prometheus: each web process's HTTP figures, added up across gunicorn's
+processes by prometheus_client's multiprocess mode, and the pipeline's figures, read from Redis
+at scrape time so that every web process reports the same truth."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from flask import Blueprint, Flask, Response, current_app, g, request
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.utils import floatToGoString
+from redis.exceptions import RedisError
+from rq import Queue
+
+from callstate.figures import Figures, read_figures
+from callstate.health import live_workers
+from callstate.http import Services, require_read_token
+from callstate.machine import FINAL, TABLE
+from callstate.store import Store
+
+ACTIVE_STATUSES = tuple(status for status in TABLE if status != FINAL)
+# The label of a request that matched no route: its raw path would let any client add series.
+UNMATCHED = "unmatched"
+REDIS_UP = "Whether Redis answered this scrape (the pipeline's figures are missing when not)."
+
+metrics = Blueprint("metrics", __name__)
+metrics.before_request(require_read_token)
+
+
+class Instruments:
+    """This process's request counter and latency histogram, and the registry `/metrics` reads:
+    under gunicorn (PROMETHEUS_MULTIPROC_DIR set) every process's figures, from its directory."""
+
+    def __init__(self, svc: Services) -> None:
+        shared = svc.settings.multiproc_dir
+        self.registry = CollectorRegistry()
+        if shared is not None:
+            MultiProcessCollector(self.registry, path=str(shared))  # type: ignore[no-untyped-call]
+        own = self.registry if shared is None else None
+        self.requests = Counter(
+            "callstate_http_requests_total",
+            "HTTP requests answered, by route and status code.",
+            ["endpoint", "status"],
+            registry=own,
+        )
+        self.latency = Histogram(
+            "callstate_http_request_duration_seconds",
+            "Time from a request's arrival in Flask to its answer, by route.",
+            ["endpoint"],
+            registry=own,
+        )
+        self.registry.register(PipelineCollector(svc.store, svc.queue))
+
+
+def install(app: Flask) -> None:
+    """With CALLSTATE_METRICS on (the default), count and time every request and serve
+    `/metrics`; with it off, neither (`/metrics` answers 404)."""
+    svc: Services = app.extensions["callstate"]
+    if not svc.settings.metrics:
+        return
+    app.extensions["callstate.metrics"] = Instruments(svc)
+    app.before_request(_start_timer)
+    app.after_request(_count_request)
+    app.register_blueprint(metrics)
+
+
+@metrics.get("/metrics")
+def scrape() -> Response:
+    return Response(generate_latest(_instruments().registry), content_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+
+def _instruments() -> Instruments:
+    found: Instruments = current_app.extensions["callstate.metrics"]
+    return found
+
+
+def _start_timer() -> None:
+    g.metrics_started = time.perf_counter()
+
+
+def _count_request(response: Response) -> Response:
+    endpoint = request.url_rule.rule if request.url_rule is not None else UNMATCHED
+    instruments = _instruments()
+    instruments.requests.labels(endpoint, str(response.status_code)).inc()
+    instruments.latency.labels(endpoint).observe(time.perf_counter() - g.metrics_started)
+    return response
+
+
+class PipelineCollector:
+    """The pipeline's figures, read from Redis on every scrape (a handful of round trips,
+    whatever the number of shards). With Redis down, only `callstate_redis_up 0`."""
+
+    def __init__(self, store: Store, queue: Queue) -> None:
+        self.store = store
+        self.queue = queue
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            figures = read_figures(self.store)
+            workers = live_workers(self.queue)
+        except RedisError:
+            yield GaugeMetricFamily("callstate_redis_up", REDIS_UP, value=0)
+            return
+        yield GaugeMetricFamily("callstate_redis_up", REDIS_UP, value=1)
+        yield GaugeMetricFamily(
+            "callstate_workers_live", "RQ workers of the queue with a live heartbeat.", workers
+        )
+        yield from _shard_families(figures)
+        yield from _call_families(figures)
+
+
+def _shard_families(figures: Figures) -> Iterator[Metric]:
+    logged = CounterMetricFamily(
+        "callstate_log_entries_total",
+        "Entries appended to the shard's event log (events and sweeper requests).",
+        labels=["shard"],
+    )
+    applied = CounterMetricFamily(
+        "callstate_applied_entries_total", "Log entries applied by the drainers.", labels=["shard"]
+    )
+    verdicts = CounterMetricFamily(
+        "callstate_verdicts_total",
+        "Applied log entries by verdict and reason (reason empty when there is none).",
+        labels=["shard", "verdict", "reason"],
+    )
+    entries = GaugeMetricFamily(
+        "callstate_backlog_entries", "Log entries not applied yet.", labels=["shard"]
+    )
+    oldest = GaugeMetricFamily(
+        "callstate_backlog_oldest_seconds",
+        "Age of the shard's oldest unapplied log entry (0 when none waits).",
+        labels=["shard"],
+    )
+    drains = HistogramMetricFamily(
+        "callstate_drain_job_seconds", "Duration of the shard's drain jobs.", labels=["shard"]
+    )
+    for shard in figures.shards:
+        label = str(shard.shard)
+        logged.add_metric([label], shard.logged)
+        applied.add_metric([label], shard.applied)
+        for name, count in sorted(shard.verdicts.items()):
+            verdict, _, reason = name.partition(":")
+            verdicts.add_metric([label, verdict, reason], count)
+        entries.add_metric([label], shard.backlog.entries)
+        oldest.add_metric([label], shard.backlog.oldest_seconds or 0.0)
+        histogram = shard.drain_seconds
+        buckets = [(_bound(bound), count) for bound, count in histogram.buckets]
+        drains.add_metric([label], buckets, histogram.sum)
+    yield from (logged, applied, verdicts, entries, oldest, drains)
+
+
+def _bound(bound: float) -> str:
+    """A bucket's `le` as prometheus_client writes its own ("0.005", "+Inf")."""
+    written: str = floatToGoString(bound)  # type: ignore[no-untyped-call]
+    return written
+
+
+def _call_families(figures: Figures) -> Iterator[Metric]:
+    active = GaugeMetricFamily(
+        "callstate_active_calls",
+        "Calls not ended, by status (their sum is every active call).",
+        labels=["status"],
+    )
+    by_status = dict.fromkeys(ACTIVE_STATUSES, 0) | figures.active
+    for status, count in by_status.items():
+        active.add_metric([status], count)
+    yield active
+    yield CounterMetricFamily(
+        "callstate_records_total", "Final record revisions published.", figures.records
+    )
+    yield CounterMetricFamily(
+        "callstate_sweeper_closed_calls_total",
+        "Silent calls closed by the sweeper.",
+        figures.verdicts.get("swept:stale", 0),
+    )
+    yield CounterMetricFamily(
+        "callstate_quarantined_total",
+        "Refused deliveries and unprocessable log entries put in the quarantine.",
+        figures.quarantined,
+    )
+    yield GaugeMetricFamily(
+        "callstate_quarantine_entries", "Entries the quarantine holds.", figures.quarantine_size
+    )
