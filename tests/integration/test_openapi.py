@@ -28,7 +28,6 @@ from tests.integration.stack import RedisServer, Stack, wait_until
 
 TOKEN = "schemathesis-read-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-# Operations other helpers are building in parallel (issue 10); the lead deletes this at merge.
 # The board's event stream never ends, so no answer to it can be read whole and checked.
 ENDLESS = {"boardEvents"}
 CHECKS = [
