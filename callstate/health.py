@@ -9,15 +9,15 @@ from typing import Any, cast
 from flask import Blueprint, Response, jsonify
 from redis.exceptions import RedisError
 from rq import Queue, Worker
-from rq.defaults import DEFAULT_WORKER_TTL
 from rq.utils import now, utcparse
 
 from callstate.figures import Backlog, shard_backlogs
 from callstate.http import services
+from callstate.jobs import WORKER_TTL_SECONDS
 
-# An RQ worker's key lives this long after its last heartbeat (RQ's worker_ttl plus the 60 s it
-# adds); an idle worker heartbeats every worker_ttl - 15 s, so a younger heartbeat is live.
-HEARTBEAT_HORIZON = timedelta(seconds=DEFAULT_WORKER_TTL + 60)
+# An RQ worker's key lives this long after its last heartbeat (the workers' TTL plus the 60 s RQ
+# adds); an idle worker heartbeats every TTL - 15 s, so a younger heartbeat is live.
+HEARTBEAT_HORIZON = timedelta(seconds=WORKER_TTL_SECONDS + 60)
 
 health = Blueprint("health", __name__)
 

@@ -29,6 +29,10 @@ DRAIN_JOB = "callstate.jobs.drain_shard"
 FAILED_DRAIN_TTL_SECONDS = 24 * 3600
 LOST_WAKE_GRACE_MS = 5000
 SWEEP_BATCH = 1000
+# How long RQ keeps a worker's registry key after its last heartbeat, less 60 s (RQ adds them);
+# an idle worker heartbeats every WORKER_TTL_SECONDS - 15 s. RQ's default (420 s) would let a
+# worker killed outright look alive to `/readyz` for 8 minutes; this, for 2.
+WORKER_TTL_SECONDS = 60
 # Snapshot steps per shard and maintenance run: enough to catch up on a day's log in a few runs,
 # few enough that one run never holds a shard for long.
 SNAPSHOT_STEPS = 20

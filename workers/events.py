@@ -17,7 +17,9 @@ def main() -> None:
     jobs.configure(settings, redis)
     # Drain jobs last milliseconds, so a fork per job (RQ's default Worker) would cost more than
     # the work; SimpleWorker runs them in this process, keeping one machine and one connection.
-    worker = SimpleWorker([settings.queue_name], connection=redis)
+    worker = SimpleWorker(
+        [settings.queue_name], connection=redis, worker_ttl=jobs.WORKER_TTL_SECONDS
+    )
     log.info("worker %s started on queue %s", worker.name, settings.queue_name)
     # RQ's own lines for every job (`Job OK`, `Result discarded`) are INFO: keep its warnings.
     worker.work(logging_level="WARNING")

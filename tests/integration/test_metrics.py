@@ -10,7 +10,9 @@ from typing import Any
 import requests
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
+from rq import Worker
 
+from callstate.jobs import WORKER_TTL_SECONDS
 from tests.factories import body, ended, event
 from tests.integration.stack import Stack, wait_until
 
@@ -189,6 +191,11 @@ def test_readyz_names_the_workers_then_the_backlog_once_workers_stop(
     ready = wait_until(both_workers_ready, 30, "both workers to be ready")
     assert ready["status"] == "ready"
     assert ready["checks"]["workers"] == {"ok": True, "live": 2}
+    # A worker killed outright stays in RQ's registry until its key expires: 2 minutes at most.
+    worker_keys = Worker.all_keys(connection=stack.redis.client())
+    assert worker_keys and all(
+        0 < stack.redis.client().ttl(key) <= WORKER_TTL_SECONDS + 60 for key in worker_keys
+    )
     for name in [n for n in stack.processes if n.startswith("worker")]:
         stack.stop_process(name)
     unready = readyz(503, ["workers"])
