@@ -22,15 +22,16 @@ access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(M)sms'
 # requests; `/metrics` adds up every process's figures from one directory. prometheus_client
 # chooses where values live when it is imported, so the variable is set here, in the arbiter,
 # before any worker imports the app (with `--preload` too).
+# The directory is made here too: with `--preload` the app is loaded before `on_starting` runs.
 if _settings.metrics:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_settings.metrics_dir)
+    _settings.metrics_dir.mkdir(parents=True, exist_ok=True)
 
 
 def on_starting(server: Arbiter) -> None:
     """Start from an empty directory: files left by an earlier run would be counted again."""
     if not _settings.metrics:
         return
-    _settings.metrics_dir.mkdir(parents=True, exist_ok=True)
     for stale in _settings.metrics_dir.glob("*.db"):
         stale.unlink()
 

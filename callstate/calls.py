@@ -525,12 +525,13 @@ def _apply_into(
     version = doc["version"] if doc else None
     before = _verdicts_given(doc)
     doc, record = apply_entry(doc, entry, machine, limits)
-    if doc is None:
+    if doc is None or doc["version"] == version:
+        # Only a sweeper's request changes nothing: its call was heard from since, or is gone.
+        applied.verdicts["ignored:not_stale"] += 1
         return
     docs[entry.call_id] = doc
-    if doc["version"] != version:
-        applied.changed.add(entry.call_id)
-        applied.verdicts[_verdict_given(doc, before)] += 1
+    applied.changed.add(entry.call_id)
+    applied.verdicts[_verdict_given(doc, before)] += 1
     if record is not None:
         applied.records.append(record)
 

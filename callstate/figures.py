@@ -4,7 +4,7 @@ the board and `callstate stats`: every reader sees the same truth, and workers n
 from __future__ import annotations
 
 import bisect
-from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import cast
 
@@ -15,6 +15,16 @@ from callstate.connection import StreamRows, text
 from callstate.keys import Keys
 from callstate.store import Store
 
+# Set a shard's count of logged entries to what its log and its applied count say, atomically
+# with respect to the appends (a script runs alone): for a store whose log was written before the
+# counters existed. Reads the backlog whole, which is small where this is run: in a rebuild.
+COUNT_LOGGED_ANEW = """
+local cursor = redis.call('GET', KEYS[2])
+local waiting = #redis.call('XRANGE', KEYS[1], cursor and ('(' .. cursor) or '-', '+')
+local applied = tonumber(redis.call('GET', KEYS[3]) or '0')
+redis.call('SET', KEYS[4], applied + waiting)
+return waiting
+"""
 # Drain jobs last a slice (50 ms by default) or less; the tail shows a stalled shard.
 DRAIN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -72,11 +82,11 @@ class Figures:
 
     @property
     def verdicts(self) -> dict[str, int]:
-        return dict(sum((Counter(shard.verdicts) for shard in self.shards), Counter()))
+        return _added_up(shard.verdicts for shard in self.shards)
 
     @property
     def active(self) -> dict[str, int]:
-        return dict(sum((Counter(shard.active) for shard in self.shards), Counter()))
+        return _added_up(shard.active for shard in self.shards)
 
     @property
     def active_total(self) -> int:
@@ -92,6 +102,21 @@ def record_drain_seconds(redis: Redis, keys: Keys, shard: int, seconds: float) -
     pipe.hincrby(keys.drain_seconds(shard), "count", 1)
     pipe.hincrbyfloat(keys.drain_seconds(shard), "sum", seconds)
     pipe.execute()
+
+
+def count_logged_anew(store: Store, shard: int) -> int:
+    """Make the shard's logged count agree with its log (applied + waiting); return how many
+    entries wait. Run under the shard's drain lock, so the applied count does not move."""
+    keys = store.keys
+    waiting = store.redis.eval(
+        COUNT_LOGGED_ANEW,
+        4,
+        keys.log(shard),
+        keys.cursor(shard),
+        keys.applied_counter(shard),
+        keys.logged_counter(shard),
+    )
+    return int(cast(int, waiting))
 
 
 def shard_backlogs(store: Store) -> list[Backlog]:
@@ -160,9 +185,20 @@ def _backlogs(store: Store, now_ms: int, counters: list[list[bytes | None]]) -> 
     for shard, (row, found) in enumerate(zip(counters, pipe.execute(), strict=True)):
         oldest = cast(StreamRows, found)
         age = (now_ms - streamids.millis(text(oldest[0][0]))) / 1000 if oldest else None
-        entries = max(0, _int(row[0]) - _int(row[1])) if oldest else 0
+        # At least the entry seen waiting, should the counters lag the log (see count_logged_anew).
+        entries = max(1, _int(row[0]) - _int(row[1])) if oldest else 0
         backlogs.append(Backlog(shard, entries, None if age is None else max(0.0, age)))
     return backlogs
+
+
+def _added_up(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Counts summed over shards; unlike `Counter`'s `+`, a count at or below zero is kept, so a
+    drifted counter shows instead of vanishing."""
+    total: dict[str, int] = {}
+    for shard_counts in counts:
+        for name, count in shard_counts.items():
+            total[name] = total.get(name, 0) + count
+    return total
 
 
 def _histogram(raw: dict[bytes, bytes]) -> Histogram:

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from callstate import streamids
 from callstate.calls import Doc, LogEntry, apply_batch, is_active, last_change, published_revision
 from callstate.codec import unpack_doc, unpack_doc_or_empty
+from callstate.figures import count_logged_anew
 from callstate.machine import CallMachine
 from callstate.snapshots import Snapshot, Snapshots
 from callstate.store import Store
@@ -325,6 +326,8 @@ def rebuild(store: Store, machine: CallMachine, batch: int | None = None) -> Rep
         held.settle()
         if not store.docs.rewrite(held.token, cursors, rewrites, active):
             raise RuntimeError("a shard's lock or cursor moved during the rebuild; nothing written")
+        for shard in range(store.settings.shards):
+            count_logged_anew(store, shard)
     report.rewritten = len(rewrites)
     return report
 

@@ -13,6 +13,7 @@ import callstate.calls
 import callstate.codec
 from callstate.config import Settings
 from callstate.drain import Drainer
+from callstate.eventlog import event_fields
 from callstate.figures import read_figures, record_drain_seconds, shard_backlogs
 from callstate.machine import CallMachine
 from callstate.rebuild import rebuild
@@ -147,3 +148,49 @@ def test_an_entry_set_aside_after_it_was_applied_counts_only_as_set_aside(
         _, shard, _ = store.log.append_event("fig-p", body(event("fig-p", status, ts)))
     drainer.drain(shard)
     assert read_figures(store).verdicts == {"accepted": 2, "rejected:unprocessable": 1}
+
+
+def test_every_applied_entry_has_one_verdict_even_a_sweep_that_finds_the_call_alive(
+    store: Store, drainer: Drainer
+) -> None:
+    _, shard, _ = store.log.append_event("fig-w", body(event("fig-w", "ringing", 100)))
+    store.log.append_sweep("fig-w", store.log.server_time_ms() - 60_000)  # heard from since
+    store.log.append_sweep("fig-gone", store.log.server_time_ms())  # no such call
+    drainer.drain(shard)
+    drainer.drain(store.keys.shard_of("fig-gone"))
+    figures = read_figures(store)
+    assert figures.verdicts == {"accepted": 1, "ignored:not_stale": 2}
+    assert sum(figures.verdicts.values()) == figures.applied == 3
+
+
+def test_a_count_that_drifted_below_zero_shows_in_the_totals(store: Store, redis: Redis) -> None:
+    redis.hset(store.keys.active_statuses(3), "ringing", -1)
+    redis.hset(store.keys.active_statuses(1), "answered", 2)
+    assert read_figures(store).active == {"ringing": -1, "answered": 2}
+
+
+def test_rebuild_sets_the_counters_of_a_store_logged_before_they_existed(
+    store: Store, drainer: Drainer, machine: CallMachine, redis: Redis
+) -> None:
+    """An upgraded store: entries appended by the previous release (no count), some applied,
+    some waiting, an active call counted nowhere. One rebuild makes the figures right."""
+    shard = store.keys.shard_of("fig-u1")
+    fields = event_fields("fig-u1", body(event("fig-u1", "ringing", 100)))
+    redis.xadd(store.keys.log(shard), fields)  # as the previous release appended
+    drainer.drain(shard)
+    for ts in (200, 300):
+        redis.xadd(
+            store.keys.log(shard), event_fields("fig-u1", body(event("fig-u1", "answered", ts)))
+        )
+    for key in redis.keys(f"{store.settings.key_prefix}:stats:*"):
+        redis.delete(key)
+    before = read_figures(store).shards[shard]
+    assert before.backlog.entries == 1, "at least the entry seen waiting"
+    assert before.active == {}
+    rebuild(store, machine)
+    after = read_figures(store).shards[shard]
+    assert after.backlog.entries == 2
+    assert after.active == {"ringing": 1}
+    drainer.drain(shard)
+    assert read_figures(store).shards[shard].backlog.entries == 0
+    assert read_figures(store).active == {"answered": 1}
