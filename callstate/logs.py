@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import logging
 import logging.config
+import re
 from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
+
+from callstate.redact import mask_personal
 
 TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 JSON_FIELDS = "%(levelname)s %(name)s %(process)d %(message)s"
@@ -16,6 +19,17 @@ JSON_NAMES = {"levelname": "level", "name": "logger"}
 # RQ logs every job at INFO (`Job OK`, `Result discarded`) and its cron scheduler every
 # enqueue; transitions narrates every callback. Per-event noise, not news: their warnings stay.
 QUIET_LOGGERS = ("rq", "transitions")
+_QUERY = re.compile(r"\?[^\s'\"]*")
+
+
+class HideRequestTargets(logging.Filter):
+    """gunicorn logs a malformed request's line at WARNING, query string and all: a read token
+    (`/?token=`) or a phone number (`?number=`) would land in the log. Cut queries, mask digits."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = mask_personal(_QUERY.sub("?…", record.getMessage()))
+        record.args = ()
+        return True
 
 
 def make_formatter(log_format: str) -> logging.Formatter:
@@ -32,6 +46,7 @@ def logging_config(log_format: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"callstate": {"()": make_formatter, "log_format": log_format}},
+        "filters": {"hide_request_targets": {"()": HideRequestTargets}},
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",
@@ -41,7 +56,11 @@ def logging_config(log_format: str) -> dict[str, Any]:
         },
         "root": {"level": "INFO", "handlers": ["stderr"]},
         "loggers": {
-            "gunicorn.error": {"level": "INFO", "propagate": True},
+            "gunicorn.error": {
+                "level": "INFO",
+                "propagate": True,
+                "filters": ["hide_request_targets"],
+            },
             "gunicorn.access": {"level": "INFO", "propagate": True},
             **{name: {"level": "WARNING"} for name in QUIET_LOGGERS},
         },

@@ -4,8 +4,12 @@ the ids as fields, no phone number, and no per-job line from RQ."""
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlparse
+
+import pytest
 
 from tests.factories import body, ended, event
 from tests.integration.stack import Stack, wait_until
@@ -78,3 +82,41 @@ def access_paths(lines: list[dict[str, Any]]) -> set[str]:
         for line in lines
         if line["logger"] == "gunicorn.access"
     }
+
+
+TOKEN = "S3cretReadToken42"
+NUMBER = NUMBERS[1]
+# Request lines gunicorn refuses, and logs at WARNING with their query string.
+MALFORMED = (
+    f"GET /?token={TOKEN} x HTTP/1.1\r\nHost: x\r\n\r\n",
+    f"GET /?token={TOKEN}\t HTTP/1.1\r\nHost: x\r\n\r\n",
+    f"GET  /?token={TOKEN} HTTP/1.1\r\nHost: x\r\n\r\n",
+    f"GET http://x/?token={TOKEN}:: HTTP/1.1\r\nHost: x\r\n\r\n",
+    f"GET /calls?number={NUMBER}\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+    f"GET /calls?number={NUMBER}\r\nHost: x\r\n\r\n",
+    f"GET /calls?active=true&number={NUMBER}&user=a b HTTP/1.1\r\nHost: x\r\n\r\n",
+)
+
+
+def send_raw(url: str, text: str) -> bytes:
+    parsed = urlparse(url)
+    assert parsed.hostname is not None and parsed.port is not None
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=5) as sock:
+        sock.sendall(text.encode("latin-1"))
+        return sock.recv(4096)
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_malformed_request_line_leaves_no_token_or_number_in_the_log(
+    make_stack: MakeStack, log_format: str
+) -> None:
+    """A sloppy script or a scanner: gunicorn refuses the request and logs why, at WARNING."""
+    stack = make_stack(LOG_FORMAT=log_format, CALLSTATE_API_TOKEN=TOKEN)
+    stack.start_web(1)
+    answers = [send_raw(stack.web_url, text) for text in MALFORMED]
+    assert sum(answer.startswith(b"HTTP/1.1 400") for answer in answers) >= len(MALFORMED) - 1
+    stack.stop()
+    web_log = (stack.workdir / "web.log").read_text(errors="replace")
+    assert "Invalid request" in web_log, "gunicorn logged the refusals"
+    leaked = [line for line in web_log.splitlines() if TOKEN in line or NUMBER in line]
+    assert not leaked, "\n".join(leaked)
