@@ -50,6 +50,8 @@ Settings come from the environment (REDIS_URL, CALLSTATE_*), as for the service.
 # An XREAD BLOCK must return within the client's socket timeout (callstate.connection).
 FOLLOW_BLOCK_MS = 1000
 LAST_ID = 2**64 - 1
+MAX_LIMIT = 100_000
+LATEST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last time ISO 8601 can write
 
 Command = Callable[[Store, argparse.Namespace], int]
 
@@ -64,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_format)
     if args.command == "redis":
         return run_redis(settings)
-    store = Store(connect(settings.redis_url), settings)
+    try:
+        store = Store(connect(settings.redis_url), settings)
+    except ValueError:  # the message would repeat the URL, and a URL may carry a password
+        print("callstate: REDIS_URL is not a Redis URL (redis://host:port/db)", file=sys.stderr)
+        return UNAVAILABLE
     run = cast(Command, args.run)
     try:
         code = run(store, args)
@@ -183,7 +189,7 @@ def parser() -> argparse.ArgumentParser:
 def show_call(store: Store, args: argparse.Namespace) -> int:
     doc = store.docs.get_doc(args.call_id)
     if doc is None:
-        return _not_found(args.call_id)
+        return _not_found(args.call_id, as_json=args.json)
     view = {**public_view(doc), "record": doc["record"]}
     if args.json:
         _print_json(view)
@@ -215,7 +221,7 @@ def show_call(store: Store, args: argparse.Namespace) -> int:
 def show_events(store: Store, args: argparse.Namespace) -> int:
     doc = store.docs.get_doc(args.call_id)
     if doc is None:
-        return _not_found(args.call_id)
+        return _not_found(args.call_id, as_json=args.json)
     events = events_view(store, doc)
     if args.json:
         _print_json({"call_id": args.call_id, "events": events})
@@ -598,7 +604,10 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, ensure_ascii=False, indent=2))
 
 
-def _not_found(call_id: str) -> int:
+def _not_found(call_id: str, *, as_json: bool) -> int:
+    """Exit 1; with --json, the API's 404 body on stdout too, so a script always gets JSON."""
+    if as_json:
+        _print_json({"error": "not_found", "message": "no such call", "call_id": call_id})
     print(f"callstate: no such call: {call_id}", file=sys.stderr)
     return PROBLEM
 
@@ -610,14 +619,16 @@ def _where(settings: Settings) -> str:
 
 
 def _positive(raw: str) -> int:
-    if not raw.isdigit() or int(raw) < 1:
-        raise argparse.ArgumentTypeError(f"a positive integer, not {raw!r}")
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"an integer from 1 to {MAX_LIMIT}, not {raw!r}")
     return int(raw)
 
 
 def _since_ms(raw: str) -> int:
     """Unix milliseconds, or an ISO 8601 time (UTC when it names no offset)."""
-    if raw.isdigit():
+    if raw.isascii() and raw.isdigit():
+        if int(raw) > LATEST_MS:
+            raise argparse.ArgumentTypeError(f"Unix milliseconds up to {LATEST_MS}, not {raw!r}")
         return int(raw)
     try:
         moment = datetime.fromisoformat(raw)

@@ -111,10 +111,39 @@ def test_events_shows_each_verdict_in_arrival_order(
 
 
 @pytest.mark.parametrize("command", ["show", "events"])
-def test_an_unknown_call_exits_1_with_a_message_and_no_output(run: Run, command: str) -> None:
-    code, out, err = run(command, "no-such-call", "--json")
+def test_an_unknown_call_exits_1_with_a_message_and_the_apis_404_body_as_json(
+    run: Run, settings: Settings, redis: Redis, command: str
+) -> None:
+    code, out, err = run(command, "no-such-call")
     assert (code, out) == (1, "")
     assert "no such call: no-such-call" in err
+    code, out, _ = run(command, "no-such-call", "--json")
+    path = "/calls/no-such-call" + ("/events" if command == "events" else "")
+    assert (code, json.loads(out)) == (1, api(settings, redis, path))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["active", "--limit", "99999999999999999999"],
+        ["records", "--limit", "²"],
+        ["records", "--since", "99999999999999999999999"],
+        ["quarantine", "--limit", "0"],
+    ],
+)
+def test_an_argument_out_of_range_is_a_usage_error(run: Run, argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        run(*argv)
+    assert exited.value.code == 2
+
+
+def test_a_redis_url_that_is_not_one_exits_2_without_repeating_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("REDIS_URL", "nonsense://user:s3cret@host")
+    monkeypatch.setattr(cli, "configure_logging", lambda log_format: None)
+    assert cli.main(["show", "x"]) == 2
+    assert "s3cret" not in capsys.readouterr().err
 
 
 @pytest.mark.usefixtures("calls")
