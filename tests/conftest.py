@@ -8,6 +8,8 @@ from typing import Any
 
 import fakeredis
 import pytest
+from flask import Flask
+from flask.testing import FlaskClient
 from redis import Redis
 
 from callstate.calls import Doc
@@ -15,6 +17,7 @@ from callstate.config import Settings
 from callstate.drain import Drainer
 from callstate.machine import CallMachine
 from callstate.store import Store
+from callstate.web import create_app
 from tests.factories import body
 
 
@@ -79,3 +82,14 @@ def deliver(store: Store, drainer: Drainer) -> Callable[..., Doc]:
         return doc
 
     return send
+
+
+@pytest.fixture
+def app(settings: Settings, redis: Redis) -> Flask:
+    """The real application on the test's fakeredis."""
+    return create_app(settings, redis)
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()

@@ -105,3 +105,18 @@ def record_of(doc: CallDoc | None) -> Record:
     """The record of a call that must have one."""
     assert doc is not None and doc["record"] is not None
     return doc["record"]
+
+
+def known_burst(prefix: str) -> list[dict[str, Any]]:
+    """Seven events of three calls whose every verdict is known: 5 accepted, 1 out of order, 1
+    duplicate; one call ends (a record), one stays ringing and one answered."""
+    a, b, c = f"{prefix}-a", f"{prefix}-b", f"{prefix}-c"
+    return [
+        event(a, "ringing", 100),
+        event(a, "answered", 200),
+        event(a, "ringing", 150),  # rejected: out_of_order
+        event(a, "answered", 200),  # duplicate
+        event(b, "ringing", 100),
+        ended(b, 300, "USER_END_CALL", 0),  # a record
+        event(c, "ringing", 100),
+    ]

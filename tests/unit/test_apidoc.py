@@ -63,16 +63,6 @@ def webhook_accepts(payload: Any) -> bool:
     return True
 
 
-@pytest.fixture
-def app(settings: Settings, redis: Redis) -> Flask:
-    return create_app(settings, redis)
-
-
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
-
-
 def test_the_document_is_valid_openapi_3_1() -> None:
     validate(DOC)
     assert DOC["openapi"].startswith("3.1.")

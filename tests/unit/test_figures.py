@@ -18,17 +18,9 @@ from callstate.figures import read_figures, record_drain_seconds, shard_backlogs
 from callstate.machine import CallMachine
 from callstate.rebuild import rebuild
 from callstate.store import Store
-from tests.factories import body, ended, event
+from tests.factories import body, event, known_burst
 
-BURST = [
-    event("fig-a", "ringing", 100),
-    event("fig-a", "answered", 200),
-    event("fig-a", "ringing", 150),  # rejected: out_of_order
-    event("fig-a", "answered", 200),  # duplicate
-    event("fig-b", "ringing", 100),
-    ended("fig-b", 300, "USER_END_CALL", 0),  # a record
-    event("fig-c", "ringing", 100),
-]
+BURST = known_burst("fig")
 
 
 def log_burst(store: Store) -> set[int]:

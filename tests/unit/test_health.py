@@ -25,11 +25,6 @@ from callstate.web import create_app
 from tests.factories import body, event
 
 
-@pytest.fixture
-def client(settings: Settings, redis: Redis) -> FlaskClient:
-    return create_app(settings, redis).test_client()
-
-
 def start_worker(redis: Redis, queue: str = Settings.queue_name) -> Worker:
     """A worker as RQ registers it when it starts, without running it, through a client of
     its own (as a worker process has; building a `Worker` changes its client's timeout)."""

@@ -20,24 +20,11 @@ from callstate.drain import Drainer
 from callstate.figures import record_drain_seconds
 from callstate.store import Store
 from callstate.web import create_app
-from tests.factories import body, ended, event
+from tests.factories import body, event, known_burst
 
-BURST = [
-    event("m-a", "ringing", 100),
-    event("m-a", "answered", 200),
-    event("m-a", "ringing", 150),  # rejected: out_of_order
-    event("m-a", "answered", 200),  # duplicate
-    event("m-b", "ringing", 100),
-    ended("m-b", 300, "USER_END_CALL", 0),  # a record
-    event("m-c", "ringing", 100),
-]
+BURST = known_burst("m")
 SHARDS = [str(shard) for shard in range(4)]
 Families = dict[str, list[Sample]]
-
-
-@pytest.fixture
-def client(settings: Settings, redis: Redis) -> FlaskClient:
-    return create_app(settings, redis).test_client()
 
 
 def scrape(client: FlaskClient, **headers: str) -> Families:

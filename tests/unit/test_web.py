@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
-from flask import Flask
 from flask.testing import FlaskClient
 from redis import Redis
 from rq import Queue
@@ -38,16 +37,6 @@ def json_of(response: TestResponse) -> Any:
 
 
 JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture
-def app(settings: Settings, redis: Redis) -> Flask:
-    return create_app(settings, redis)
-
-
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
 
 
 @pytest.fixture
