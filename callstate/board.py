@@ -6,8 +6,10 @@ from __future__ import annotations
 import hmac
 import json
 import queue
+import socket
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import suppress
 from typing import Any, cast
 
 from flask import (
@@ -132,14 +134,28 @@ def events() -> Response | tuple[Response, int]:
     stream = feed.open()
     if stream is None:
         return _too_many_streams(feed)
-    socket = request.environ.get("gunicorn.socket")
-    if socket is not None:
-        socket.settimeout(SEND_TIMEOUT_SECONDS)
-    response = _event_stream(frames(stream, services().settings.board_stream_seconds))
+    body = frames(stream, services().settings.board_stream_seconds)
+    client = request.environ.get("gunicorn.socket")
+    if client is not None:
+        client.settimeout(SEND_TIMEOUT_SECONDS)
+        body = _shut_down_when_abandoned(body, client)
+    response = _event_stream(body)
     # Its place is given back when the response ends (the server closes it, even after a
     # failed write), never before: until then its thread is taken.
     response.call_on_close(lambda: feed.close(stream))
     return response
+
+
+def _shut_down_when_abandoned(body: Iterator[str], client: socket.socket) -> Iterator[str]:
+    """`body`, and when the server stops sending it early (a write failed or timed out), the
+    connection shut down at once: gunicorn would otherwise linger up to 2 s on its worker's main
+    thread, which accepts every connection, for a client that may never answer."""
+    try:
+        yield from body
+    except GeneratorExit:
+        with suppress(OSError):
+            client.shutdown(socket.SHUT_RDWR)
+        raise
 
 
 def _event_stream(body: Iterable[str]) -> Response:

@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from socket import SHUT_RDWR
 from typing import Any
 
 import pytest
@@ -446,12 +447,16 @@ class RecordingSocket:
 
     def __init__(self) -> None:
         self.timeouts: list[float | None] = []
+        self.shut_down: list[int] = []
 
     def settimeout(self, timeout: float | None) -> None:
         self.timeouts.append(timeout)
 
+    def shutdown(self, how: int) -> None:
+        self.shut_down.append(how)
 
-def test_a_stream_bounds_how_long_a_write_to_its_client_may_block(
+
+def test_a_stream_bounds_how_long_a_write_may_block_and_shuts_an_abandoned_connection_down(
     make_app: Callable[..., Flask],
 ) -> None:
     socket = RecordingSocket()
@@ -461,7 +466,10 @@ def test_a_stream_bounds_how_long_a_write_to_its_client_may_block(
     )
     assert stream.status_code == 200
     assert socket.timeouts == [board_module.SEND_TIMEOUT_SECONDS]
-    stream.close()
+    assert next(iter(stream.response)) == f"retry: {board_module.RETRY_MS}\n\n".encode()
+    assert socket.shut_down == []
+    stream.close()  # what the server does when a write fails: it stops early
+    assert socket.shut_down == [SHUT_RDWR]
 
 
 def test_a_head_takes_no_stream_place(make_app: Callable[..., Flask]) -> None:
