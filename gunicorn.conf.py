@@ -44,3 +44,12 @@ def child_exit(server: Arbiter, worker: Worker) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid, path=str(_settings.metrics_dir))
+
+
+def post_worker_init(worker: Worker) -> None:
+    """The worker has set its signal handlers and loaded the app (in the arbiter, with
+    `--preload`): now its board streams can be ended on SIGTERM ahead of gunicorn's handler."""
+    # Imported here, not at the top: the app's modules must follow the variable set above.
+    from callstate.board import stop_streams_on_sigterm
+
+    stop_streams_on_sigterm(worker.wsgi)

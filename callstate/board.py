@@ -6,11 +6,22 @@ from __future__ import annotations
 import hmac
 import json
 import queue
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import suppress
 from typing import Any, cast
 
-from flask import Blueprint, Response, current_app, jsonify, redirect, render_template, request
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    current_app,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+)
 from flask.blueprints import BlueprintSetupState
 from flask.typing import ResponseReturnValue
 
@@ -25,6 +36,9 @@ RECORDS_SHOWN = 20
 REJECTIONS_SHOWN = 20
 HEARTBEAT_SECONDS = 15.0
 RETRY_MS = 2000
+# How long one write to a board stream may block: gunicorn writes to a blocking socket, so
+# without it a client that stops reading (or vanished without a word) holds its thread for good.
+SEND_TIMEOUT_SECONDS = 5.0
 TOKEN_COOKIE_SECONDS = 30 * 24 * 3600
 # Only the package's own files: no inline script or style, no other origin.
 PAGE_POLICY = "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'"
@@ -41,9 +55,14 @@ board = Blueprint(
 @board.record_once
 def _create_feed(state: BlueprintSetupState) -> None:
     svc = state.app.extensions["callstate"]
-    feed = BoardFeed(svc.store, svc.settings.board_streams)
-    feed.stop_on_sigterm()
-    state.app.extensions["callstate.board"] = feed
+    state.app.extensions["callstate.board"] = BoardFeed(svc.store, svc.settings.board_streams)
+
+
+def stop_streams_on_sigterm(app: object) -> None:
+    """From gunicorn's `post_worker_init` hook: end the worker's board streams on SIGTERM before
+    its own handler runs (with `--preload` too, where the app is built before that handler)."""
+    if isinstance(app, Flask) and "callstate.board" in app.extensions:
+        cast(BoardFeed, app.extensions["callstate.board"]).stop_on_sigterm()
 
 
 def board_feed() -> BoardFeed:
@@ -109,22 +128,52 @@ def state() -> tuple[Response, int]:
 @board.get("/board/events")
 def events() -> Response | tuple[Response, int]:
     feed = board_feed()
+    if request.method == "HEAD":
+        # No body is sent to a HEAD, so a stream would never notice its client leave.
+        return _event_stream([]) if feed.streams < feed.max_streams else _too_many_streams(feed)
     stream = feed.open()
     if stream is None:
-        answer, status = error(
-            503,
-            "too_many_streams",
-            f"this web process already serves {feed.max_streams} board streams "
-            "(CALLSTATE_BOARD_STREAMS); retry later",
-        )
-        answer.headers["Retry-After"] = "30"
-        return answer, status
-    lifetime = services().settings.board_stream_seconds
-    response = Response(frames(stream, lifetime), mimetype="text/event-stream")
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["X-Accel-Buffering"] = "no"  # a proxy must not hold the events back
+        return _too_many_streams(feed)
+    body = frames(stream, services().settings.board_stream_seconds)
+    client = request.environ.get("gunicorn.socket")
+    if client is not None:
+        client.settimeout(SEND_TIMEOUT_SECONDS)
+        body = _shut_down_when_abandoned(body, client)
+    response = _event_stream(body)
+    # Its place is given back when the response ends (the server closes it, even after a
+    # failed write), never before: until then its thread is taken.
     response.call_on_close(lambda: feed.close(stream))
     return response
+
+
+def _shut_down_when_abandoned(body: Iterator[str], client: socket.socket) -> Iterator[str]:
+    """`body`, and when the server stops sending it early (a write failed or timed out), the
+    connection shut down at once: gunicorn would otherwise linger up to 2 s on its worker's main
+    thread, which accepts every connection, for a client that may never answer."""
+    try:
+        yield from body
+    except GeneratorExit:
+        with suppress(OSError):
+            client.shutdown(socket.SHUT_RDWR)
+        raise
+
+
+def _event_stream(body: Iterable[str]) -> Response:
+    response = Response(body, mimetype="text/event-stream")
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Accel-Buffering"] = "no"  # a proxy must not hold the events back
+    return response
+
+
+def _too_many_streams(feed: BoardFeed) -> tuple[Response, int]:
+    answer, status = error(
+        503,
+        "too_many_streams",
+        f"this web process already serves {feed.max_streams} board streams "
+        "(CALLSTATE_BOARD_STREAMS); retry later",
+    )
+    answer.headers["Retry-After"] = "30"
+    return answer, status
 
 
 def frames(stream: Stream, lifetime_seconds: float) -> Iterator[str]:
@@ -138,7 +187,7 @@ def frames(stream: Stream, lifetime_seconds: float) -> Iterator[str]:
         if remaining <= 0:
             return
         try:
-            found = stream.frames.get(timeout=min(HEARTBEAT_SECONDS, remaining))
+            found = stream.take(timeout=min(HEARTBEAT_SECONDS, remaining))
         except queue.Empty:
             found = ": keep-alive\n\n"
         if stream.dropped.is_set():

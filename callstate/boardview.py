@@ -16,6 +16,10 @@ from callstate.keys import Keys
 # Values shown on the board are cut to this many characters: a sender controls them, and one
 # message carries a whole batch.
 MAX_TEXT = 64
+# A batch whose message would be larger publishes `RESET_HINT` instead, on which boards reload
+# their picture: one 500-event batch of 250 calls would otherwise be ~230 KB, sent to every board.
+MAX_MESSAGE_BYTES = 64 * 1024
+RESET_HINT = '{"reset":true}'
 # Rejections kept per shard for a board that loads its first picture.
 REJECTIONS_KEPT = 50
 
@@ -43,8 +47,10 @@ def record_summary(record: Record) -> Summary:
     timeline = record.get("timeline")
     known = timeline.values() if isinstance(timeline, dict) else ()
     times = [t for t in known if isinstance(t, int)]
+    # Never cut: the webhook bounds it (128 characters), and a cut one could be another call's.
+    call_id = record.get("call_id")
     return {
-        "call_id": _text(record.get("call_id")),
+        "call_id": call_id if isinstance(call_id, str) else None,
         "revision": _integer(record.get("revision")),
         "disposition": _text(record.get("disposition")),
         "duration": _integer(record.get("duration")),
@@ -89,12 +95,16 @@ def batch_message(shard: int, applied: Applied, after: str | None) -> Summary | 
 def queue_board_update(
     pipe: Pipeline, keys: Keys, shard: int, applied: Applied, after: str | None
 ) -> None:
-    """Within a batch's transaction: publish the batch to the shard's board channel and keep its
-    rejections in the shard's capped list, so a board learns exactly what was committed."""
+    """Within a batch's transaction: publish the batch to the shard's board channel (or, when it is
+    too large, `RESET_HINT`) and keep its rejections in the shard's capped list, so a board learns
+    exactly what was committed."""
     message = batch_message(shard, applied, after)
     if message is None:
         return
-    pipe.publish(keys.board_channel(shard), json.dumps(message, separators=(",", ":")))
+    published = json.dumps(message, separators=(",", ":"))
+    if len(published) > MAX_MESSAGE_BYTES:
+        published = RESET_HINT
+    pipe.publish(keys.board_channel(shard), published)
     if message["rejections"]:
         key = keys.board_rejections(shard)
         pipe.lpush(key, *(json.dumps(item) for item in message["rejections"]))

@@ -11,17 +11,21 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from socket import SHUT_RDWR
 from typing import Any
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from openapi_schema_validator import OAS31Validator
 from redis import Redis
 from redis.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from werkzeug.test import TestResponse
 
 from callstate import board as board_module
+from callstate import boardview
+from callstate.apidoc import openapi_document
 from callstate.boardfeed import DOWN, RESET, BoardFeed, Stream
 from callstate.calls import Doc
 from callstate.config import Settings
@@ -52,14 +56,19 @@ def log_events(store: Store, *payloads: dict[str, Any]) -> int:
     return shards.pop()
 
 
-def next_message(pubsub: PubSub, timeout: float = 2.0) -> dict[str, Any]:
+def next_published(pubsub: PubSub, timeout: float = 2.0) -> bytes:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
         if message is not None:
-            loaded: dict[str, Any] = json.loads(message["data"])
-            return loaded
+            data: bytes = message["data"]
+            return data
     raise AssertionError("nothing published")
+
+
+def next_message(pubsub: PubSub, timeout: float = 2.0) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(next_published(pubsub, timeout))
+    return loaded
 
 
 @pytest.fixture
@@ -131,6 +140,35 @@ def test_only_the_batchs_own_rejections_are_published(
     assert store.redis.llen(store.keys.board_rejections(shard)) == 1
 
 
+def test_records_of_calls_with_a_common_64_character_prefix_keep_their_whole_ids(
+    store: Store, drainer: Drainer, board_channel: PubSub
+) -> None:
+    prefix = "p" * 64
+    for call_id in (f"{prefix}-call-1", f"{prefix}-call-2"):
+        ringing, end = event(call_id, "ringing", 1_000), ended(call_id, 2_000, "USER_END_CALL", 5)
+        drainer.drain(log_events(store, ringing, end))
+        [record] = next_message(board_channel)["records"]
+        assert record["call_id"] == call_id
+
+
+def test_a_batch_too_large_for_one_message_publishes_a_reset_hint_and_keeps_its_rejections(
+    store: Store, drainer: Drainer, board_channel: PubSub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(boardview, "MAX_MESSAGE_BYTES", 1_000)
+    calls = same_shard_ids(store, 6)  # one batch (7 events), ~1.5 KB of message
+    shard = log_events(
+        store,
+        *(event(call_id, "ringing", 1_000) for call_id in calls),
+        event(calls[0], "created", 500),  # out of order: rejected
+    )
+    drainer.drain(shard)
+    assert next_published(board_channel) == boardview.RESET_HINT.encode()
+    assert store.redis.llen(store.keys.board_rejections(shard)) == 1
+    log_events(store, ended(calls[0], 3_000, "USER_END_CALL", 0))
+    drainer.drain(shard)
+    assert [record["call_id"] for record in next_message(board_channel)["records"]] == [calls[0]]
+
+
 def test_the_agent_of_a_call_center_call_is_the_agent_ringing_now(
     deliver: Callable[..., Doc], board_channel: PubSub
 ) -> None:
@@ -163,7 +201,7 @@ def frames_until(stream: Stream, wanted: int, timeout: float = 3.0) -> list[str]
     deadline = time.monotonic() + timeout
     while len(taken) < wanted:
         try:
-            taken.append(stream.frames.get(timeout=max(0.0, deadline - time.monotonic())))
+            taken.append(stream.take(timeout=max(0.0, deadline - time.monotonic())))
         except queue.Empty:
             raise AssertionError(f"got {taken}, wanted {wanted} frames") from None
     return taken
@@ -206,9 +244,50 @@ def test_the_feed_fans_out_to_every_stream_and_drops_a_slow_one(
     # The slow one took nothing: its 3 frames filled up at the second change, the third
     # dropped it, and nobody waited for it.
     wait_for(slow.dropped.is_set)
-    assert feed.streams == 1
     redis.publish(channel, json.dumps({"n": 3}))
     assert frames_until(fast, 1) == ['event: change\ndata: {"n": 3}\n\n']
+
+
+def test_a_dropped_stream_keeps_its_place_until_its_response_ends(feed: BoardFeed) -> None:
+    """Its thread may be blocked writing to a client that does not read: the limit counts it."""
+    streams = [feed.open() for _ in range(feed.max_streams)]
+    for n in range(feed.queue_frames + 3):  # nobody takes a frame: every stream is dropped
+        feed.fan_out(f"event: change\ndata: {n}\n\n")
+    assert all(stream is not None and stream.dropped.is_set() for stream in streams)
+    assert feed.streams == feed.max_streams
+    assert feed.open() is None
+    first = streams[0]
+    assert first is not None
+    feed.close(first)
+    assert feed.open() is not None
+
+
+def test_a_stream_is_dropped_when_its_frames_exceed_its_bytes() -> None:
+    stream = Stream(256, max_bytes=100)
+    assert stream.offer("a" * 60)
+    assert not stream.offer("b" * 60)
+    assert stream.take(timeout=1) == "a" * 60
+    assert stream.offer("b" * 60) and stream.offer("c" * 40)
+    assert not stream.offer("d")
+
+
+def test_reset_hints_reload_boards_at_most_once_a_period_and_never_lose_the_last(
+    feed: BoardFeed, redis: Redis, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("callstate.boardfeed.RESET_EVERY_SECONDS", 0.5)
+    stream = feed.open()
+    assert stream is not None and RESET in frames_until(stream, 2)
+    channel = store.keys.board_channel(0)
+    for _ in range(3):
+        redis.publish(channel, boardview.RESET_HINT)
+    redis.publish(channel, json.dumps({"n": 1}))
+    first = frames_until(stream, 1)
+    first_at = time.monotonic()
+    rest = frames_until(stream, 2)
+    assert first + rest == [RESET, 'event: change\ndata: {"n": 1}\n\n', RESET]
+    assert time.monotonic() - first_at >= 0.4
+    with pytest.raises(queue.Empty):
+        stream.take(timeout=0.7)  # three hints, two reloads
 
 
 def test_one_subscriber_thread_starts_with_the_first_stream_and_stops_with_the_last(
@@ -270,7 +349,6 @@ def test_stopping_ends_every_stream_at_once_and_opens_no_more(feed: BoardFeed) -
     sending.join(timeout=2)
     assert ended_at, "the stream did not end"
     assert feed.open() is None
-    assert feed.streams == 0
 
 
 def test_sigterm_stops_the_feed_then_reaches_the_servers_own_handler(
@@ -362,6 +440,106 @@ def test_streams_beyond_the_limit_get_503_and_a_closed_one_frees_its_place(
     for response in (second, third):
         response.close()
     assert app.extensions["callstate.board"].streams == 0
+
+
+class RecordingSocket:
+    """What a stream does to gunicorn's socket (`gunicorn.socket` in the WSGI environ)."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float | None] = []
+        self.shut_down: list[int] = []
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.timeouts.append(timeout)
+
+    def shutdown(self, how: int) -> None:
+        self.shut_down.append(how)
+
+
+def test_a_stream_bounds_how_long_a_write_may_block_and_shuts_an_abandoned_connection_down(
+    make_app: Callable[..., Flask],
+) -> None:
+    socket = RecordingSocket()
+    client = make_app().test_client()
+    stream = client.get(
+        "/board/events", buffered=False, environ_overrides={"gunicorn.socket": socket}
+    )
+    assert stream.status_code == 200
+    assert socket.timeouts == [board_module.SEND_TIMEOUT_SECONDS]
+    assert next(iter(stream.response)) == f"retry: {board_module.RETRY_MS}\n\n".encode()
+    assert socket.shut_down == []
+    stream.close()  # what the server does when a write fails: it stops early
+    assert socket.shut_down == [SHUT_RDWR]
+
+
+def test_a_head_takes_no_stream_place(make_app: Callable[..., Flask]) -> None:
+    """Nothing is written to a HEAD, so a stream held by one would never notice its client go."""
+    app = make_app(board_streams=1)
+    client = app.test_client()
+    head = client.head("/board/events")
+    assert (head.status_code, head.mimetype, head.data) == (200, "text/event-stream", b"")
+    assert app.extensions["callstate.board"].streams == 0
+    held = open_stream(client)
+    assert client.head("/board/events").status_code == 503
+    held.close()
+
+
+def test_the_app_leaves_sigterm_alone_and_the_worker_hook_wraps_it(
+    make_app: Callable[..., Flask],
+) -> None:
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: received.append(signum))
+    try:
+        before = signal.getsignal(signal.SIGTERM)
+        app = make_app()
+        assert signal.getsignal(signal.SIGTERM) is before
+        stream = open_stream(app.test_client())
+        board_module.stop_streams_on_sigterm(object())  # another WSGI app: nothing to stop
+        assert signal.getsignal(signal.SIGTERM) is before
+        board_module.stop_streams_on_sigterm(app)
+        os.kill(os.getpid(), signal.SIGTERM)
+        wait_for(lambda: bool(received))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert received == [signal.SIGTERM]
+    assert stream.get_data(as_text=True) == f"retry: {board_module.RETRY_MS}\n\n"
+    stream.close()
+
+
+def documented_answer(path: str, status: int) -> dict[str, Any]:
+    answer: dict[str, Any] = openapi_document()["paths"][path]["get"]["responses"][str(status)]
+    return answer
+
+
+def test_a_full_stream_table_answers_as_the_api_document_says(
+    make_app: Callable[..., Flask],
+) -> None:
+    client = make_app(board_streams=1).test_client()
+    held = open_stream(client)
+    refused = open_stream(client)
+    held.close()
+    answer = documented_answer("/board/events", refused.status_code)
+    assert all(name in refused.headers for name in answer["headers"])
+    schema = answer["content"]["application/json"]["schema"]
+    OAS31Validator({**schema, "components": openapi_document()["components"]}).validate(
+        refused.get_json()
+    )
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [({"Range": "bytes=0-9"}, 206), ({"Range": "bytes=999999-"}, 416), ("etag", 304)],
+)
+def test_the_pages_files_answer_ranges_and_etags_as_the_api_document_says(
+    make_app: Callable[..., Flask], headers: dict[str, str] | str, status: int
+) -> None:
+    client = make_app().test_client()
+    if headers == "etag":
+        headers = {"If-None-Match": client.get("/board/static/board.js").headers["ETag"]}
+    answer = client.get("/board/static/board.js", headers=headers)
+    assert answer.status_code == status
+    documented = documented_answer("/board/static/{filename}", status)
+    assert all(name in answer.headers for name in documented.get("headers", {}))
 
 
 def test_a_stream_says_when_to_retry_beats_while_idle_and_ends(
