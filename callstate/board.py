@@ -6,9 +6,10 @@ from __future__ import annotations
 import hmac
 import json
 import queue
+import select
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from typing import Any, cast
 
@@ -39,6 +40,10 @@ RETRY_MS = 2000
 # How long one write to a board stream may block: gunicorn writes to a blocking socket, so
 # without it a client that stops reading (or vanished without a word) holds its thread for good.
 SEND_TIMEOUT_SECONDS = 5.0
+# How often a waiting stream looks whether its client left; how long sent bytes may go
+# unacknowledged before the kernel drops the connection.
+WAIT_SLICE_SECONDS = 0.5
+UNACKED_LIMIT_MS = 20_000
 TOKEN_COOKIE_SECONDS = 30 * 24 * 3600
 # Only the package's own files: no inline script or style, no other origin.
 PAGE_POLICY = "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'"
@@ -134,16 +139,41 @@ def events() -> Response | tuple[Response, int]:
     stream = feed.open()
     if stream is None:
         return _too_many_streams(feed)
-    body = frames(stream, services().settings.board_stream_seconds)
     client = request.environ.get("gunicorn.socket")
-    if client is not None:
+    lifetime = services().settings.board_stream_seconds
+    if client is None:
+        body = frames(stream, lifetime)
+    else:
         client.settimeout(SEND_TIMEOUT_SECONDS)
-        body = _shut_down_when_abandoned(body, client)
+        _give_up_on_a_vanished_peer(client)
+        body = _shut_down_when_abandoned(
+            frames(stream, lifetime, lambda: _has_left(client)), client
+        )
     response = _event_stream(body)
     # Its place is given back when the response ends (the server closes it, even after a
     # failed write), never before: until then its thread is taken.
     response.call_on_close(lambda: feed.close(stream))
     return response
+
+
+def _give_up_on_a_vanished_peer(client: socket.socket) -> None:
+    """A peer that vanished without a word (a phone asleep, a NAT entry dropped) never
+    acknowledges: let the kernel give the connection up after a while, not TCP's 15 minutes."""
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        with suppress(OSError):
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, UNACKED_LIMIT_MS)
+
+
+def _has_left(client: socket.socket) -> bool:
+    """Whether the client closed its end: a closed tab or a reload must give its place back at
+    once, not at the second write after its close. Bytes it sent (a pipelined request) stay."""
+    try:
+        readable, _, _ = select.select([client], [], [], 0)
+        return bool(readable) and client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 def _shut_down_when_abandoned(body: Iterator[str], client: socket.socket) -> Iterator[str]:
@@ -176,22 +206,28 @@ def _too_many_streams(feed: BoardFeed) -> tuple[Response, int]:
     return answer, status
 
 
-def frames(stream: Stream, lifetime_seconds: float) -> Iterator[str]:
-    """The stream's events, a comment every `HEARTBEAT_SECONDS` so a gone client is noticed,
-    until it is dropped or `lifetime_seconds` pass: each stream holds one of the process's few
-    threads, and the browser reconnects by itself (after `retry`)."""
+def frames(
+    stream: Stream, lifetime_seconds: float, left: Callable[[], bool] = lambda: False
+) -> Iterator[str]:
+    """The stream's events, a comment every `HEARTBEAT_SECONDS`, until it is dropped, its
+    client has `left` (looked at every `WAIT_SLICE_SECONDS`) or `lifetime_seconds` pass: each
+    stream holds one of the process's few threads, and the browser reconnects by itself."""
     yield f"retry: {RETRY_MS}\n\n"
     deadline = time.monotonic() + lifetime_seconds
-    while not stream.dropped.is_set():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+    quiet_since = time.monotonic()
+    while not stream.dropped.is_set() and not left():
+        now = time.monotonic()
+        if now >= deadline:
             return
         try:
-            found = stream.take(timeout=min(HEARTBEAT_SECONDS, remaining))
+            found = stream.take(timeout=min(WAIT_SLICE_SECONDS, deadline - now))
         except queue.Empty:
+            if time.monotonic() - quiet_since < HEARTBEAT_SECONDS:
+                continue
             found = ": keep-alive\n\n"
         if stream.dropped.is_set():
             return
+        quiet_since = time.monotonic()
         yield found
 
 

@@ -57,7 +57,7 @@ class Settings:
     records_stream_maxlen: int = 1_000_000
     quarantine_max: int = 1000
     board_streams: int = 2
-    board_stream_seconds: int = 300
+    board_stream_seconds: int = 60
     max_clock_skew_seconds: int = 600
     fsync: str = "always"
     log_format: str = "text"

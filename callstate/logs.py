@@ -24,9 +24,14 @@ _QUERY = re.compile(r"\?[^\s'\"]*")
 
 class HideRequestTargets(logging.Filter):
     """gunicorn logs a malformed request's line at WARNING, query string and all: a read token
-    (`/?token=`) or a phone number (`?number=`) would land in the log. Cut queries, mask digits."""
+    (`/?token=`) or a phone number (`?number=`) would land in the log. Cut queries, mask digits;
+    drop the traceback of a board stream's send timeout."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TimeoutError):
+            # A board stream whose client stopped reading hit its send timeout: expected, and
+            # the stream's end is all there is to it (gunicorn would log a traceback at ERROR).
+            return False
         record.msg = mask_personal(_QUERY.sub("?…", record.getMessage()))
         record.args = ()
         return True

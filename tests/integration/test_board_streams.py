@@ -73,6 +73,23 @@ def test_unread_streams_never_exceed_the_limit_and_free_their_threads_after_the_
     assert time.monotonic() - blocked_at < SEND_TIMEOUT_SECONDS + 2
     for sock, _ in held:
         sock.close()
+    log = (stack.workdir / "web.log").read_text(errors="replace")
+    assert "Socket error processing request" not in log, "an expected timeout is no ERROR"
+
+
+def test_a_client_that_closes_its_stream_gives_its_place_back_at_once(
+    make_stack: MakeStack,
+) -> None:
+    """A reload or a closed tab: on a quiet board no write would notice it for two heartbeats."""
+    stack = make_stack(CALLSTATE_BOARD_STREAMS="1")
+    stack.start_web(1)
+    sock, head = open_unread_stream(stack.web_url)
+    assert b" 200 " in head
+    assert not a_stream_place_is_free(stack.web_url)
+    sock.close()
+    closed_at = time.monotonic()
+    wait_until(lambda: a_stream_place_is_free(stack.web_url), 5, "the place to come back")
+    assert time.monotonic() - closed_at < 3
 
 
 def test_unread_streams_on_every_thread_hold_the_webhook_no_longer_than_the_send_timeout(

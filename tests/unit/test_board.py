@@ -8,6 +8,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -442,34 +443,60 @@ def test_streams_beyond_the_limit_get_503_and_a_closed_one_frees_its_place(
     assert app.extensions["callstate.board"].streams == 0
 
 
-class RecordingSocket:
-    """What a stream does to gunicorn's socket (`gunicorn.socket` in the WSGI environ)."""
+class RecordingSocket(socket.socket):
+    """gunicorn's socket (`gunicorn.socket` in the WSGI environ): a real connected one, whose
+    other end is `peer`, recording what a stream does to it."""
 
     def __init__(self) -> None:
+        mine, self.peer = socket.socketpair()
+        super().__init__(mine.family, mine.type, fileno=mine.detach())
         self.timeouts: list[float | None] = []
         self.shut_down: list[int] = []
 
     def settimeout(self, timeout: float | None) -> None:
         self.timeouts.append(timeout)
+        super().settimeout(timeout)
 
     def shutdown(self, how: int) -> None:
         self.shut_down.append(how)
+        super().shutdown(how)
 
 
 def test_a_stream_bounds_how_long_a_write_may_block_and_shuts_an_abandoned_connection_down(
     make_app: Callable[..., Flask],
 ) -> None:
-    socket = RecordingSocket()
+    gunicorn_socket = RecordingSocket()
     client = make_app().test_client()
     stream = client.get(
-        "/board/events", buffered=False, environ_overrides={"gunicorn.socket": socket}
+        "/board/events", buffered=False, environ_overrides={"gunicorn.socket": gunicorn_socket}
     )
     assert stream.status_code == 200
-    assert socket.timeouts == [board_module.SEND_TIMEOUT_SECONDS]
+    assert gunicorn_socket.timeouts == [board_module.SEND_TIMEOUT_SECONDS]
     assert next(iter(stream.response)) == f"retry: {board_module.RETRY_MS}\n\n".encode()
-    assert socket.shut_down == []
+    assert gunicorn_socket.shut_down == []
     stream.close()  # what the server does when a write fails: it stops early
-    assert socket.shut_down == [SHUT_RDWR]
+    assert gunicorn_socket.shut_down == [SHUT_RDWR]
+
+
+def test_a_stream_whose_client_closed_its_end_ends_and_gives_its_place_back_at_once(
+    make_app: Callable[..., Flask],
+) -> None:
+    """A closed tab or a reload: no write is needed to notice, so the place comes back within
+    a wait slice, not at the second heartbeat after the close."""
+    app = make_app(board_streams=1)
+    gunicorn_socket = RecordingSocket()
+    stream = app.test_client().get(
+        "/board/events", buffered=False, environ_overrides={"gunicorn.socket": gunicorn_socket}
+    )
+    frames = iter(stream.response)
+    assert next(frames) == f"retry: {board_module.RETRY_MS}\n\n".encode()
+    gunicorn_socket.peer.close()
+    started = time.monotonic()
+    assert list(frames) == []
+    assert time.monotonic() - started < 2 * board_module.WAIT_SLICE_SECONDS + 1
+    stream.close()
+    assert app.extensions["callstate.board"].streams == 0
+    gunicorn_socket.close()
 
 
 def test_a_head_takes_no_stream_place(make_app: Callable[..., Flask]) -> None:
