@@ -11,7 +11,7 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import WatchError
 
-from callstate.boardview import queue_board_update
+from callstate.boardview import RESET_HINT, queue_board_update
 from callstate.calls import Applied, Doc, is_active
 from callstate.codec import dumps, pack_doc, unpack_doc
 from callstate.config import Settings
@@ -176,8 +176,9 @@ class Documents:
         docs: dict[str, Doc],
         active: dict[str, Doc],
     ) -> bool:
-        """Write `callstate rebuild`'s documents and every active-call index anew, only if every
-        shard's drain lock still holds `token` and no cursor moved from `cursors`."""
+        """Write `callstate rebuild`'s documents and every active-call index and count anew, only
+        if every shard's drain lock still holds `token` and no cursor moved from `cursors`; open
+        boards are told to reload."""
         cursor_keys = {shard: self.keys.cursor(shard) for shard in cursors}
         lock_keys = [self.keys.drain_lock(shard) for shard in cursors]
         pattern = self.keys.active_index_pattern()
@@ -201,6 +202,8 @@ class Documents:
                     self._index(pipe, doc, frozenset())
                     shard = self.keys.shard_of(doc["call_id"])
                     self._count_active(pipe, shard, None, doc)
+                for shard in cursors:  # open boards reload what the rebuild rewrote
+                    pipe.publish(self.keys.board_channel(shard), RESET_HINT)
                 pipe.execute()
                 return True
             except WatchError:

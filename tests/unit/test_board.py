@@ -31,6 +31,8 @@ from callstate.boardfeed import DOWN, RESET, BoardFeed, Stream
 from callstate.calls import Doc
 from callstate.config import Settings
 from callstate.drain import Drainer
+from callstate.machine import CallMachine
+from callstate.rebuild import rebuild
 from callstate.store import Store
 from callstate.web import create_app
 from tests.factories import body, ended, event, to_agent
@@ -627,3 +629,21 @@ def test_board_settings_come_from_the_environment() -> None:
     assert Settings.from_env({}).board_streams == 2
     with pytest.raises(ValueError, match="CALLSTATE_BOARD_STREAMS"):
         Settings.from_env({"CALLSTATE_BOARD_STREAMS": "0"})
+
+
+def test_a_rebuild_tells_open_boards_to_reload(
+    store: Store, drainer: Drainer, machine: CallMachine
+) -> None:
+    """What a rebuild rewrites was never published: a board must load its picture again."""
+    store.log.append_event("rb-1", body(event("rb-1", "ringing", 100)))
+    drainer.drain(store.keys.shard_of("rb-1"))
+    listener = store.redis.pubsub()  # type: ignore[no-untyped-call]
+    channels = [store.keys.board_channel(s) for s in range(store.settings.shards)]
+    listener.subscribe(*channels)
+    rebuild(store, machine)
+    hints: dict[str, bytes] = {}
+    while (message := listener.get_message(timeout=0.1)) is not None:
+        if message["type"] == "message":
+            hints[message["channel"].decode()] = message["data"]
+    listener.close()
+    assert hints == {channel: boardview.RESET_HINT.encode() for channel in channels}
