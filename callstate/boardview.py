@@ -12,6 +12,7 @@ from callstate import streamids
 from callstate.calldoc import Record
 from callstate.calls import Applied, Doc, is_active
 from callstate.keys import Keys
+from callstate.record import call_direction, leg_agent
 
 # Values shown on the board are cut to this many characters: a sender controls them, and one
 # message carries a whole batch.
@@ -127,10 +128,7 @@ def _call_agent(doc: Doc) -> str | None:
     user who placed the call."""
     fields = doc["fields"]
     if doc["legs"]:
-        leg = doc["legs"][-1]
-        inbound = fields.get("callCreatedReason") == "EXTERNAL_CALL_IN"
-        order = (leg["to_number"], leg["user"]) if inbound else (leg["user"], leg["to_number"])
-        agent = _text(order[0]) or _text(order[1])
+        agent = _text(leg_agent(doc["legs"][-1], call_direction(fields)))
         if agent:
             return agent
     return _text(fields.get("request_from_user_id"))

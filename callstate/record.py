@@ -35,7 +35,7 @@ def build_record(doc: CallDoc, revision: int) -> Record:
     """Every field the provider reported for the call, plus what callstate derived from it."""
     fields = doc["fields"]
     cause = fields.get("endCallCause")
-    direction = "inbound" if fields.get("callCreatedReason") == "EXTERNAL_CALL_IN" else "outbound"
+    direction = call_direction(fields)
     record: Record = dict(fields)
     record.update(
         {
@@ -99,11 +99,20 @@ def disposition(fields: dict[str, Any], timeline: dict[str, int]) -> str:
     return "unknown"
 
 
-def _leg(leg: Leg, direction: str) -> dict[str, Any]:
+def call_direction(fields: dict[str, Any]) -> str:
+    return "inbound" if fields.get("callCreatedReason") == "EXTERNAL_CALL_IN" else "outbound"
+
+
+def leg_agent(leg: Leg, direction: str) -> Any:
+    """Who took a leg: on an inbound call the number it rang, on an outbound one the user who
+    placed it; each falls back to the other."""
     if direction == "inbound":
-        agent = leg["to_number"] or leg["user"]
-    else:
-        agent = leg["user"] or leg["to_number"]
+        return leg["to_number"] or leg["user"]
+    return leg["user"] or leg["to_number"]
+
+
+def _leg(leg: Leg, direction: str) -> dict[str, Any]:
+    agent = leg_agent(leg, direction)
     if leg["answered_ms"] is not None:
         outcome = "answered"
     elif leg["ended_ms"] is not None:
