@@ -11,20 +11,27 @@ SIP_LINE = re.compile(r"\s*([1-6]\d\d)\b")
 BUSY_CODES = frozenset({486, 600, 603})
 NO_ANSWER_CODES = frozenset({408, 480})
 CANCELLED_CODES = frozenset({487})
+# The version of callstate/schemas/record.schema.json that `build_record` follows; see the
+# README's "The final record" for what changes it.
+SCHEMA_VERSION = 1
+# Not the call's data: neither makes a new revision. A stored record from before
+# `schema_version` existed must not be republished for lacking it.
+NOT_COMPARED = frozenset({"counts", "schema_version"})
 
 
 def refresh_record(doc: CallDoc) -> Record | None:
     """Rebuild the ended call's record; return it when it is new or its data changed.
 
     Event counts alone do not make a revision: a duplicate delivered after the end would
-    otherwise republish the same call; the record's counts are those as of its revision.
+    otherwise republish the same call; the record's counts are those as of its revision. Nor
+    does `schema_version` alone.
     """
     if doc["status"] != "ended":
         return None
     old = doc["record"]
     record = build_record(doc, revision=old["revision"] if old else doc.get("first_revision", 1))
     if old is not None:
-        if _without_counts(record) == _without_counts(old):
+        if _compared(record) == _compared(old):
             return None
         record["revision"] = old["revision"] + 1
     doc["record"] = record
@@ -60,13 +67,23 @@ def build_record(doc: CallDoc, revision: int) -> Record:
             "closed_by": doc["closed_by"],
             "revision": revision,
             "counts": dict(doc["counts"]),
+            "schema_version": SCHEMA_VERSION,
         }
     )
     return record
 
 
-def _without_counts(record: Record) -> Record:
-    return {name: value for name, value in record.items() if name != "counts"}
+def _compared(record: Record) -> Record:
+    return {name: value for name, value in record.items() if name not in NOT_COMPARED}
+
+
+def record_end_ms(record: Record) -> int | None:
+    """When the call ended: the timeline's `ended`, else its latest point (a call closed by the
+    sweeper has no `ended`); None for an empty timeline."""
+    timeline: dict[str, int] = record.get("timeline") or {}
+    if "ended" in timeline:
+        return timeline["ended"]
+    return max(timeline.values(), default=None)
 
 
 def sip_code(cause: Any) -> int | None:

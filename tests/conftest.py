@@ -12,13 +12,40 @@ from flask import Flask
 from flask.testing import FlaskClient
 from redis import Redis
 
+from callstate import calls, record
 from callstate.calls import Doc
 from callstate.config import Settings
 from callstate.drain import Drainer
 from callstate.machine import CallMachine
 from callstate.store import Store
 from callstate.web import create_app
+from tests import record_contract
 from tests.factories import body
+
+
+@pytest.fixture(scope="session", autouse=True)
+def records_fit_their_schema() -> Iterator[None]:
+    """Every record built in this process is checked against the package's JSON Schema."""
+    with pytest.MonkeyPatch.context() as patch:
+        # The drainer calls the name it imported; refresh_record calls build_record.
+        patch.setattr(
+            calls, "refresh_record", record_contract.noting_violations(record.refresh_record)
+        )
+        patch.setattr(
+            record, "build_record", record_contract.noting_violations(record.build_record)
+        )
+        yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Fail the test during which a record that does not fit the schema was built."""
+    record_contract.violations.clear()
+    yield
+    if record_contract.violations:
+        found = list(record_contract.violations)
+        record_contract.violations.clear()
+        pytest.fail("records that do not fit record.schema.json:\n" + "\n".join(found))
 
 
 @pytest.fixture

@@ -8,14 +8,21 @@ from pathlib import Path
 import pytest
 
 from tests.integration.stack import RedisServer, Stack
+from tests.record_contract import assert_stream_fits
 
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis server for the test; the records published to it must fit the record's schema
+    (read before it stops, unless the test stopped it itself)."""
     server = RedisServer(tmp_path / "redis")
     server.start()
     yield server
-    server.stop()
+    try:
+        if server.running():
+            assert_stream_fits(server.client())
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -82,6 +82,9 @@ class RedisServer:
         self.process.kill()
         self.process.wait(timeout=10)
 
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()

@@ -25,6 +25,7 @@ from schemathesis.specs.openapi.checks import (
 from callstate.apidoc import openapi_document
 from tests.factories import ended, event
 from tests.integration.stack import RedisServer, Stack, wait_until
+from tests.record_contract import assert_stream_fits
 
 TOKEN = "schemathesis-read-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -88,8 +89,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield stack
     finally:
         stack.stop()
-        redis.stop()
         print(stack.logs())
+        try:
+            assert_stream_fits(redis.client())
+        finally:
+            redis.stop()
 
 
 # Loaded from the package rather than from a running server: the lazy `from_fixture` loader
