@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 from typing import Any, ParamSpec, cast
 
+import jsonschema_rs
 from jsonschema import Draft202012Validator
 from redis import Redis
 
@@ -18,6 +19,9 @@ from callstate.keys import Keys
 
 Draft202012Validator.check_schema(record_schema())
 VALIDATOR = Draft202012Validator(record_schema())
+# The reference implementation takes ~0.7 ms a record, a few seconds over the thousands of
+# records the unit tests build; this one ~4 µs. Its verdict picks the records to explain.
+FAST = jsonschema_rs.validator_for(record_schema())
 P = ParamSpec("P")
 
 # Records that did not fit, noted where they were made: a record is built inside the drainer's
@@ -41,7 +45,7 @@ def noting_violations(make: Callable[P, Any]) -> Callable[P, Any]:
     @functools.wraps(make)
     def checked(*args: P.args, **kwargs: P.kwargs) -> Any:
         record = make(*args, **kwargs)
-        if record is not None:
+        if record is not None and not FAST.is_valid(record):
             found = problems(record)
             noted = f"record of {record.get('call_id')!r}: {'; '.join(found)}"
             if found and noted not in violations:  # refresh_record's record is build_record's
@@ -57,7 +61,8 @@ def stream_violations(client: Redis) -> list[str]:
     rows = cast(StreamRows, client.xrange(Keys(Settings.key_prefix, 1).records()))
     for entry_id, fields in rows:
         record = json.loads(fields[b"record"])
-        found += [f"{entry_id.decode()}: {problem}" for problem in problems(record)]
+        if not FAST.is_valid(record):
+            found += [f"{entry_id.decode()}: {problem}" for problem in problems(record)]
     return found
 
 

@@ -45,6 +45,7 @@ def test_every_record_names_the_schema_version_it_follows(deliver: Callable[...,
 def test_records_of_every_kind_of_call_fit(deliver: Callable[..., Doc], kind: str) -> None:
     doc = deliver(*scenario(f"c-{kind}", kind, 10**12))
     assert record_contract.problems(record_of(doc)) == []
+    assert record_contract.FAST.is_valid(record_of(doc))
 
 
 def test_a_record_with_unknown_and_undocumented_fields_fits(deliver: Callable[..., Doc]) -> None:
@@ -82,6 +83,7 @@ def test_a_wrong_record_does_not_fit(
     record = record_of(deliver(ended("c-3", 10, "486 Busy Here", 0))) | change
     found = record_contract.problems(record)
     assert found and all(problem.startswith(where) for problem in found), found
+    assert not record_contract.FAST.is_valid(record)  # the suites' fast check agrees
 
 
 @pytest.mark.parametrize("name", [name for name in PROPERTIES if name in SCHEMA["required"]])
@@ -91,6 +93,7 @@ def test_a_record_without_a_required_field_does_not_fit(
     record = record_of(deliver(ended("c-4", 10, "486 Busy Here", 0)))
     del record[name]
     assert record_contract.problems(record) == [f"(record): '{name}' is a required property"]
+    assert not record_contract.FAST.is_valid(record)
 
 
 def test_the_schema_types_every_field_the_webhook_checks_as_it_does() -> None:
