@@ -37,10 +37,15 @@ def records_fit_their_schema() -> Iterator[None]:
         yield
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    record_contract.violations.clear()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    """Fail the test during which a record that does not fit the schema was built."""
-    record_contract.violations.clear()
+    """Fail the test during which (or during whose fixtures' setup) a record that does not fit
+    the schema was built."""
     yield
     if record_contract.violations:
         found = list(record_contract.violations)

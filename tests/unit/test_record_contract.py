@@ -156,21 +156,32 @@ def test_a_misfit_made_in_the_pipeline_is_noted(
     ]
 
 
-def test_a_test_that_makes_a_wrong_record_fails(pytester: pytest.Pytester) -> None:
+def test_a_test_that_makes_a_wrong_record_fails_even_in_a_fixture(pytester: pytest.Pytester) -> None:
     pytester.makeconftest("from tests.conftest import *  # noqa: F403")
     pytester.makepyfile(
         """
         from callstate import record
         from tests.factories import ended
 
+        import pytest
+
         def test_wrong(deliver, monkeypatch):
             monkeypatch.setattr(record, "sip_code", lambda cause: 7)
             deliver(ended("c-7", 10, "486 Busy Here", 0))
+
+        @pytest.fixture
+        def wrong_in_setup(deliver, monkeypatch):
+            monkeypatch.setattr(record, "call_direction", lambda fields: "sideways")
+            deliver(ended("c-8", 10, "486 Busy Here", 0))
+
+        def test_wrong_in_a_fixture(wrong_in_setup):
+            pass
         """
     )
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(failed=1)
+    result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines(["*record of 'c-7': sip_code: 7 is less than the minimum of 100*"])
+    result.stdout.fnmatch_lines(["*record of 'c-8': direction: 'sideways' is not one of*"])
 
 
 def test_a_wrong_published_record_is_found_in_the_stream(
