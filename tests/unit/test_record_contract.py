@@ -156,7 +156,7 @@ def test_a_misfit_made_in_the_pipeline_is_noted(
     ]
 
 
-def test_a_test_that_makes_a_wrong_record_fails_even_in_a_fixture(pytester: pytest.Pytester) -> None:
+def test_a_wrong_record_fails_its_test_even_from_a_fixture(pytester: pytest.Pytester) -> None:
     pytester.makeconftest("from tests.conftest import *  # noqa: F403")
     pytester.makepyfile(
         """
