@@ -31,6 +31,7 @@ from callstate.jobs import drain_timeout, wake_drain
 from callstate.logs import configure_logging
 from callstate.lookups import events_view, public_view
 from callstate.machine import CallMachine
+from callstate.moments import parse_time_ms
 from callstate.rebuild import Report, check, rebuild
 from callstate.redis_server import server_argv
 from callstate.store import Store
@@ -51,7 +52,6 @@ Settings come from the environment (REDIS_URL, CALLSTATE_*), as for the service.
 FOLLOW_BLOCK_MS = 1000
 LAST_ID = 2**64 - 1
 MAX_LIMIT = 100_000
-LATEST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last time ISO 8601 can write
 
 Command = Callable[[Store, argparse.Namespace], int]
 
@@ -626,19 +626,10 @@ def _positive(raw: str) -> int:
 
 def _since_ms(raw: str) -> int:
     """Unix milliseconds, or an ISO 8601 time (UTC when it names no offset)."""
-    if raw.isascii() and raw.isdigit():
-        if int(raw) > LATEST_MS:
-            raise argparse.ArgumentTypeError(f"Unix milliseconds up to {LATEST_MS}, not {raw!r}")
-        return int(raw)
     try:
-        moment = datetime.fromisoformat(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"an ISO 8601 time (2026-11-25T16:00:00Z) or Unix milliseconds, not {raw!r}"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return max(0, int(moment.timestamp() * 1000))
+        return parse_time_ms(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _before(since_ms: int | None) -> str:

@@ -65,6 +65,18 @@ def build_record(doc: CallDoc, revision: int) -> Record:
     return record
 
 
+def record_end_ms(record: Record) -> int:
+    """When the call ended, in the provider's milliseconds: its `ended` event's time, or, for a
+    call the sweeper closed (no `ended` heard), the last point of its timeline; 0 without one."""
+    timeline = record.get("timeline")
+    if not isinstance(timeline, dict):
+        return 0
+    ended = timeline.get("ended")
+    if isinstance(ended, int):
+        return ended
+    return max((point for point in timeline.values() if isinstance(point, int)), default=0)
+
+
 def _without_counts(record: Record) -> Record:
     return {name: value for name, value in record.items() if name != "counts"}
 
