@@ -15,9 +15,8 @@ from callstate.export import csv_lines, jsonl_lines
 from callstate.history import Filters, is_member
 from callstate.http import error, require_read_token, services
 from callstate.moments import parse_time_ms
+from callstate.record import DIRECTIONS, DISPOSITIONS
 
-DISPOSITIONS = ("answered", "busy", "no_answer", "cancelled", "failed", "unknown")
-DIRECTIONS = ("inbound", "outbound")
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
 MAX_TEXT = 128

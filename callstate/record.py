@@ -11,6 +11,8 @@ SIP_LINE = re.compile(r"\s*([1-6]\d\d)\b")
 BUSY_CODES = frozenset({486, 600, 603})
 NO_ANSWER_CODES = frozenset({408, 480})
 CANCELLED_CODES = frozenset({487})
+DISPOSITIONS = ("answered", "busy", "no_answer", "cancelled", "failed", "unknown")
+DIRECTIONS = ("inbound", "outbound")
 
 
 def refresh_record(doc: CallDoc) -> Record | None:
