@@ -62,7 +62,7 @@ def search_records() -> tuple[Response, int]:
 
 @history.get("/records.csv")
 def export_csv() -> Response | tuple[Response, int]:
-    return _export(csv_lines, "text/csv; charset=utf-8", "records.csv")
+    return _export(csv_lines, "text/csv", "records.csv")
 
 
 @history.get("/records.jsonl")
