@@ -175,7 +175,8 @@ class History:
     ) -> Iterator[tuple[str, Record, bool]]:
         """(member, record, whether nothing follows in the range) newest first: each step reads
         `step` members of every shard's index below the last one taken, in one pipeline, merges
-        them, and fetches the records of the first `step` in a second."""
+        them, and fetches the records of the first `step` in a second; steps grow to
+        `WALK_STEP`."""
         step = max(1, min(step, WALK_STEP))
         indexes = [self._index_key(shard, filters) for shard in range(self.settings.shards)]
         lowest = f"[{_end_text(since_ms)}:" if since_ms > 0 else "-"
@@ -197,6 +198,7 @@ class History:
             if exhausted or not taken:
                 return
             upper = f"({taken[-1]}"
+            step = min(2 * step, WALK_STEP)  # filters are skipping records: read more at once
 
     def _index_key(self, shard: int, filters: Filters) -> str:
         """The narrowest index that covers the filters; the rest are checked on the records."""

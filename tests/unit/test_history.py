@@ -364,3 +364,21 @@ def test_the_agent_column_names_who_answered(client: FlaskClient, store: Store) 
     put(store, record("a-1", DAY0, legs=legs, to=to_agent("agent-4")))
     rows = list(csv.DictReader(io.StringIO(client.get("/records.csv").get_data(as_text=True))))
     assert rows[0]["agent"] == "agent-3"
+
+
+def test_a_small_page_with_a_rare_match_reads_in_growing_steps(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put(store, record("rare", DAY0, disposition="busy"))
+    put(store, *(record(f"r-{n:03d}", DAY0 + 1 + n) for n in range(600)))
+    steps = []
+    real_records = store.history._records
+
+    def counted(places: list[str]) -> dict[str, Record]:
+        steps.append(len(places))
+        return real_records(places)
+
+    monkeypatch.setattr(store.history, "_records", counted)
+    page = store.history.page(0, None, Filters(disposition="busy"), 1, None)
+    assert ids(page.records) == ["rare"] and page.next_after is None
+    assert steps == [1, 2, 4, 8, 16, 32, 64, 128, 200, 146]
