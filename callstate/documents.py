@@ -102,6 +102,8 @@ class Documents:
         took the lock wrote since it read.
         """
         cursor_key, lock_key = self.keys.cursor(shard), self.keys.drain_lock(shard)
+        recorded = {call_id: before.record for call_id, before in prior.items()}
+        replaced = self.history.previous(applied.records, recorded)
         with self.redis.pipeline() as pipe:
             try:
                 pipe.watch(cursor_key, lock_key)  # type: ignore[no-untyped-call]
@@ -122,9 +124,7 @@ class Documents:
                         maxlen=self.settings.records_stream_maxlen,
                         approximate=True,
                     )
-                self.history.queue_records(
-                    pipe, applied.records, {c: p.record for c, p in prior.items()}
-                )
+                self.history.queue_records(pipe, applied.records, replaced)
                 pipe.set(cursor_key, new_cursor)
                 self._count_batch(pipe, shard, entries, applied)
                 for call_id, (tombstone, reopened_ms) in applied.reopened.items():

@@ -141,6 +141,20 @@ class History:
         for key in new_keys:
             pipe.zadd(key, {new_member: 0})
 
+    def previous(
+        self, records: list[Record], known: dict[str, Record | None]
+    ) -> dict[str, Record | None]:
+        """What each call's records replace: `known` (the record its document held before the
+        batch), else, for a call numbered on from a tombstone (its document was retired), the
+        history's own; read only for those, so a batch usually costs no round trip."""
+        before = dict(known)
+        unknown = {
+            r["call_id"] for r in records if r["revision"] > 1 and before.get(r["call_id"]) is None
+        }
+        if unknown:
+            before.update(self.latest(sorted(unknown)))
+        return before
+
     def latest(self, call_ids: Iterable[str]) -> dict[str, Record | None]:
         """The stored latest revision of each call's record, in one round trip."""
         ids = list(call_ids)

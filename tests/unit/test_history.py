@@ -123,6 +123,22 @@ def test_a_revision_with_other_parties_leaves_no_stale_index_entry(store: Store)
     assert store.redis.zcard(store.keys.history_by_end(shard)) == 1
 
 
+def test_a_call_numbered_on_from_a_tombstone_replaces_its_history_entries(
+    deliver: Deliver, store: Store
+) -> None:
+    deliver(*scenario("h-ts", "busy", DAY0))
+    store.redis.delete(store.keys.call("h-ts"))  # retired: only its tombstone is left
+    store.redis.set(store.keys.tombstone("h-ts"), "1:0")
+    again = [dict(p, to={"number": "555"}) for p in scenario("h-ts", "failed", DAY0 + 10**6)]
+    doc = deliver(*again)
+    assert record_of(doc)["revision"] == 2
+    shard = store.keys.shard_of("h-ts")
+    assert not store.redis.exists(store.keys.history_by(shard, "number", "84909985668"))
+    assert store.redis.zrange(store.keys.history_by_end(shard), 0, -1) == [
+        member(record_of(doc)).encode()
+    ]
+
+
 def test_two_revisions_in_one_batch_leave_only_the_second(store: Store) -> None:
     put(store, record("h-2", DAY0), record("h-2", DAY0 + 9, revision=2))
     assert store.redis.zcard(store.keys.history_by_end(store.keys.shard_of("h-2"))) == 1
@@ -190,7 +206,7 @@ def test_a_selective_filter_reads_on_until_the_page_is_full(
 
 def test_a_stale_index_entry_is_skipped(store: Store) -> None:
     put(store, record("st", DAY0 + 5, revision=2))
-    # left by a revision whose predecessor was not known (a call reopened after a tombstone)
+    # an entry written behind the commits' back: the record no longer sits there
     shard = store.keys.shard_of("st")
     store.redis.zadd(store.keys.history_by_end(shard), {f"{DAY0:013d}:st": 0})
     assert ids(store.history.page(0, None, Filters(), 10, None).records) == ["st"]
