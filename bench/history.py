@@ -17,6 +17,8 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import requests
+
 from callstate.calldoc import Record
 from callstate.config import Settings
 from callstate.drain import Drainer
@@ -25,7 +27,7 @@ from callstate.history import DAY_MS, Filters
 from callstate.machine import CallMachine
 from callstate.store import Store
 from tests.factories import SCENARIOS, body, scenario
-from tests.integration.stack import RedisServer
+from tests.integration.stack import RedisServer, Stack
 
 RESULTS = Path(__file__).parent / "results"
 START_MS = 1_764_000_000_000
@@ -90,7 +92,40 @@ def export_peak(store: Store) -> tuple[int, float, int]:
     return rows, round(seconds, 2), peak
 
 
-def measure(store: Store, count: int) -> dict[str, Any]:
+def web_export_peaks(server: RedisServer, workdir: Path, count: int) -> dict[str, Any]:
+    """The peak RSS of the one gunicorn worker (VmHWM) after streaming a tenth of the records
+    as CSV over HTTP, then after streaming all of them: equal if the export's memory is flat."""
+    stack = Stack(server, workdir, {"CALLSTATE_SHARDS": "4"})
+    stack.start_web(processes=1)
+    try:
+        master = stack.processes["web"].pid
+        worker = int(Path(f"/proc/{master}/task/{master}/children").read_text().split()[0])
+        found: dict[str, Any] = {}
+        for name, query in (
+            ("tenth", f"?until={START_MS + count // 10 * 1000}"),
+            ("all", ""),
+        ):
+            started = time.perf_counter()
+            with requests.get(f"{stack.web_url}/records.csv{query}", stream=True, timeout=60) as r:
+                size = sum(len(chunk) for chunk in r.iter_content(65536))
+            found[name] = {
+                "bytes": size,
+                "seconds": round(time.perf_counter() - started, 2),
+                "worker_peak_rss_kib": _peak_rss_kib(worker),
+            }
+        return found
+    finally:
+        stack.stop()
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM")
+
+
+def measure(store: Store, count: int, server: RedisServer, workdir: Path) -> dict[str, Any]:
     samples = real_records(store)
     store.redis.delete(*store.redis.keys("cs:history*"))
     figures: dict[str, Any] = {"records": count, "shards": store.settings.shards}
@@ -133,6 +168,7 @@ def measure(store: Store, count: int) -> dict[str, Any]:
     )
     rows, seconds, peak = export_peak(store)
     figures["export_csv"] = {"rows": rows, "seconds": seconds, "peak_python_bytes": peak}
+    figures["web_export_csv"] = web_export_peaks(server, workdir, count)
     tenth = store.history.iter_records(0, START_MS + count // 10 * 1000, Filters())
     tracemalloc.start()
     rows = sum(1 for _ in csv_lines(tenth)) - 1
@@ -156,7 +192,7 @@ def run(count: int) -> dict[str, Any]:
         server.start()
         try:
             store = Store(server.client(), Settings.from_env({"REDIS_URL": server.url}))
-            return measure(store, count)
+            return measure(store, count, server, Path(workdir))
         finally:
             server.stop()
 

@@ -17,6 +17,7 @@ from flask.testing import FlaskClient
 from redis import Redis
 
 from callstate import history as history_module
+from callstate import jobs
 from callstate.calldoc import Record
 from callstate.calls import Doc
 from callstate.config import Settings
@@ -230,6 +231,14 @@ def test_retention_drops_old_records_with_every_index_entry(store: Store) -> Non
         )
     }
     assert store.history.trim(now) == 0
+
+
+def test_maintenance_drops_the_records_past_retention(settings: Settings, redis: Redis) -> None:
+    context = jobs.configure(settings, redis)
+    now = context.store.log.server_time_ms()
+    put(context.store, record("ancient", now - 91 * DAY_MS), record("recent", now - 89 * DAY_MS))
+    assert jobs.maintain()["trimmed"] == 1
+    assert ids(context.store.history.page(0, None, Filters(), 10, None).records) == ["recent"]
 
 
 def test_retention_waits_for_a_shard_whose_drainer_holds_the_lock(
