@@ -22,6 +22,7 @@ import requests
 from callstate.calldoc import Record
 from callstate.config import Settings
 from callstate.drain import Drainer
+from callstate.eventlog import event_fields
 from callstate.export import csv_lines
 from callstate.history import DAY_MS, Filters
 from callstate.machine import CallMachine
@@ -32,6 +33,7 @@ from tests.integration.stack import RedisServer, Stack
 RESULTS = Path(__file__).parent / "results"
 START_MS = 1_764_000_000_000
 WRITE_BATCH = 1000
+APPLY_CALLS = 10_000
 
 
 def real_records(store: Store) -> list[Record]:
@@ -92,6 +94,58 @@ def export_peak(store: Store) -> tuple[int, float, int]:
     return rows, round(seconds, 2), peak
 
 
+def log_calls(store: Store, calls: int) -> int:
+    """Log `calls` calls of the five kinds (4 events a call on average), as the webhook
+    would, with log ids a millisecond apart; return how many events."""
+    pipe, events = store.redis.pipeline(transaction=False), 0
+    for n in range(calls):
+        call_id = f"apply-{n}"
+        log_key = store.keys.log(store.keys.shard_of(call_id))
+        for payload in scenario(call_id, SCENARIOS[n % 5], START_MS + n * 100):
+            events += 1
+            pipe.xadd(log_key, event_fields(call_id, body(payload)), id=f"{START_MS + events}-0")
+        if len(pipe) >= 5000:
+            pipe.execute()
+    pipe.execute()
+    return events
+
+
+def redis_cpu_seconds(store: Store) -> float:
+    cpu = store.redis.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+def apply_cost(store: Store, calls: int) -> dict[str, Any]:
+    """Applying a backlog of `calls` calls with the history written in the commits and
+    without, alternated on, off, off, on: events per second, and CPU per event of the
+    drainer (this process) and of Redis, which other jobs on the machine disturb less."""
+    runs: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
+    history = store.history
+    writes, previous = history.queue_records, history.previous
+    for mode in ("on", "off", "off", "on"):
+        store.redis.flushall()
+        events = log_calls(store, calls)
+        if mode == "off":
+            history.queue_records = lambda pipe, records, before: None  # type: ignore[method-assign]
+            history.previous = lambda records, known: known  # type: ignore[method-assign]
+        drainer = Drainer(store, CallMachine(), 500, 600_000, 0, 0, lambda shard: None)
+        wall, cpu, redis_cpu = time.perf_counter(), time.process_time(), redis_cpu_seconds(store)
+        applied = sum(drainer.drain(shard) for shard in range(store.settings.shards))
+        assert applied == events
+        runs[mode].append(
+            {
+                "events_per_second": round(applied / (time.perf_counter() - wall)),
+                "drainer_cpu_us_per_event": round((time.process_time() - cpu) / applied * 1e6, 1),
+                "redis_cpu_us_per_event": round(
+                    (redis_cpu_seconds(store) - redis_cpu) / applied * 1e6, 1
+                ),
+            }
+        )
+        history.queue_records, history.previous = writes, previous  # type: ignore[method-assign]
+    store.redis.flushall()
+    return {"calls": calls, "events": events, "runs": runs}
+
+
 def web_export_peaks(server: RedisServer, workdir: Path, count: int) -> dict[str, Any]:
     """The peak RSS of the one gunicorn worker (VmHWM) after streaming a tenth of the records
     as CSV over HTTP, then after streaming all of them: equal if the export's memory is flat."""
@@ -126,9 +180,11 @@ def _peak_rss_kib(pid: int) -> int:
 
 
 def measure(store: Store, count: int, server: RedisServer, workdir: Path) -> dict[str, Any]:
+    figures_apply = apply_cost(store, APPLY_CALLS)
     samples = real_records(store)
     store.redis.delete(*store.redis.keys("cs:history*"))
     figures: dict[str, Any] = {"records": count, "shards": store.settings.shards}
+    figures["apply"] = figures_apply
     before = used_memory(store)
     _, figures["write_seconds"] = timed(lambda: write(store, samples, count))
     after = used_memory(store)

@@ -15,6 +15,7 @@ import heapq
 import json
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import cast
@@ -119,27 +120,32 @@ class History:
     def queue_records(
         self, pipe: Pipeline, records: Iterable[Record], before: dict[str, Record | None]
     ) -> None:
-        """Queue on `pipe` (a commit's MULTI) the writing of record revisions, in order, each
-        replacing the call's previous one (`before`: as stored before these) in every index."""
-        latest = dict(before)
-        for record in records:
-            call_id = record["call_id"]
-            self._queue_record(pipe, record, latest.get(call_id))
-            latest[call_id] = record
-
-    def _queue_record(self, pipe: Pipeline, record: Record, previous: Record | None) -> None:
-        call_id = record["call_id"]
-        new_member = member(record)
-        new_keys = self.index_keys(record)
-        if previous is not None:
-            old_member = member(previous)
-            for key in self.index_keys(previous):
-                if key not in new_keys or old_member != new_member:
-                    pipe.zrem(key, old_member)
-        shard = self.keys.shard_of(call_id)
-        pipe.hset(self.keys.history(shard), call_id, pack(dumps(record).encode()))
-        for key in new_keys:
-            pipe.zadd(key, {new_member: 0})
+        """Queue on `pipe` (a commit's MULTI) the writing of record revisions: each call's last
+        one replaces, in every index, the one stored before (`before`); the revisions between
+        are never seen, the transaction being atomic. Commands are grouped by key, one per key
+        and batch (the batch's calls share a shard), as most of a commit's cost is per command."""
+        latest = {record["call_id"]: record for record in records}
+        removed: dict[str, list[str]] = defaultdict(list)
+        added: dict[str, dict[str, int]] = defaultdict(dict)
+        stored: dict[str, dict[str, bytes]] = defaultdict(dict)
+        for call_id, record in latest.items():
+            place, keys = member(record), self.index_keys(record)
+            previous = before.get(call_id)
+            if previous is not None:
+                old_place = member(previous)
+                for key in self.index_keys(previous):
+                    if key not in keys or old_place != place:
+                        removed[key].append(old_place)
+            shard = self.keys.shard_of(call_id)
+            stored[self.keys.history(shard)][call_id] = pack(dumps(record).encode())
+            for key in keys:
+                added[key][place] = 0
+        for key, places in removed.items():
+            pipe.zrem(key, *places)
+        for key, packed in stored.items():
+            pipe.hset(key, mapping=packed)  # type: ignore[arg-type]
+        for key, scores in added.items():
+            pipe.zadd(key, scores)
 
     def previous(
         self, records: list[Record], known: dict[str, Record | None]
