@@ -162,13 +162,21 @@ class History:
         return before
 
     def latest(self, call_ids: Iterable[str]) -> dict[str, Record | None]:
-        """The stored latest revision of each call's record, in one round trip."""
-        ids = list(call_ids)
+        """The stored latest revision of each call's record: one HMGET per shard, in one round
+        trip."""
+        return {c: _record(raw) for c, raw in self._stored(list(call_ids)).items()}
+
+    def _stored(self, call_ids: list[str]) -> dict[str, bytes | None]:
+        by_shard: dict[int, list[str]] = defaultdict(list)
+        for call_id in call_ids:
+            by_shard[self.keys.shard_of(call_id)].append(call_id)
         pipe = self.redis.pipeline(transaction=False)
-        for call_id in ids:
-            pipe.hget(self.keys.history(self.keys.shard_of(call_id)), call_id)
-        raws = cast(list[bytes | None], pipe.execute()) if ids else []
-        return {c: _record(raw) for c, raw in zip(ids, raws, strict=True)}
+        for shard, ids in by_shard.items():
+            pipe.hmget(self.keys.history(shard), ids)
+        found: dict[str, bytes | None] = {}
+        for ids, raws in zip(by_shard.values(), pipe.execute() if by_shard else [], strict=True):
+            found.update(zip(ids, cast(list[bytes | None], raws), strict=True))
+        return found
 
     def page(
         self, since_ms: int, until_ms: int | None, filters: Filters, limit: int, after: str | None
@@ -231,14 +239,10 @@ class History:
     def _records(self, places: list[str]) -> dict[str, Record]:
         """The stored records of members, by member; a member whose call's latest record no
         longer sits there (a stale index entry) has none."""
-        pipe = self.redis.pipeline(transaction=False)
-        call_ids = [place.partition(":")[2] for place in places]
-        for call_id in call_ids:
-            pipe.hget(self.keys.history(self.keys.shard_of(call_id)), call_id)
-        raws = cast(list[bytes | None], pipe.execute()) if places else []
+        stored = self._stored([place.partition(":")[2] for place in places])
         found = {}
-        for place, raw in zip(places, raws, strict=True):
-            record = _record(raw)
+        for place in places:
+            record = _record(stored[place.partition(":")[2]])
             if record is not None and member(record) == place:
                 found[place] = record
         return found
