@@ -26,12 +26,16 @@ from callstate import streamids
 from callstate.config import Settings
 from callstate.connection import StreamRows, connect, text
 from callstate.doctor import examine
+from callstate.export import csv_lines, jsonl_lines
 from callstate.figures import Figures, ShardFigures, read_figures
+from callstate.history import Filters
 from callstate.jobs import drain_timeout, wake_drain
 from callstate.logs import configure_logging
 from callstate.lookups import events_view, public_view
 from callstate.machine import CallMachine
+from callstate.moments import parse_time_ms
 from callstate.rebuild import Report, check, rebuild
+from callstate.record import DIRECTIONS, DISPOSITIONS
 from callstate.redis_server import server_argv
 from callstate.store import Store
 
@@ -51,7 +55,6 @@ Settings come from the environment (REDIS_URL, CALLSTATE_*), as for the service.
 FOLLOW_BLOCK_MS = 1000
 LAST_ID = 2**64 - 1
 MAX_LIMIT = 100_000
-LATEST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last time ISO 8601 can write
 
 Command = Callable[[Store, argparse.Namespace], int]
 
@@ -148,6 +151,7 @@ def parser() -> argparse.ArgumentParser:
         "with --json, one JSON object per line",
     )
     records.add_argument("--limit", type=_positive, default=20, help="at most this many (20)")
+    add_records_export(records)
     command(
         "stats",
         show_stats,
@@ -184,6 +188,39 @@ def parser() -> argparse.ArgumentParser:
         "until stopped, so a Procfile keeps going.",
     )
     return top
+
+
+def add_records_export(records: argparse.ArgumentParser) -> None:
+    """`records export`: a sub-command of `records`, which without one still reads the stream."""
+    subcommands = records.add_subparsers(dest="records_command", metavar="SUBCOMMAND")
+    export = subcommands.add_parser(
+        "export",
+        help="write the records history to stdout as CSV or JSON Lines, newest first",
+        description="Write the records history (each call's latest revision, kept for "
+        "CALLSTATE_RECORD_RETENTION_DAYS) to stdout, newest first, as GET /records.csv or "
+        "/records.jsonl would; times are the calls' end times.",
+    )
+    export.set_defaults(run=export_records)
+    export.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="(csv)")
+    when = "ISO 8601 (UTC unless it has an offset) or Unix ms"
+    export.add_argument("--since", type=_since_ms, metavar="T", help=f"ended at or after: {when}")
+    export.add_argument("--until", type=_since_ms, metavar="T", help=f"ended before: {when}")
+    export.add_argument("--disposition", choices=DISPOSITIONS)
+    export.add_argument("--direction", choices=DIRECTIONS)
+    export.add_argument("--number", help="only calls from or to this number")
+    export.add_argument("--user", help="only calls of this request_from_user_id")
+
+
+def export_records(store: Store, args: argparse.Namespace) -> int:
+    since_ms = args.since or 0
+    if args.until is not None and args.until <= since_ms:
+        print("callstate: --until must be later than --since", file=sys.stderr)
+        return UNAVAILABLE
+    filters = Filters(args.disposition, args.direction, args.number or None, args.user or None)
+    found = store.history.iter_records(since_ms, args.until, filters)
+    lines = csv_lines(found) if args.format == "csv" else jsonl_lines(found)
+    sys.stdout.writelines(lines)
+    return OK
 
 
 def show_call(store: Store, args: argparse.Namespace) -> int:
@@ -626,19 +663,10 @@ def _positive(raw: str) -> int:
 
 def _since_ms(raw: str) -> int:
     """Unix milliseconds, or an ISO 8601 time (UTC when it names no offset)."""
-    if raw.isascii() and raw.isdigit():
-        if int(raw) > LATEST_MS:
-            raise argparse.ArgumentTypeError(f"Unix milliseconds up to {LATEST_MS}, not {raw!r}")
-        return int(raw)
     try:
-        moment = datetime.fromisoformat(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"an ISO 8601 time (2026-11-25T16:00:00Z) or Unix milliseconds, not {raw!r}"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return max(0, int(moment.timestamp() * 1000))
+        return parse_time_ms(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _before(since_ms: int | None) -> str:

@@ -55,6 +55,8 @@ class Settings:
     retention_seconds: int = 7 * 24 * 3600
     snapshot_interval_seconds: int = 3600
     records_stream_maxlen: int = 1_000_000
+    # A month's invoice and a month to dispute it, with a month to spare; see README for memory.
+    record_retention_days: int = 90
     quarantine_max: int = 1000
     board_streams: int = 2
     board_stream_seconds: int = 60
@@ -142,6 +144,9 @@ class Settings:
                 ),
                 records_stream_maxlen=_int(
                     env, "CALLSTATE_RECORDS_STREAM_MAXLEN", cls.records_stream_maxlen
+                ),
+                record_retention_days=_int(
+                    env, "CALLSTATE_RECORD_RETENTION_DAYS", cls.record_retention_days
                 ),
                 quarantine_max=_int(env, "CALLSTATE_QUARANTINE_MAX", cls.quarantine_max),
                 board_streams=_int(env, "CALLSTATE_BOARD_STREAMS", cls.board_streams),

@@ -12,10 +12,12 @@ from redis.client import Pipeline
 from redis.exceptions import WatchError
 
 from callstate.boardview import RESET_HINT, queue_board_update
+from callstate.calldoc import Record
 from callstate.calls import Applied, Doc, is_active
 from callstate.codec import dumps, pack_doc, unpack_doc
 from callstate.config import Settings
 from callstate.connection import text
+from callstate.history import History
 from callstate.keys import Keys
 from callstate.retention import Retention
 
@@ -26,6 +28,7 @@ class Prior:
 
     indexes: frozenset[str]
     active_status: str | None
+    record: Record | None = None
 
 
 class Documents:
@@ -36,6 +39,7 @@ class Documents:
         self.settings = settings
         self.keys = Keys(settings.key_prefix, settings.shards)
         self.retention = Retention.of(settings)
+        self.history = History(redis, settings)
 
     def load_docs(self, call_ids: Iterable[str]) -> dict[str, Doc | None]:
         packed = self.load_packed(list(call_ids))
@@ -61,7 +65,8 @@ class Documents:
     def prior(self, doc: Doc | None) -> Prior:
         """Take note of a document's indexes and active status before a batch changes it."""
         status = doc["status"] if doc is not None and is_active(doc) else None
-        return Prior(frozenset(self.index_keys(doc)), status)
+        record = doc["record"] if doc is not None else None
+        return Prior(frozenset(self.index_keys(doc)), status, record)
 
     def index_keys(self, doc: Doc | None) -> set[str]:
         """The lookup indexes an active call belongs to: its numbers and its user."""
@@ -97,6 +102,8 @@ class Documents:
         took the lock wrote since it read.
         """
         cursor_key, lock_key = self.keys.cursor(shard), self.keys.drain_lock(shard)
+        recorded = {call_id: before.record for call_id, before in prior.items()}
+        replaced = self.history.previous(applied.records, recorded)
         with self.redis.pipeline() as pipe:
             try:
                 pipe.watch(cursor_key, lock_key)  # type: ignore[no-untyped-call]
@@ -117,6 +124,7 @@ class Documents:
                         maxlen=self.settings.records_stream_maxlen,
                         approximate=True,
                     )
+                self.history.queue_records(pipe, applied.records, replaced)
                 pipe.set(cursor_key, new_cursor)
                 self._count_batch(pipe, shard, entries, applied)
                 for call_id, (tombstone, reopened_ms) in applied.reopened.items():
@@ -184,6 +192,9 @@ class Documents:
         pattern = self.keys.active_index_pattern()
         # Indexes are only written under the locks this caller holds: none appears meanwhile.
         indexes = list(self.redis.scan_iter(match=pattern, count=1000))
+        records = [doc["record"] for doc in docs.values() if doc["record"] is not None]
+        # Read under the same locks: only their holders write the history.
+        recorded = self.history.latest(record["call_id"] for record in records)
         with self.redis.pipeline() as pipe:
             try:
                 pipe.watch(*cursor_keys.values(), *lock_keys)  # type: ignore[no-untyped-call]
@@ -198,6 +209,7 @@ class Documents:
                 pipe.delete(*(self.keys.active_statuses(shard) for shard in cursors))
                 for doc in docs.values():
                     self._set_doc(pipe, doc, pack_doc(doc))
+                self.history.queue_records(pipe, records, recorded)
                 for doc in active.values():
                     self._index(pipe, doc, frozenset())
                     shard = self.keys.shard_of(doc["call_id"])

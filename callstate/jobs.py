@@ -172,8 +172,8 @@ def _advance_shard(ctx: Context, shard: int, before_ms: int) -> int:
 
 
 def maintain() -> dict[str, int]:
-    """Advance the snapshots (retiring ended calls, trimming the log), wake stuck shards, ask
-    for silent calls to be closed.
+    """Advance the snapshots (retiring ended calls, trimming the log), drop records past their
+    retention, wake stuck shards, ask for silent calls to be closed.
 
     In that order: trimming frees memory and waking needs none, so a Redis that is full still
     gets its backlog woken; and a drain job that found a shard locked by a snapshot step is
@@ -183,6 +183,7 @@ def maintain() -> dict[str, int]:
     settings, store = ctx.settings, ctx.store
     now_ms = store.log.server_time_ms()
     retired = advance_snapshots(ctx, now_ms)
+    trimmed = store.history.trim(now_ms)
     timeout = drain_timeout(settings)
     woken = [
         shard
@@ -199,11 +200,13 @@ def maintain() -> dict[str, int]:
         _, shard, wake_id = store.log.append_sweep(call_id, stale_before)
         if wake_id is not None:
             enqueue_drain(ctx.queue, shard, timeout, wake_id)
-    if stale or woken or retired:
+    if stale or woken or retired or trimmed:
         log.info(
-            "maintenance: %d calls to close, %d shards woken, %d calls retired",
+            "maintenance: %d calls to close, %d shards woken, %d calls retired, "
+            "%d records past their retention dropped",
             len(stale),
             len(woken),
             retired,
+            trimmed,
         )
-    return {"stale": len(stale), "woken": len(woken), "retired": retired}
+    return {"stale": len(stale), "woken": len(woken), "retired": retired, "trimmed": trimmed}

@@ -54,6 +54,21 @@ class Keys:
         """Stream of final call records for downstream consumer groups."""
         return f"{self.prefix}:records"
 
+    def history(self, shard: int) -> str:
+        """Hash of the shard's calls to the latest revision of their record, packed, kept for
+        the record retention (`callstate/history.py`)."""
+        return f"{self.prefix}:history:{shard}"
+
+    def history_by_end(self, shard: int) -> str:
+        """The shard's record history by end time: members `<end ms, 13 digits>:<call_id>`,
+        all scored 0, so a range BYLEX is in time order."""
+        return f"{self.prefix}:history-end:{shard}"
+
+    def history_by(self, shard: int, kind: str, value: str) -> str:
+        """The shard's record history by `number` (from or to) or by `user`
+        (request_from_user_id), members as in `history_by_end`."""
+        return f"{self.prefix}:history-{kind}:{shard}:{value}"
+
     def logged_counter(self, shard: int) -> str:
         """Entries appended to the shard's log (events and sweeper requests), counted by the
         append itself."""

@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from callstate.calldoc import Record
-from callstate.record import record_end_ms
+from callstate.record import DISPOSITIONS, record_end_ms
 
 GROUPINGS = ("hour", "day", "direction", "user")
-DISPOSITIONS = ("answered", "busy", "no_answer", "cancelled", "failed", "unknown")
+
 HOUR_FORMAT = "%Y-%m-%dT%H:00:00Z"
 DAY_FORMAT = "%Y-%m-%d"
 RATIO_DIGITS = 4

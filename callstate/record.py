@@ -17,6 +17,8 @@ SCHEMA_VERSION = 1
 # Not the call's data: neither makes a new revision. A stored record from before
 # `schema_version` existed must not be republished for lacking it.
 NOT_COMPARED = frozenset({"counts", "schema_version"})
+DISPOSITIONS = ("answered", "busy", "no_answer", "cancelled", "failed", "unknown")
+DIRECTIONS = ("inbound", "outbound")
 
 
 def refresh_record(doc: CallDoc) -> Record | None:
@@ -78,12 +80,15 @@ def _compared(record: Record) -> Record:
 
 
 def record_end_ms(record: Record) -> int | None:
-    """When the call ended: the timeline's `ended`, else its latest point (a call closed by the
-    sweeper has no `ended`); None for an empty timeline."""
-    timeline: dict[str, int] = record.get("timeline") or {}
-    if "ended" in timeline:
-        return timeline["ended"]
-    return max(timeline.values(), default=None)
+    """When the call ended, in the provider's milliseconds: its `ended` event's time, or, for a
+    call the sweeper closed (no `ended` heard), the latest point of its timeline; None without one."""
+    timeline = record.get("timeline")
+    if not isinstance(timeline, dict):
+        return None
+    ended = timeline.get("ended")
+    if isinstance(ended, int):
+        return ended
+    return max((point for point in timeline.values() if isinstance(point, int)), default=None)
 
 
 def sip_code(cause: Any) -> int | None:

@@ -13,7 +13,8 @@ from callstate.quarantine import Quarantine
 
 
 class Store:
-    """The event log, drain coordination, call documents and quarantine of one deployment."""
+    """The event log, drain coordination, call documents, records history and quarantine of one
+    deployment."""
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
@@ -22,4 +23,5 @@ class Store:
         self.log = EventLog(redis, settings)
         self.coordination = DrainCoordination(redis, settings)
         self.docs = Documents(redis, settings)
+        self.history = self.docs.history
         self.quarantine = Quarantine(redis, settings)

@@ -16,6 +16,7 @@ from callstate.config import Settings
 from callstate.connection import connect
 from callstate.doctor import warn_if_unsafe
 from callstate.health import health
+from callstate.history_api import history
 from callstate.http import Services, error
 from callstate.lookups import calls
 from callstate.metrics import install as install_metrics
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     )
     app.register_blueprint(webhooks)
     app.register_blueprint(calls)
+    app.register_blueprint(history)
     app.register_blueprint(apidoc)
     app.register_blueprint(board)
     app.register_blueprint(health)

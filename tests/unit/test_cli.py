@@ -326,3 +326,44 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(
     with os.fdopen(write_end, "w") as closed_pipe:
         monkeypatch.setattr(sys, "stdout", closed_pipe)
         assert cli.main(["records", "--json"]) == 0
+
+
+def test_records_export_writes_the_history_as_csv_or_jsonl(
+    run: Run, deliver: Callable[..., Doc]
+) -> None:
+    busy = record_of(deliver(*_two_calls()[0]))
+    answered = record_of(deliver(*_two_calls()[1]))
+    code, out, _ = run("records", "export", "--since", "2018-01-13T16:01:00Z")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("call_id,revision,start_time,start_ms,")
+    assert [line.split(",")[0] for line in lines[1:]] == ["exp-answered", "exp-busy"]
+    code, out, _ = run("records", "export", "--format", "jsonl", "--disposition", "busy")
+    assert code == 0 and [json.loads(line) for line in out.splitlines()] == [busy]
+    code, out, _ = run("records", "export", "--format", "jsonl", "--until", "1515859270001")
+    assert [json.loads(line) for line in out.splitlines()] == [busy]
+    assert answered["disposition"] == "answered"
+
+
+def test_records_export_refuses_an_empty_range(run: Run) -> None:
+    code, out, err = run("records", "export", "--since", "2000", "--until", "1000")
+    assert (code, out) == (2, "") and "--until must be later than --since" in err
+
+
+def test_records_without_a_subcommand_still_reads_the_stream(
+    run: Run, deliver: Callable[..., Doc]
+) -> None:
+    deliver(*_two_calls()[0])
+    code, out, _ = run("records", "--json", "--limit", "5")
+    assert code == 0 and [item["call_id"] for item in json.loads(out)] == ["exp-busy"]
+
+
+def _two_calls() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    return (
+        [event("exp-busy", "ringing", 1515859261381), ended("exp-busy", 1515859270000, "486", 0)],
+        [
+            event("exp-answered", "ringing", 1515859271000),
+            event("exp-answered", "answered", 1515859272000),
+            ended("exp-answered", 1515859280000, "USER_END_CALL", 8),
+        ],
+    )

@@ -4,17 +4,19 @@ each made by the real pipeline (logged, drained, its record built), and properti
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from flask.testing import FlaskClient
 from hypothesis import given
 from hypothesis import strategies as st
 
+from callstate import history_api
 from callstate.calldoc import Record
 from callstate.calls import Doc
 from callstate.drain import Drainer
-from callstate.kpis import DISPOSITIONS, GROUPINGS, call_kpis
-from callstate.record import record_end_ms
+from callstate.kpis import GROUPINGS, call_kpis
+from callstate.record import DISPOSITIONS, record_end_ms
 from callstate.store import Store
 from tests.factories import ended, event, record_of
 
@@ -363,3 +365,69 @@ def test_ratios_are_bounded_and_null_only_without_a_denominator(
             assert figure[mean] is None or figure[mean] >= 0
             if figure["answered"] == 0:
                 assert figure[mean] is None
+
+
+def figures_over_http(client: FlaskClient, query: str) -> dict[str, Any]:
+    answer = client.get(f"/stats/calls?{query}")
+    assert answer.status_code == 200, answer.get_json()
+    return cast(dict[str, Any], answer.get_json())
+
+
+def test_the_endpoint_sums_up_the_history_in_its_window(
+    known_records: list[Record], client: FlaskClient
+) -> None:
+    everything = figures_over_http(client, f"since={DAY_1}&until={DAY_2 + 2 * HOUR}")
+    assert everything["total"] == call_kpis(known_records)["total"]
+    second_day = figures_over_http(client, f"since={DAY_2}&group_by=direction")
+    assert second_day["total"] == {
+        "calls": 6,  # k-08 … k-13
+        "answered": 2,  # k-08, k-12
+        "asr": 0.3333,  # 2 / 6
+        "acd_seconds": 20.0,  # k-08's 20 s; k-12's talk time is unknown
+        "mean_ring_seconds": 4.0,  # k-12's 4 s; k-08 never rang
+        "talk_seconds": 20.0,
+        "dispositions": dispositions(answered=2, busy=1, no_answer=1, cancelled=1, unknown=1),
+    }
+    assert [(group["key"], group["calls"]) for group in second_day["groups"]] == [
+        ("inbound", 1),  # k-12
+        ("outbound", 5),
+    ]
+
+
+def test_the_endpoint_defaults_to_the_last_day(
+    known_records: list[Record], client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(history_api, "_now_ms", lambda: DAY_2 + 2 * HOUR)
+    figures = figures_over_http(client, "")  # from DAY_1 + 1 h: k-04 … k-13
+    assert figures["since"] == "2026-11-28T10:00:00.000Z"
+    assert figures["total"] == {
+        "calls": 10,
+        "answered": 4,  # k-04, k-05, k-08, k-12
+        "asr": 0.4,  # 4 / 10
+        "acd_seconds": 61.667,  # (120 + 45 + 20) / 3
+        "mean_ring_seconds": 7.0,  # (10 + 7 + 4) / 3
+        "talk_seconds": 185.0,
+        "dispositions": dispositions(
+            answered=4, no_answer=2, failed=1, busy=1, cancelled=1, unknown=1
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [("group_by=week", "group_by"), ("since=yesterday", "since"), ("since=9&until=3", "until")],
+)
+def test_the_endpoint_refuses_a_bad_parameter(client: FlaskClient, query: str, field: str) -> None:
+    answer = client.get(f"/stats/calls?{query}")
+    assert answer.status_code == 400
+    assert answer.get_json()["field"] == field
+
+
+def test_the_endpoint_refuses_a_window_too_wide_to_read_in_a_request(
+    known_records: list[Record], client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(history_api, "MAX_FIGURES_RECORDS", 12)
+    answer = client.get(f"/stats/calls?since={DAY_1}")
+    assert answer.status_code == 400
+    assert answer.get_json()["field"] == "since"
+    assert figures_over_http(client, f"since={DAY_1 + HOUR}")["total"]["calls"] == 10
