@@ -15,8 +15,8 @@ from flask import Blueprint, Response, jsonify, request, stream_with_context
 from callstate.calldoc import Record
 from callstate.export import csv_lines, jsonl_lines
 from callstate.history import Filters, is_member
-from callstate.kpis import GROUPINGS, call_kpis
 from callstate.http import error, require_read_token, services
+from callstate.kpis import GROUPINGS, call_kpis
 from callstate.moments import iso_utc, parse_time_ms
 from callstate.record import DIRECTIONS, DISPOSITIONS
 

@@ -81,7 +81,7 @@ def _compared(record: Record) -> Record:
 
 def record_end_ms(record: Record) -> int | None:
     """When the call ended, in the provider's milliseconds: its `ended` event's time, or, for a
-    call the sweeper closed (no `ended` heard), the latest point of its timeline; None without one."""
+    call the sweeper closed (no `ended` heard), the latest point of its timeline; else None."""
     timeline = record.get("timeline")
     if not isinstance(timeline, dict):
         return None
