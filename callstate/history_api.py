@@ -80,9 +80,10 @@ def export_jsonl() -> Response | tuple[Response, int]:
 
 @history.get("/stats/calls")
 def call_figures() -> tuple[Response, int]:
-    """The call figures of the records that end in the window (the last day by default)."""
+    """The call figures of the records that end in the window (by default the day before
+    `until`, or before now)."""
     try:
-        search = _search(default_since_ms=_now_ms() - DAY_MS)
+        search = _search(default_window_ms=DAY_MS)
         group_by = _choice("group_by", GROUPINGS)
     except BadParameterError as exc:
         return error(400, "invalid_query", str(exc), field=exc.field)
@@ -148,10 +149,17 @@ def decode_cursor(raw: str) -> str:
     return member
 
 
-def _search(default_since_ms: int = 0) -> Search:
+def _search(default_window_ms: int | None = None) -> Search:
+    """The query's range and filters; without `since`, from the beginning, or with
+    `default_window_ms` that long before `until` (now when not given)."""
     since = _time("since")
-    since_ms = default_since_ms if since is None else since
     until_ms = _time("until")
+    if since is not None:
+        since_ms = since
+    elif default_window_ms is None:
+        since_ms = 0
+    else:
+        since_ms = max(0, (_now_ms() if until_ms is None else until_ms) - default_window_ms)
     if until_ms is not None and until_ms <= since_ms:
         raise BadParameterError("until", "until must be later than since")
     filters = Filters(

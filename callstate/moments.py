@@ -22,7 +22,10 @@ def parse_time_ms(raw: str) -> int:
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return max(0, int(moment.timestamp() * 1000))
+    found = int(moment.timestamp() * 1000)
+    if found > LATEST_MS:  # 9999-12-31T23:59:59-01:00 is in year 10000 in UTC
+        raise ValueError(f"a time up to 9999-12-31T23:59:59.999Z, not {raw!r}")
+    return max(0, found)
 
 
 def iso_utc(ms: object) -> str | None:
