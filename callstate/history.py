@@ -151,12 +151,11 @@ class History:
         self, records: list[Record], known: dict[str, Record | None]
     ) -> dict[str, Record | None]:
         """What each call's records replace: `known` (the record its document held before the
-        batch), else, for a call numbered on from a tombstone (its document was retired), the
-        history's own; read only for those, so a batch usually costs no round trip."""
+        batch), else the history's own, read in one round trip: a call numbered on from a
+        tombstone, and one started over at revision 1 once its document and tombstone expired
+        (the history outlives both), must not leave its earlier index entries behind."""
         before = dict(known)
-        unknown = {
-            r["call_id"] for r in records if r["revision"] > 1 and before.get(r["call_id"]) is None
-        }
+        unknown = {r["call_id"] for r in records if before.get(r["call_id"]) is None}
         if unknown:
             before.update(self.latest(sorted(unknown)))
         return before
