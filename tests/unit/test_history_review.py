@@ -7,9 +7,11 @@ from collections.abc import Callable
 import pytest
 from flask.testing import FlaskClient
 
+from callstate import history as history_module
 from callstate import history_api
+from callstate.calldoc import Record
 from callstate.calls import Doc
-from callstate.history import DAY_MS, Filters, member
+from callstate.history import DAY_MS, Filters, History, member
 from callstate.store import Store
 from tests.factories import record_of, scenario
 from tests.unit.test_history import DAY0, ids, put, record
@@ -74,3 +76,25 @@ def test_an_iso_time_past_year_9999_is_refused_like_milliseconds_past_it(
     answer = client.get("/stats/calls?since=9999-12-31T23:59:59-23:59")
     assert answer.status_code == 400
     assert answer.get_json()["field"] == "since"
+
+
+def test_a_page_whose_filter_matches_nothing_reads_a_bounded_part_of_the_range(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `disposition` and `direction` have no index: a page walks the end-time index until it is
+    # full. When nothing matches, one request reads and unpacks every record of the range (90
+    # days of them by default), holding a web thread for minutes; /stats/calls refuses a window
+    # over 200,000 records for that very reason, /records and a filtered cursor do not.
+    monkeypatch.setattr(history_module, "WALK_STEP", 10)
+    put(store, *(record(f"r-{n}", DAY0 + n) for n in range(500)))
+    examined: list[int] = []
+    real = History._records
+
+    def counting(self: History, places: list[str]) -> dict[str, Record]:
+        examined.append(len(places))
+        return real(self, places)
+
+    monkeypatch.setattr(History, "_records", counting)
+    page = store.history.page(0, None, Filters(disposition="busy"), 1, None)
+    assert page.records == []
+    assert sum(examined) <= 10 * history_module.WALK_STEP, f"read {sum(examined)} records"
