@@ -37,6 +37,8 @@ LATEST_END_MS = 10**END_DIGITS - 1
 DAY_MS = 86_400_000
 # Members read per shard and merged per step of a walk: one pipelined round trip each.
 WALK_STEP = 200
+# Members a page examines at most before it answers short, with a cursor to go on from.
+PAGE_BUDGET = 10 * WALK_STEP
 TRIM_BATCH = 1000
 TRIM_BATCHES = 10
 LOCK_WAIT_SECONDS = 1.0
@@ -181,12 +183,18 @@ class History:
         self, since_ms: int, until_ms: int | None, filters: Filters, limit: int, after: str | None
     ) -> Page:
         """Up to `limit` records that end in [since_ms, until_ms), newest first, after the
-        member `after` (exclusive) when given."""
+        member `after` (exclusive) when given. A page stops early, with a cursor, once it has
+        examined `PAGE_BUDGET` members: filters without an index may match nothing for
+        millions, and one request must not read them all."""
         found: list[Record] = []
-        for place, record, last in self._walk(since_ms, until_ms, filters, after, limit):
-            found.append(record)
-            if len(found) == limit:
-                return Page(found, None if last else place)
+        walk = self._walk(since_ms, until_ms, filters, after, limit)
+        for examined, (place, record, last) in enumerate(walk, start=1):
+            if record is not None:
+                found.append(record)
+            if last:
+                break
+            if len(found) == limit or examined >= PAGE_BUDGET:
+                return Page(found, place)
         return Page(found, None)
 
     def iter_records(
@@ -195,7 +203,8 @@ class History:
         """Every record that ends in [since_ms, until_ms) and passes `filters`, newest first,
         read a step at a time: memory stays that of one step, whatever the range holds."""
         for _, record, _ in self._walk(since_ms, until_ms, filters, None, WALK_STEP):
-            yield record
+            if record is not None:
+                yield record
 
     def count_at_most(self, since_ms: int, until_ms: int | None, filters: Filters) -> int:
         """How many records end in [since_ms, until_ms) in the index the filters pick (one
@@ -209,8 +218,9 @@ class History:
 
     def _walk(
         self, since_ms: int, until_ms: int | None, filters: Filters, after: str | None, step: int
-    ) -> Iterator[tuple[str, Record, bool]]:
-        """(member, record, whether nothing follows in the range) newest first: each step reads
+    ) -> Iterator[tuple[str, Record | None, bool]]:
+        """(member, its record or None when stale or filtered out, whether nothing follows in
+        the range) for every member, newest first: each step reads
         `step` members of every shard's index below the last one taken, in one pipeline, merges
         them, and fetches the records of the first `step` in a second; steps grow to
         `WALK_STEP`."""
@@ -230,8 +240,7 @@ class History:
             for n, place in enumerate(taken):
                 record = records.get(place)
                 last = exhausted and n == len(taken) - 1
-                if record is not None and filters.match(record):
-                    yield place, record, last
+                yield place, record if record is not None and filters.match(record) else None, last
             if exhausted or not taken:
                 return
             upper = f"({taken[-1]}"

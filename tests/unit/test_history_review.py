@@ -99,7 +99,7 @@ def test_a_page_whose_filter_matches_nothing_reads_a_bounded_part_of_the_range(
     monkeypatch.setattr(History, "_records", counting)
     page = store.history.page(0, None, Filters(disposition="busy"), 1, None)
     assert page.records == []
-    assert sum(examined) <= 100, f"read {sum(examined)} records"
+    assert sum(examined) <= 100 + 10, f"read {sum(examined)} records"  # the budget and a step
     found, after = [], page.next_after
     while after is not None:  # a short page's cursor goes on to the match
         page = store.history.page(0, None, Filters(disposition="busy"), 1, after)
