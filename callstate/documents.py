@@ -117,6 +117,7 @@ class Documents:
                         maxlen=self.settings.records_stream_maxlen,
                         approximate=True,
                     )
+                self._owe_deliveries(pipe, shard, applied)
                 pipe.set(cursor_key, new_cursor)
                 self._count_batch(pipe, shard, entries, applied)
                 for call_id, (tombstone, reopened_ms) in applied.reopened.items():
@@ -128,6 +129,22 @@ class Documents:
                 return True
             except WatchError:
                 return False
+
+    def _owe_deliveries(self, pipe: Pipeline, shard: int, applied: Applied) -> None:
+        """With forwarding on, each published revision goes to the shard's outbox too, in the
+        commit that publishes it: never committed without its delivery owed. No trim: every
+        entry is owed until the forwarder hands it over."""
+        if not self.settings.forwarding:
+            return
+        for record in applied.records:
+            pipe.xadd(
+                self.keys.outbox(shard),
+                {
+                    "call_id": record["call_id"],
+                    "revision": str(record["revision"]),
+                    "record": dumps(record),
+                },
+            )
 
     def _count_batch(self, pipe: Pipeline, shard: int, entries: int, applied: Applied) -> None:
         pipe.incrby(self.keys.applied_counter(shard), entries)
