@@ -4,17 +4,20 @@ retries, dead letters, redelivery, settings and signatures."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 from rq import Retry
 from rq.job import Job
 from standardwebhooks import Webhook
 
+from callstate import cli
 from callstate.config import Settings
 from callstate.connection import text
 from callstate.delivery import Destination, Sender
@@ -22,6 +25,7 @@ from callstate.drain import Drainer
 from callstate.forwarding import Forwarder, retry_schedule
 from callstate.machine import CallMachine
 from callstate.store import Store
+from callstate.web import create_app
 from tests.factories import body, ended, event
 from tests.receiver import FAIL, OK, Receiver
 
@@ -281,3 +285,63 @@ def test_settings_read_receivers_and_schedule() -> None:
     assert settings.record_retry_total_seconds == 86400
     assert settings.record_queue_name == "callstate-records"
     assert not dataclasses.replace(settings, record_webhook_urls=()).forwarding
+
+
+def test_metrics_show_deliveries_failures_and_dead_letters(
+    pipeline_for: Any, receiver: Receiver, redis: Redis
+) -> None:
+    receiver.behaviour = lambda n: FAIL if n == 0 else OK
+    pipe = pipeline_for(receiver.url)
+    shard = pipe.apply(*a_call("metric-1"))
+    pipe.forwarder.forward(shard)
+    pipe.apply(*a_call("metric-2", 3000))
+    pipe.forwarder.forward(pipe.store.keys.shard_of("metric-2"))
+    client = create_app(pipe.store.settings, redis).test_client()
+    families = {
+        family.name: family.samples[0].value
+        for family in text_string_to_metric_families(client.get("/metrics").get_data(as_text=True))
+        if "record" in family.name and family.name != "callstate_records"
+    }
+    assert families == {
+        "callstate_records_forwarded": 1,
+        "callstate_record_delivery_failures": 1,
+        "callstate_records_dead_lettered": 0,
+        "callstate_record_dead_letters": 0,
+        "callstate_record_outbox_entries": 0,
+        "callstate_record_deliveries_retrying": 1,
+    }
+
+
+def test_the_cli_redelivers_and_shows_the_figures(
+    pipeline_for: Any,
+    receiver: Receiver,
+    redis: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    receiver.behaviour = lambda n: FAIL
+    pipe = pipeline_for(receiver.url)
+    shard = pipe.apply(*a_call("cli-1"))
+    pipe.forwarder.forward(shard)
+    [job_id] = pipe.pending_jobs(shard)
+    pipe.forwarder.deliver(shard, 1, job_id, 1)
+    monkeypatch.setattr(cli, "connect", lambda url: redis)
+    monkeypatch.setattr(cli, "configure_logging", lambda log_format: None)
+    monkeypatch.setenv("CALLSTATE_RECORD_WEBHOOK_URL", receiver.url)
+    monkeypatch.setenv("CALLSTATE_RECORD_WEBHOOK_SECRET", SECRET)
+    for name in ("CALLSTATE_SHARDS", "CALLSTATE_KEY_PREFIX", "LOG_FORMAT"):
+        monkeypatch.delenv(name, raising=False)
+
+    assert cli.main(["stats"]) == cli.OK
+    shown = (
+        "0 delivered, 2 failed attempts, 0 retrying, 0 in the outboxes, 1 dead-lettered (1 kept)"
+    )
+    assert shown in capsys.readouterr().out
+    assert cli.main(["records", "redeliver"]) == cli.OK
+    assert capsys.readouterr().out == "1 dead letters queued for delivery again\n"
+    assert cli.main(["records", "redeliver", "--json"]) == cli.OK
+    assert json.loads(capsys.readouterr().out) == {"queued": 0, "kept": 0}
+    assert cli.main(["records", "--json"]) == cli.OK  # without a sub-command: the stream
+    assert [item["call_id"] for item in json.loads(capsys.readouterr().out)] == ["cli-1"]
+    assert cli.main(["stats", "--json"]) == cli.OK
+    assert json.loads(capsys.readouterr().out)["forwarding"]["retrying"] == 1
