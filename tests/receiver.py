@@ -32,6 +32,13 @@ class Accepted:
     bad_signatures: int = 0
 
 
+class QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that gave up (its timeout) resets the connection: expected here."""
+
+
 class Receiver:
     """`behaviour(n)` says what to do with the n-th request (from 0); OK by default."""
 
@@ -47,8 +54,7 @@ class Receiver:
         self.hold_seconds = hold_seconds
         self.accepted = Accepted()
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
-        self.server.daemon_threads = True
+        self.server = QuietServer(("127.0.0.1", port), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/records?token=t0ps3cret"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
