@@ -203,6 +203,23 @@ def read_figures(store: Store) -> Figures:
     )
 
 
+def read_forwarding(store: Store) -> Forwarding | None:
+    """Forwarding's figures over every shard in one round trip, for the board; None while off."""
+    if not store.settings.forwarding:
+        return None
+    pipe = store.redis.pipeline(transaction=False)
+    for shard in range(store.settings.shards):
+        _read_forwarding(pipe, store.keys, shard)
+    replies = pipe.execute()
+    return sum(
+        (
+            _forwarding(replies[n : n + FORWARDING_READS])
+            for n in range(0, len(replies), FORWARDING_READS)
+        ),
+        Forwarding(),
+    )
+
+
 def _read_forwarding(pipe: Pipeline, keys: Keys, shard: int) -> None:
     """Queue the reads of a shard's forwarding figures (FORWARDING_READS replies)."""
     pipe.hgetall(keys.forward_counters(shard))

@@ -95,6 +95,9 @@ class Receiver:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as a real receiver
+            # The answer goes out in two writes (headers, body): with Nagle's algorithm the
+            # second waits for the client's delayed ACK, 40 ms a request.
+            disable_nagle_algorithm = True
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))

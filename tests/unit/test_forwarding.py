@@ -345,3 +345,20 @@ def test_the_cli_redelivers_and_shows_the_figures(
     assert [item["call_id"] for item in json.loads(capsys.readouterr().out)] == ["cli-1"]
     assert cli.main(["stats", "--json"]) == cli.OK
     assert json.loads(capsys.readouterr().out)["forwarding"]["retrying"] == 1
+
+
+def test_the_board_shows_forwarding_only_when_it_is_on(
+    pipeline_for: Any, receiver: Receiver, redis: Redis, client: Any
+) -> None:
+    assert client.get("/board/state").get_json()["forwarding"] is None
+    pipe = pipeline_for(receiver.url)
+    pipe.forwarder.forward(pipe.apply(*a_call("board-1")))
+    shown = create_app(pipe.store.settings, redis).test_client().get("/board/state").get_json()
+    assert shown["forwarding"] == {
+        "delivered": 1,
+        "failed": 0,
+        "dead_lettered": 0,
+        "dead_letters": 0,
+        "outbox": 0,
+        "retrying": 0,
+    }
