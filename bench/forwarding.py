@@ -44,7 +44,7 @@ class ForwardingCost:
         bench.redis.flushdb()
         events = max(bench.args.calibration_events, int(events_per_s * drain_seconds))
         receiver = Stack(bench.stack.redis, self.workdir, {})
-        argv = ["nice", "-n", str(RECEIVER_NICE), sys.executable, "-m", "tests.receiver"]
+        argv = [sys.executable, "-m", "tests.receiver", "--nice", str(RECEIVER_NICE)]
         receiver.spawn("receiver", [*argv, "--port", str(self.port)])
         runs, forwarded = [], []
         try:

@@ -28,6 +28,12 @@ class Destination:
         return hashlib.sha256(self.url.encode()).hexdigest()[:12]
 
     @property
+    def target(self) -> str:
+        """The request target: path and query."""
+        parts = urlsplit(self.url)
+        return f"{parts.path or '/'}{'?' + parts.query if parts.query else ''}"
+
+    @property
     def place(self) -> str:
         """Scheme, host and port: what a log line may say of where it sent."""
         parts = urlsplit(self.url)
@@ -54,12 +60,19 @@ class Sender:
         self.pool = urllib3.PoolManager(
             retries=False,
             timeout=urllib3.Timeout(connect=timeout_seconds, read=timeout_seconds),
-            headers={"User-Agent": USER_AGENT},
         )
+        self.pools: dict[str, urllib3.HTTPConnectionPool] = {}
+
+    def _pool_of(self, destination: Destination) -> urllib3.HTTPConnectionPool:
+        pool = self.pools.get(destination.url)
+        if pool is None:
+            pool = self.pools[destination.url] = self.pool.connection_from_url(destination.url)
+        return pool
 
     def headers(self, message_id: str, body: str) -> dict[str, str]:
         now = datetime.now(UTC)
         return {
+            "User-Agent": USER_AGENT,
             "Content-Type": "application/json",
             "webhook-id": message_id,
             "webhook-timestamp": str(int(now.timestamp())),
@@ -70,9 +83,11 @@ class Sender:
         """POST `body`, signed; a 2xx is delivered, anything else (another status, a redirect,
         a timeout, a refused or dropped connection) is not."""
         try:
-            answer = self.pool.request(
+            # The receiver's own pool, found once: PoolManager.request would parse the URL and
+            # look the pool up on every send.
+            answer = self._pool_of(destination).urlopen(
                 "POST",
-                destination.url,
+                destination.target,
                 body=body.encode(),
                 headers=self.headers(message_id, body),
                 redirect=False,

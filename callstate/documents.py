@@ -12,6 +12,7 @@ from redis.client import Pipeline
 from redis.exceptions import WatchError
 
 from callstate.boardview import RESET_HINT, queue_board_update
+from callstate.calldoc import Record
 from callstate.calls import Applied, Doc, is_active
 from callstate.codec import dumps, pack_doc, unpack_doc
 from callstate.config import Settings
@@ -111,13 +112,14 @@ class Documents:
                     self.write_doc(pipe, doc, applied.packed[call_id], before.indexes)
                     self._count_active(pipe, shard, before.active_status, doc)
                 for record in applied.records:
+                    published = dumps(record)
                     pipe.xadd(
                         self.keys.records(),
-                        {"call_id": record["call_id"], "record": dumps(record)},
+                        {"call_id": record["call_id"], "record": published},
                         maxlen=self.settings.records_stream_maxlen,
                         approximate=True,
                     )
-                self._owe_deliveries(pipe, shard, applied)
+                    self._owe_delivery(pipe, shard, record, published)
                 pipe.set(cursor_key, new_cursor)
                 self._count_batch(pipe, shard, entries, applied)
                 for call_id, (tombstone, reopened_ms) in applied.reopened.items():
@@ -130,19 +132,17 @@ class Documents:
             except WatchError:
                 return False
 
-    def _owe_deliveries(self, pipe: Pipeline, shard: int, applied: Applied) -> None:
-        """With forwarding on, each published revision goes to the shard's outbox too, in the
+    def _owe_delivery(self, pipe: Pipeline, shard: int, record: Record, published: str) -> None:
+        """With forwarding on, a published revision goes to the shard's outbox too, in the
         commit that publishes it: never committed without its delivery owed. No trim: every
         entry is owed until the forwarder hands it over."""
-        if not self.settings.forwarding:
-            return
-        for record in applied.records:
+        if self.settings.forwarding:
             pipe.xadd(
                 self.keys.outbox(shard),
                 {
                     "call_id": record["call_id"],
                     "revision": str(record["revision"]),
-                    "record": dumps(record),
+                    "record": published,
                 },
             )
 

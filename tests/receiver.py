@@ -18,6 +18,8 @@ from typing import Any
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
+from workers.records import lower_cpu_priority
+
 OK, FAIL, TIMEOUT, SLOW, DROP = "ok", "fail", "timeout", "slow", "drop"
 
 
@@ -125,7 +127,9 @@ class Receiver:
 def main() -> None:
     parser = argparse.ArgumentParser(description="a receiver that answers 200 to every record")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--nice", type=int, default=0, help="lower this process's CPU priority")
     args = parser.parse_args()
+    lower_cpu_priority(args.nice)
     with Receiver(None, port=args.port) as receiver:
         receiver.thread.join()
 

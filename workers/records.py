@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from pathlib import Path
 
 from rq.worker import SimpleWorker
 
@@ -10,9 +13,22 @@ from callstate import forwarding, jobs
 from workers.connect import connect
 
 log = logging.getLogger("workers.records")  # by name: under `python -m` it is __main__
+# Below the event workers' CPU priority: on a busy machine forwarding yields to applying events,
+# and the outbox holds what it has not sent yet (measured by `python -m bench.forwarding`).
+NICENESS = 10
+
+
+def lower_cpu_priority(niceness: int) -> None:
+    """`os.nice`, and the same for this process's autogroup: under Linux's autogroups (on by
+    default) a process started in a session of its own, as the Procfile's and a supervisor's
+    are, competes for the CPU as its group, whose priority only /proc sets."""
+    os.nice(niceness)
+    with contextlib.suppress(OSError):
+        Path("/proc/self/autogroup").write_text(str(niceness))
 
 
 def main() -> None:
+    lower_cpu_priority(NICENESS)
     settings, redis = connect()
     forwarding.configure(settings, redis)
     # SimpleWorker: forward jobs send over this process's kept-alive connections. RQ's scheduler
