@@ -42,6 +42,11 @@ DELIVER_JOB = "callstate.forwarding.deliver"
 BATCH = 100
 SLICE_SECONDS = 1.0
 LINGER_MS = 100
+# While the event workers are this many log entries behind, a forward job hands over at most
+# YIELD_BATCH revisions and then rests for the rest of its slice: on a busy machine forwarding
+# yields the CPU to applying events, and the outbox holds what waits.
+YIELD_BACKLOG = 1000
+YIELD_BATCH = 20
 RETRY_CAP_SECONDS = 3600
 FAILED_JOB_TTL_SECONDS = 24 * 3600
 # A forward job renews its lock between revisions, and one revision may wait for every
@@ -207,7 +212,17 @@ class Forwarder:
             if not self.redis.xlen(self.keys.outbox(shard)):
                 return handed
 
-    def read_outbox(self, shard: int, after: str | None, block_ms: int = 0) -> list[Revision]:
+    def events_waiting(self) -> int:
+        """Log entries logged and not yet applied, over every shard (the pipeline's counters)."""
+        shards = range(self.settings.shards)
+        names = [self.keys.logged_counter(shard) for shard in shards]
+        names += [self.keys.applied_counter(shard) for shard in shards]
+        counts = [int(raw or 0) for raw in self.redis.mget(names)]
+        return sum(counts[: len(shards)]) - sum(counts[len(shards) :])
+
+    def read_outbox(
+        self, shard: int, after: str | None, block_ms: int = 0, count: int = BATCH
+    ) -> list[Revision]:
         if block_ms:
             found = cast(
                 list[tuple[bytes, StreamRows]] | None,
@@ -215,7 +230,7 @@ class Forwarder:
             )
             return [_revision(row) for row in found[0][1]] if found else []
         start = f"({after}" if after else "-"
-        rows = cast(StreamRows, self.redis.xrange(self.keys.outbox(shard), start, count=BATCH))
+        rows = cast(StreamRows, self.redis.xrange(self.keys.outbox(shard), start, count=count))
         return [_revision(row) for row in rows]
 
     # Delivery jobs -----------------------------------------------------------------------------
@@ -402,6 +417,8 @@ class ShardRun:
     def run(self) -> tuple[int, bool]:
         """Hand revisions over until the outbox stays quiet (True) or the slice ends (False)."""
         fwd, handed, after = self.forwarder, 0, None
+        if fwd.events_waiting() > YIELD_BACKLOG:
+            return self.yield_to_events()
         while True:
             batch = fwd.read_outbox(self.shard, after)
             if not batch:
@@ -414,6 +431,16 @@ class ShardRun:
             if done < len(batch) or time.monotonic() >= self.deadline:
                 return handed, False
             after = batch[-1].entry_id
+
+    def yield_to_events(self) -> tuple[int, bool]:
+        """The event workers are behind: hand a few revisions over, rest until the slice ends,
+        and leave the rest of the outbox to the next job."""
+        batch = self.forwarder.read_outbox(self.shard, None, count=YIELD_BATCH)
+        if not batch:
+            return 0, True
+        handed = self.hand_over(batch)
+        time.sleep(max(0.0, self.deadline - time.monotonic()))
+        return handed, False
 
     def hand_over(self, batch: list[Revision]) -> int:
         """Deliver or queue each revision of the batch for every receiver, then drop them from

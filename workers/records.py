@@ -21,8 +21,11 @@ NICENESS = 10
 def lower_cpu_priority(niceness: int) -> None:
     """`os.nice`, and the same for this process's autogroup: under Linux's autogroups (on by
     default) a process started in a session of its own, as the Procfile's and a supervisor's
-    are, competes for the CPU as its group, whose priority only /proc sets."""
+    are, competes for the CPU as its group, whose priority only /proc sets. Only when this
+    process leads its session: the group would be others' too otherwise."""
     os.nice(niceness)
+    if os.getsid(0) != os.getpid():
+        return  # the autogroup is a session's: this process may share it with others
     with contextlib.suppress(OSError):
         Path("/proc/self/autogroup").write_text(str(niceness))
 

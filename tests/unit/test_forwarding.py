@@ -17,7 +17,7 @@ from rq import Retry
 from rq.job import Job
 from standardwebhooks import Webhook
 
-from callstate import cli
+from callstate import cli, forwarding
 from callstate.config import Settings
 from callstate.connection import text
 from callstate.delivery import Destination, Sender
@@ -362,3 +362,21 @@ def test_the_board_shows_forwarding_only_when_it_is_on(
         "outbox": 0,
         "retrying": 0,
     }
+
+
+def test_while_the_event_workers_are_behind_forwarding_yields(
+    pipeline_for: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(forwarding, "SLICE_SECONDS", 0.05)
+    monkeypatch.setattr(forwarding, "YIELD_BATCH", 2)
+    pipe = pipeline_for(receiver.url)
+    shard = pipe.store.keys.shard_of("busy-0")
+    calls = [f"busy-{n}" for n in range(40) if pipe.store.keys.shard_of(f"busy-{n}") == shard]
+    for call_id in calls[:3]:
+        pipe.apply(*a_call(call_id))
+    pipe.store.redis.incrby(pipe.store.keys.logged_counter(1), forwarding.YIELD_BACKLOG + 1)
+    assert pipe.forwarder.forward(shard) == 2  # then it rests, and wakes its successor
+    assert receiver.accepted.ids == [f"{calls[0]}:1", f"{calls[1]}:1"]
+    assert pipe.store.redis.get(pipe.store.keys.forward_wake(shard)) is not None
+    pipe.store.redis.decrby(pipe.store.keys.logged_counter(1), forwarding.YIELD_BACKLOG + 1)
+    assert pipe.forwarder.forward(shard) == 1
