@@ -380,3 +380,22 @@ def test_while_the_event_workers_are_behind_forwarding_yields(
     assert pipe.store.redis.get(pipe.store.keys.forward_wake(shard)) is not None
     pipe.store.redis.decrby(pipe.store.keys.logged_counter(1), forwarding.YIELD_BACKLOG + 1)
     assert pipe.forwarder.forward(shard) == 1
+
+
+def test_maintenance_wakes_a_forwarder_whose_wake_was_lost(
+    pipeline_for: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe = pipeline_for(receiver.url)
+    fwd: Forwarder = pipe.forwarder
+    shard = pipe.apply(*a_call("lost-1"))
+    assert fwd.wake_stuck() == 1  # an outbox with entries and no job queued
+    first = fwd.wakes.holder(shard)
+    assert first is not None and fwd.queue.get_job_position(first) is not None
+    assert fwd.wake_stuck() == 0  # queued: nothing to do
+    fwd.redis.delete(fwd.queue.key)  # the job is lost (a worker died after taking it)
+    monkeypatch.setattr(forwarding, "LOST_WAKE_GRACE_MS", 0)
+    assert fwd.wake_stuck() == 1
+    second = fwd.wakes.holder(shard)
+    assert second not in (None, first) and fwd.queue.get_job_position(second) is not None
+    assert fwd.forward(shard, second) == 1
+    assert fwd.wake_stuck() == 0  # the outbox is empty
