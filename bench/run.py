@@ -25,6 +25,7 @@ from typing import Any, cast
 from redis import Redis
 from rq import Queue, Worker
 
+from bench.forwarding import ForwardingCost
 from bench.load import command, percentiles
 from bench.metrics_cost import Scraper, alternating, compare
 from bench.traffic import PlannedCall, check_call, plan_call
@@ -49,6 +50,7 @@ TARGETS = {
     "flat_cost_drop": 0.10,
     "metrics_on_vs_off_webhook": 0.95,
     "metrics_on_vs_off_apply": 0.95,
+    "forwarding_on_vs_off_apply": 0.90,
 }
 
 
@@ -87,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--scrape-interval", type=float, default=1.0, help="seconds between /metrics scrapes"
     )
+    parser.add_argument(
+        "--forwarding-rounds",
+        type=int,
+        default=2,
+        help="apply capacity with record forwarding on and off, this many times each, alternated",
+    )
     parser.add_argument("--smoke", action="store_true", help="a few seconds of everything")
     parser.add_argument("--out", type=Path, default=None, help="result file (JSON)")
     args = parser.parse_args(argv)
@@ -97,6 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.noop_jobs, args.seed_calls, args.active_calls = 100, 1000, 100
         args.calibration_events = 1000
         args.cost_rounds, args.cost_duration, args.cost_drain_seconds = 1, 1.0, 0.2
+        args.forwarding_rounds = 1
     return args
 
 
@@ -430,12 +439,14 @@ def verdicts(figures: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "flat_cost_drop": 1 - flat["ratio"],
         "metrics_on_vs_off_webhook": figures["metrics_cost"]["webhook"]["ratio"],
         "metrics_on_vs_off_apply": figures["metrics_cost"]["apply"]["ratio"],
+        "forwarding_on_vs_off_apply": figures["forwarding_cost"]["ratio"],
     }
     at_least = {
         "applied_vs_empty_rq_jobs",
         "webhook_vs_bare_echo",
         "metrics_on_vs_off_webhook",
         "metrics_on_vs_off_apply",
+        "forwarding_on_vs_off_apply",
     }
     return {
         name: {
@@ -501,6 +512,10 @@ def table(figures: dict[str, Any]) -> str:
             f"{cost['scrape']['latency_ms']['p50']:.1f} / p99 "
             f"{cost['scrape']['latency_ms']['p99']:.1f} ms, {cost['scrape']['failures']} failed",
         ),
+        (
+            "forwarding on / off: apply capacity",
+            _on_off(figures["forwarding_cost"], "events/s"),
+        ),
         ("Redis commands per event", f"{top['redis_commands_per_event']:.2f}"),
         ("Redis bytes per ended call", f"{top['bytes_per_ended_call']:.0f}"),
         ("Redis bytes per active call", f"{memory['bytes_per_active_call']:.0f}"),
@@ -562,6 +577,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "apply": bench.metrics_cost_apply(figures["flat_cost"]["empty_redis"]["events_per_s"]),
             "scrape": bench.scrape_summary(),
         }
+        figures["forwarding_cost"] = ForwardingCost(bench).run(
+            figures["flat_cost"]["empty_redis"]["events_per_s"],
+            args.forwarding_rounds,
+            args.cost_drain_seconds,
+        )
         figures["targets"] = verdicts(figures)
     finally:
         stack.stop()

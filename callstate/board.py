@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
+from dataclasses import asdict
 from typing import Any, cast
 
 from flask import (
@@ -29,6 +30,7 @@ from flask.typing import ResponseReturnValue
 from callstate.boardfeed import BoardFeed, Stream, read_backlog
 from callstate.boardview import Summary, call_summary, record_summary
 from callstate.connection import StreamRows, text
+from callstate.figures import read_forwarding
 from callstate.http import TOKEN_COOKIE, error, require_read_token, services
 from callstate.store import Store
 
@@ -126,8 +128,14 @@ def state() -> tuple[Response, int]:
             "records": recent_records(store, RECORDS_SHOWN),
             "rejections": recent_rejections(store, REJECTIONS_SHOWN),
             "backlog": read_backlog(store),
+            "forwarding": _forwarding(store),
         }
     ), 200
+
+
+def _forwarding(store: Store) -> dict[str, int] | None:
+    figures = read_forwarding(store)
+    return None if figures is None else asdict(figures)
 
 
 @board.get("/board/events")

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, astuple
 from datetime import UTC, datetime
 from typing import Any, cast
 from urllib.parse import urlparse
@@ -28,6 +28,7 @@ from callstate.connection import StreamRows, connect, text
 from callstate.doctor import examine
 from callstate.export import csv_lines, jsonl_lines
 from callstate.figures import Figures, ShardFigures, read_figures
+from callstate.forwarding import Forwarder
 from callstate.history import Filters
 from callstate.jobs import drain_timeout, wake_drain
 from callstate.logs import configure_logging
@@ -151,7 +152,9 @@ def parser() -> argparse.ArgumentParser:
         "with --json, one JSON object per line",
     )
     records.add_argument("--limit", type=_positive, default=20, help="at most this many (20)")
-    add_records_export(records)
+    records_commands = records.add_subparsers(dest="records_command", metavar="SUBCOMMAND")
+    add_records_export(records_commands)
+    add_records_redeliver(records_commands, reads)
     command(
         "stats",
         show_stats,
@@ -190,9 +193,8 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def add_records_export(records: argparse.ArgumentParser) -> None:
+def add_records_export(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`records export`: a sub-command of `records`, which without one still reads the stream."""
-    subcommands = records.add_subparsers(dest="records_command", metavar="SUBCOMMAND")
     export = subcommands.add_parser(
         "export",
         help="write the records history to stdout as CSV or JSON Lines, newest first",
@@ -220,6 +222,34 @@ def export_records(store: Store, args: argparse.Namespace) -> int:
     found = store.history.iter_records(since_ms, args.until, filters)
     lines = csv_lines(found) if args.format == "csv" else jsonl_lines(found)
     sys.stdout.writelines(lines)
+    return OK
+
+
+def add_records_redeliver(
+    subcommands: argparse._SubParsersAction[argparse.ArgumentParser],
+    reads: argparse.ArgumentParser,
+) -> None:
+    """`records redeliver`: a sub-command of `records`, which without one reads the stream."""
+    redeliver = subcommands.add_parser(
+        "redeliver",
+        parents=[reads],
+        help="send the forwarding's dead letters again, with a fresh retry schedule",
+        description="Queue every dead letter (a record revision whose delivery failed for the "
+        "whole retry schedule) for delivery again, each taken off its list in the transaction "
+        "that queues it; letters for a receiver no longer in CALLSTATE_RECORD_WEBHOOK_URL are "
+        "kept. The records worker (workers/records.py) sends them.",
+    )
+    redeliver.set_defaults(run=redeliver_records)
+
+
+def redeliver_records(store: Store, args: argparse.Namespace) -> int:
+    queued, kept = Forwarder(store.redis, store.settings).redeliver()
+    if args.json:
+        _print_json({"queued": queued, "kept": kept})
+        return OK
+    print(f"{queued} dead letters queued for delivery again")
+    if kept:
+        print(f"{kept} kept: their receiver is no longer in CALLSTATE_RECORD_WEBHOOK_URL")
     return OK
 
 
@@ -411,6 +441,13 @@ def show_stats(store: Store, args: argparse.Namespace) -> int:
     print()
     print(_table(("ACTIVE STATUS", "CALLS"), sorted(figures.active.items())))
     print(f"\nquarantine: {figures.quarantine_size} kept, {figures.quarantined} quarantined in all")
+    forwarding = figures.forwarding
+    if store.settings.forwarding or any(astuple(forwarding)):
+        print(
+            f"forwarding: {forwarding.delivered} delivered, {forwarding.failed} failed attempts, "
+            f"{forwarding.retrying} retrying, {forwarding.outbox} in the outboxes, "
+            f"{forwarding.dead_lettered} dead-lettered ({forwarding.dead_letters} kept)"
+        )
     return OK
 
 
@@ -453,6 +490,7 @@ def _figures_json(figures: Figures) -> dict[str, Any]:
         "active_total": figures.active_total,
         "quarantined": figures.quarantined,
         "quarantine_size": figures.quarantine_size,
+        "forwarding": asdict(figures.forwarding),
         "shards": shards,
     }
 

@@ -7,6 +7,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from standardwebhooks import Webhook
 
 EMBEDDED_REDIS_PORT = 6390
 FSYNC_POLICIES = ("always", "everysec")
@@ -70,12 +74,24 @@ class Settings:
     ready_max_lag_seconds: int = 30
     metrics: bool = True
     multiproc_dir: Path | None = None
+    # Record forwarding (callstate/forwarding.py): off while no URL is set.
+    record_webhook_urls: tuple[str, ...] = ()
+    record_webhook_secret: str | None = None
+    record_queue_name: str = "callstate-records"
+    record_webhook_timeout_seconds: int = 5
+    record_retry_first_seconds: int = 10
+    record_retry_total_seconds: int = 24 * 3600
 
     @property
     def metrics_dir(self) -> Path:
         """Where gunicorn's processes keep their HTTP figures for `/metrics` to add up:
         PROMETHEUS_MULTIPROC_DIR when given, else a directory of the var dir."""
         return self.multiproc_dir or self.var_dir / "prometheus"
+
+    @property
+    def forwarding(self) -> bool:
+        """Whether record revisions are forwarded to HTTP receivers."""
+        return bool(self.record_webhook_urls)
 
     @property
     def call_limits(self) -> Limits:
@@ -170,6 +186,7 @@ class Settings:
                 ),
                 metrics=_choice(env, "CALLSTATE_METRICS", SWITCH, "on") == "on",
                 multiproc_dir=_path(env.get("PROMETHEUS_MULTIPROC_DIR")),
+                **_forwarding(env),
             )
         )
 
@@ -180,6 +197,60 @@ def _checked(settings: Settings) -> Settings:
             "CALLSTATE_SNAPSHOT_INTERVAL_SECONDS must be shorter than CALLSTATE_RETENTION_SECONDS"
         )
     return settings
+
+
+def _forwarding(env: Mapping[str, str]) -> dict[str, Any]:
+    """The record forwarding settings, checked: http(s) URLs only, and a `whsec_` secret that
+    Standard Webhooks can sign with whenever a URL is set."""
+    urls = tuple(_webhook_url(item) for item in _items(env.get("CALLSTATE_RECORD_WEBHOOK_URL", "")))
+    secret = env.get("CALLSTATE_RECORD_WEBHOOK_SECRET") or None
+    if urls and secret is None:
+        raise ValueError("CALLSTATE_RECORD_WEBHOOK_URL is set: CALLSTATE_RECORD_WEBHOOK_SECRET too")
+    if secret is not None:
+        _check_webhook_secret(secret)
+    defaults = Settings
+    return {
+        "record_webhook_urls": urls,
+        "record_webhook_secret": secret,
+        "record_queue_name": env.get("CALLSTATE_RECORD_QUEUE") or defaults.record_queue_name,
+        "record_webhook_timeout_seconds": _int(
+            env, "CALLSTATE_RECORD_WEBHOOK_TIMEOUT_SECONDS", defaults.record_webhook_timeout_seconds
+        ),
+        "record_retry_first_seconds": _int(
+            env, "CALLSTATE_RECORD_RETRY_FIRST_SECONDS", defaults.record_retry_first_seconds
+        ),
+        "record_retry_total_seconds": _int(
+            env, "CALLSTATE_RECORD_RETRY_TOTAL_SECONDS", defaults.record_retry_total_seconds
+        ),
+    }
+
+
+def _webhook_url(raw: str) -> str:
+    """A receiver's URL: http or https with a host; the message never repeats it (a URL may
+    carry a token)."""
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            "CALLSTATE_RECORD_WEBHOOK_URL holds comma-separated http:// or https:// URLs "
+            "with a host"
+        )
+    return raw
+
+
+def _check_webhook_secret(secret: str) -> None:
+    problem = (
+        "CALLSTATE_RECORD_WEBHOOK_SECRET must be a Standard Webhooks secret: whsec_ and base64"
+    )
+    if not secret.startswith("whsec_"):
+        raise ValueError(problem)
+    try:
+        Webhook(secret)
+    except Exception:  # the library raises binascii.Error or its own for a bad or empty key
+        raise ValueError(problem) from None
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -1,9 +1,11 @@
-"""Drain coordination: each shard's wake flag (a drain job is queued) and its drain lock."""
+"""Shard coordination: the wake flags that stand for a shard's queued job (a drain, a forward)
+and the drain lock."""
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 
 from redis import Redis
 
@@ -35,16 +37,72 @@ return 0
 """
 
 
-def new_wake_id() -> str:
-    """The id of the drain job a wake flag stands for; it carries the time it was made, so
+def new_wake_id(kind: str = "drain") -> str:
+    """The id of the job a wake flag stands for; it carries the time it was made, so
     maintenance can tell a flag whose job was never queued from a fresh one."""
-    return f"drain-{int(time.time() * 1000)}-{uuid.uuid4().hex[:12]}"
+    return f"{kind}-{int(time.time() * 1000)}-{uuid.uuid4().hex[:12]}"
 
 
 def wake_age_ms(wake_id: str) -> int:
     parts = wake_id.split("-")
     made_ms = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
     return int(time.time() * 1000) - made_ms
+
+
+class WakeFlags:
+    """One wake flag per shard, holding the id of the job of `kind` that is queued for it and has
+    not started: only whoever sets the flag queues a job, so a shard never has two queued."""
+
+    def __init__(self, redis: Redis, key: Callable[[int], str], kind: str) -> None:
+        self.redis = redis
+        self.key = key
+        self.kind = kind
+        self._compare_and_delete = redis.register_script(COMPARE_AND_DELETE)
+        self._compare_and_set = redis.register_script(COMPARE_AND_SET)
+
+    def claim(self, shard: int) -> str | None:
+        """Set the flag unless a job is queued; a wake id returned obliges the caller to queue
+        the job of that id."""
+        wake_id = new_wake_id(self.kind)
+        return wake_id if self.redis.set(self.key(shard), wake_id, nx=True) else None
+
+    def clear(self, shard: int, wake_id: str) -> None:
+        """The job `wake_id` has started: the next wake must queue one. A flag that names
+        another job is not this job's to clear."""
+        self._compare_and_delete(keys=[self.key(shard)], args=[wake_id])
+
+    def holder(self, shard: int) -> str | None:
+        raw = self.redis.get(self.key(shard))
+        return text(raw) if raw else None
+
+    def replace(self, shard: int, old: str) -> str | None:
+        """Make the flag stand for a new job if it still stands for `old`; return its id."""
+        wake_id = new_wake_id(self.kind)
+        replaced = self._compare_and_set(keys=[self.key(shard)], args=[old, wake_id])
+        return wake_id if replaced else None
+
+
+class ShardLocks:
+    """One lock per shard, held by a token for `ttl_ms` and renewed by its holder; whoever holds
+    it is the shard's only worker of its kind."""
+
+    def __init__(self, redis: Redis, key: Callable[[int], str], ttl_ms: int) -> None:
+        self.redis = redis
+        self.key = key
+        self.ttl_ms = ttl_ms
+        self._compare_and_delete = redis.register_script(COMPARE_AND_DELETE)
+        self._compare_and_pexpire = redis.register_script(COMPARE_AND_PEXPIRE)
+
+    def acquire(self, shard: int, token: str) -> bool:
+        return bool(self.redis.set(self.key(shard), token, nx=True, px=self.ttl_ms))
+
+    def renew(self, shard: int, token: str) -> bool:
+        """Extend the lock to its full time if `token` still holds it."""
+        return bool(self._compare_and_pexpire(keys=[self.key(shard)], args=[token, self.ttl_ms]))
+
+    def release(self, shard: int, token: str) -> bool:
+        """Delete the lock only if `token` still holds it (it may have expired and moved on)."""
+        return bool(self._compare_and_delete(keys=[self.key(shard)], args=[token]))
 
 
 class DrainCoordination:
@@ -55,41 +113,30 @@ class DrainCoordination:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.key_prefix, settings.shards)
-        self._compare_and_delete = redis.register_script(COMPARE_AND_DELETE)
-        self._compare_and_set = redis.register_script(COMPARE_AND_SET)
-        self._compare_and_pexpire = redis.register_script(COMPARE_AND_PEXPIRE)
+        self.wakes = WakeFlags(redis, self.keys.wake, "drain")
+        self.locks = ShardLocks(redis, self.keys.drain_lock, settings.drain_lock_seconds * 1000)
 
     def claim_wake(self, shard: int) -> str | None:
-        """Set the shard's wake flag unless a drain job is queued; a wake id returned obliges
-        the caller to queue the drain job of that id."""
-        wake_id = new_wake_id()
-        return wake_id if self.redis.set(self.keys.wake(shard), wake_id, nx=True) else None
+        """Set the shard's wake flag unless a drain job is queued (see `WakeFlags.claim`)."""
+        return self.wakes.claim(shard)
 
     def clear_wake(self, shard: int, wake_id: str) -> None:
-        """The drain job `wake_id` has started: it is no longer queued, so the next event must
-        queue one. A flag that names another job is not this job's to clear."""
-        self._compare_and_delete(keys=[self.keys.wake(shard)], args=[wake_id])
+        self.wakes.clear(shard, wake_id)
 
     def wake_holder(self, shard: int) -> str | None:
         """The id of the drain job the shard's wake flag stands for, if it is set."""
-        raw = self.redis.get(self.keys.wake(shard))
-        return text(raw) if raw else None
+        return self.wakes.holder(shard)
 
     def replace_wake(self, shard: int, old: str) -> str | None:
-        """Make the flag stand for a new drain job if it still stands for `old`; return its id."""
-        wake_id = new_wake_id()
-        replaced = self._compare_and_set(keys=[self.keys.wake(shard)], args=[old, wake_id])
-        return wake_id if replaced else None
+        return self.wakes.replace(shard, old)
 
     def acquire_drain_lock(self, shard: int, token: str) -> bool:
-        ms = self.settings.drain_lock_seconds * 1000
-        return bool(self.redis.set(self.keys.drain_lock(shard), token, nx=True, px=ms))
+        return self.locks.acquire(shard, token)
 
     def renew_drain_lock(self, shard: int, token: str) -> bool:
         """Extend the lock to its full time if `token` still holds it."""
-        ms = self.settings.drain_lock_seconds * 1000
-        return bool(self._compare_and_pexpire(keys=[self.keys.drain_lock(shard)], args=[token, ms]))
+        return self.locks.renew(shard, token)
 
     def release_drain_lock(self, shard: int, token: str) -> bool:
         """Delete the lock only if `token` still holds it (it may have expired and moved on)."""
-        return bool(self._compare_and_delete(keys=[self.keys.drain_lock(shard)], args=[token]))
+        return self.locks.release(shard, token)

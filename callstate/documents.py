@@ -118,12 +118,14 @@ class Documents:
                     self.write_doc(pipe, doc, applied.packed[call_id], before.indexes)
                     self._count_active(pipe, shard, before.active_status, doc)
                 for record in applied.records:
+                    published = dumps(record)
                     pipe.xadd(
                         self.keys.records(),
-                        {"call_id": record["call_id"], "record": dumps(record)},
+                        {"call_id": record["call_id"], "record": published},
                         maxlen=self.settings.records_stream_maxlen,
                         approximate=True,
                     )
+                    self._owe_delivery(pipe, shard, record, published)
                 self.history.queue_records(pipe, applied.records, replaced)
                 pipe.set(cursor_key, new_cursor)
                 self._count_batch(pipe, shard, entries, applied)
@@ -136,6 +138,20 @@ class Documents:
                 return True
             except WatchError:
                 return False
+
+    def _owe_delivery(self, pipe: Pipeline, shard: int, record: Record, published: str) -> None:
+        """With forwarding on, a published revision goes to the shard's outbox too, in the
+        commit that publishes it: never committed without its delivery owed. No trim: every
+        entry is owed until the forwarder hands it over."""
+        if self.settings.forwarding:
+            pipe.xadd(
+                self.keys.outbox(shard),
+                {
+                    "call_id": record["call_id"],
+                    "revision": str(record["revision"]),
+                    "record": published,
+                },
+            )
 
     def _count_batch(self, pipe: Pipeline, shard: int, entries: int, applied: Applied) -> None:
         pipe.incrby(self.keys.applied_counter(shard), entries)

@@ -38,6 +38,7 @@ class Drainer:
         linger_ms: int,
         window_ms: int,
         wake: Callable[[int], object],
+        on_records: Callable[[int], object] | None = None,
     ) -> None:
         self.store = store
         self.machine = machine
@@ -47,6 +48,8 @@ class Drainer:
         self.linger_ms = linger_ms
         self.window_seconds = window_ms / 1000
         self.wake = wake
+        # Called after a commit that published records: wakes the shard's forwarder.
+        self.on_records = on_records
 
     def drain(self, shard: int, wake_id: str | None = None) -> int:
         """Apply what the shard logs until it is quiet or the slice ends; return how many.
@@ -123,6 +126,8 @@ class Drainer:
                 extra={"shard": shard},
             )
         else:
+            if applied.records and self.on_records is not None:
+                self.on_records(shard)
             if applied.unprocessable:
                 self._report_unprocessable(shard, applied)
             if applied.expired:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import cast
+from dataclasses import astuple, dataclass
+from typing import Any, cast
 
 from redis import Redis
+from redis.client import Pipeline
 
 from callstate import streamids
 from callstate.connection import StreamRows, text
@@ -26,6 +27,9 @@ redis.call('SET', KEYS[4], applied + waiting)
 return waiting
 """
 # Drain jobs last a slice (50 ms by default) or less; the tail shows a stalled shard.
+# Replies per shard in read_figures: counters, verdicts, active, drain seconds, and forwarding's.
+FORWARDING_READS = 4
+PER_SHARD = 4 + FORWARDING_READS
 DRAIN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -48,6 +52,22 @@ class Backlog:
 
 
 @dataclass(frozen=True)
+class Forwarding:
+    """A shard's record forwarding: deliveries made, attempts failed, deliveries given up (and
+    still kept as dead letters), revisions waiting in the outbox, deliveries being retried."""
+
+    delivered: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    dead_letters: int = 0
+    outbox: int = 0
+    retrying: int = 0
+
+    def __add__(self, other: Forwarding) -> Forwarding:
+        return Forwarding(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+
+@dataclass(frozen=True)
 class ShardFigures:
     shard: int
     logged: int
@@ -57,6 +77,7 @@ class ShardFigures:
     records: int
     active: dict[str, int]
     drain_seconds: Histogram
+    forwarding: Forwarding = Forwarding()
 
 
 @dataclass(frozen=True)
@@ -91,6 +112,10 @@ class Figures:
     @property
     def active_total(self) -> int:
         return sum(self.active.values())
+
+    @property
+    def forwarding(self) -> Forwarding:
+        return sum((shard.forwarding for shard in self.shards), Forwarding())
 
 
 def record_drain_seconds(redis: Redis, keys: Keys, shard: int, seconds: float) -> None:
@@ -151,8 +176,9 @@ def read_figures(store: Store) -> Figures:
         pipe.hgetall(keys.verdicts(shard))
         pipe.hgetall(keys.active_statuses(shard))
         pipe.hgetall(keys.drain_seconds(shard))
+        _read_forwarding(pipe, keys, shard)
     now, quarantined, quarantine_size, *rows = pipe.execute()
-    counters = [cast(list[bytes | None], rows[4 * shard]) for shard in shards]
+    counters = [cast(list[bytes | None], rows[PER_SHARD * shard]) for shard in shards]
     backlogs = _backlogs(store, _millis(now), counters)
     return Figures(
         server_ms=_millis(now),
@@ -162,15 +188,56 @@ def read_figures(store: Store) -> Figures:
                 logged=_int(counters[shard][0]),
                 applied=_int(counters[shard][1]),
                 backlog=backlogs[shard],
-                verdicts=_counts(rows[4 * shard + 1]),
+                verdicts=_counts(rows[PER_SHARD * shard + 1]),
                 records=_int(counters[shard][3]),
-                active={status: n for status, n in _counts(rows[4 * shard + 2]).items() if n},
-                drain_seconds=_histogram(rows[4 * shard + 3]),
+                active={
+                    status: n for status, n in _counts(rows[PER_SHARD * shard + 2]).items() if n
+                },
+                drain_seconds=_histogram(rows[PER_SHARD * shard + 3]),
+                forwarding=_forwarding(rows[PER_SHARD * shard + 4 : PER_SHARD * (shard + 1)]),
             )
             for shard in shards
         ],
         quarantined=_int(quarantined),
         quarantine_size=int(quarantine_size),
+    )
+
+
+def read_forwarding(store: Store) -> Forwarding | None:
+    """Forwarding's figures over every shard in one round trip, for the board; None while off."""
+    if not store.settings.forwarding:
+        return None
+    pipe = store.redis.pipeline(transaction=False)
+    for shard in range(store.settings.shards):
+        _read_forwarding(pipe, store.keys, shard)
+    replies = pipe.execute()
+    return sum(
+        (
+            _forwarding(replies[n : n + FORWARDING_READS])
+            for n in range(0, len(replies), FORWARDING_READS)
+        ),
+        Forwarding(),
+    )
+
+
+def _read_forwarding(pipe: Pipeline, keys: Keys, shard: int) -> None:
+    """Queue the reads of a shard's forwarding figures (FORWARDING_READS replies)."""
+    pipe.hgetall(keys.forward_counters(shard))
+    pipe.llen(keys.dead_letters(shard))
+    pipe.xlen(keys.outbox(shard))
+    pipe.hlen(keys.forward_pending(shard))
+
+
+def _forwarding(replies: list[Any]) -> Forwarding:
+    counts, dead_letters, outbox, retrying = replies
+    found = _counts(counts)
+    return Forwarding(
+        delivered=found.get("delivered", 0),
+        failed=found.get("failed", 0),
+        dead_lettered=found.get("dead_lettered", 0),
+        dead_letters=int(dead_letters),
+        outbox=int(outbox),
+        retrying=int(retrying),
     )
 
 

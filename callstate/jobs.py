@@ -19,6 +19,7 @@ from callstate.config import Settings
 from callstate.coordination import wake_age_ms
 from callstate.drain import Drainer
 from callstate.figures import record_drain_seconds
+from callstate.forwarding import Forwarder
 from callstate.machine import CallMachine
 from callstate.retention import Retention
 from callstate.snapshots import Snapshots
@@ -45,6 +46,7 @@ class Context:
     queue: Queue
     drainer: Drainer
     snapshots: Snapshots
+    forwarder: Forwarder | None = None
 
 
 _context: Context | None = None
@@ -56,6 +58,7 @@ def configure(settings: Settings, redis: Redis) -> Context:
     store = Store(redis, settings)
     queue = Queue(settings.queue_name, connection=redis)
     machine = CallMachine()
+    forwarder = Forwarder(redis, settings) if settings.forwarding else None
     drainer = Drainer(
         store,
         machine,
@@ -64,6 +67,7 @@ def configure(settings: Settings, redis: Redis) -> Context:
         linger_ms=settings.drain_linger_ms,
         window_ms=settings.drain_window_ms,
         wake=lambda shard: wake_drain(store, queue, shard, drain_timeout(settings)),
+        on_records=forwarder.wake if forwarder is not None else None,
     )
     _context = Context(
         settings=settings,
@@ -71,6 +75,7 @@ def configure(settings: Settings, redis: Redis) -> Context:
         queue=queue,
         drainer=drainer,
         snapshots=Snapshots(store, machine),
+        forwarder=forwarder,
     )
     return _context
 
@@ -200,6 +205,8 @@ def maintain() -> dict[str, int]:
         _, shard, wake_id = store.log.append_sweep(call_id, stale_before)
         if wake_id is not None:
             enqueue_drain(ctx.queue, shard, timeout, wake_id)
+    if ctx.forwarder is not None:  # a forward wake lost to a crash
+        ctx.forwarder.wake_stuck()
     if stale or woken or retired or trimmed:
         log.info(
             "maintenance: %d calls to close, %d shards woken, %d calls retired, "

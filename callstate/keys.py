@@ -122,3 +122,35 @@ class Keys:
     def board_rejections(self, shard: int) -> str:
         """List of the shard's latest rejected events, newest first, capped, for the board."""
         return f"{self.prefix}:board-rejections:{shard}"
+
+    # Record forwarding (callstate/forwarding.py), per shard like everything a commit writes.
+
+    def outbox(self, shard: int) -> str:
+        """Stream of the shard's record revisions still to be handed to the forwarder; written
+        in the commit that publishes them, so a revision is never committed without its
+        delivery owed."""
+        return f"{self.prefix}:outbox:{shard}"
+
+    def forward_wake(self, shard: int) -> str:
+        """The shard's forwarder wake flag: set while a forward job for it is queued."""
+        return f"{self.prefix}:forward-wake:{shard}"
+
+    def forward_lock(self, shard: int) -> str:
+        return f"{self.prefix}:forward-lock:{shard}"
+
+    def forward_chains(self, shard: int) -> str:
+        """Hash `destination:call_id` -> id of the last delivery job queued for that pair: the
+        next revision's delivery waits for it (per-call order)."""
+        return f"{self.prefix}:forward-chains:{shard}"
+
+    def forward_pending(self, shard: int) -> str:
+        """Hash of the deliveries handed to RQ jobs, by job id: what to send, and where."""
+        return f"{self.prefix}:forward-pending:{shard}"
+
+    def dead_letters(self, shard: int) -> str:
+        """List of deliveries that failed for the whole retry schedule, newest first."""
+        return f"{self.prefix}:dead-letters:{shard}"
+
+    def forward_counters(self, shard: int) -> str:
+        """The shard's forwarding counts: `delivered`, `failed` (attempts), `dead_lettered`."""
+        return f"{self.prefix}:stats:forwarding:{shard}"

@@ -116,6 +116,7 @@ class PipelineCollector:
         )
         yield from _shard_families(figures)
         yield from _call_families(figures)
+        yield from _forwarding_families(figures)
 
 
 def _shard_families(figures: Figures) -> Iterator[Metric]:
@@ -189,4 +190,39 @@ def _call_families(figures: Figures) -> Iterator[Metric]:
     )
     yield GaugeMetricFamily(
         "callstate_quarantine_entries", "Entries the quarantine holds.", figures.quarantine_size
+    )
+
+
+def _forwarding_families(figures: Figures) -> Iterator[Metric]:
+    """Record forwarding, over every shard and receiver (all zeros while it is off)."""
+    forwarding = figures.forwarding
+    yield CounterMetricFamily(
+        "callstate_records_forwarded",
+        "Record revisions delivered (answered 2xx), counted once per receiver.",
+        forwarding.delivered,
+    )
+    yield CounterMetricFamily(
+        "callstate_record_delivery_failures",
+        "Failed attempts to deliver a record revision (another answer, a timeout, no connection).",
+        forwarding.failed,
+    )
+    yield CounterMetricFamily(
+        "callstate_records_dead_lettered",
+        "Deliveries given up after the whole retry schedule, put in the dead-letter lists.",
+        forwarding.dead_lettered,
+    )
+    yield GaugeMetricFamily(
+        "callstate_record_dead_letters",
+        "Deliveries in the dead-letter lists (`callstate records redeliver` sends them again).",
+        forwarding.dead_letters,
+    )
+    yield GaugeMetricFamily(
+        "callstate_record_outbox_entries",
+        "Record revisions committed and not yet handed to the forwarder.",
+        forwarding.outbox,
+    )
+    yield GaugeMetricFamily(
+        "callstate_record_deliveries_retrying",
+        "Deliveries waiting in RQ jobs: retrying, or queued behind their call's earlier revision.",
+        forwarding.retrying,
     )

@@ -15,6 +15,7 @@
     records: [],
     rejections: [],
     backlog: [],
+    forwarding: null, // record forwarding's figures as of the last load; null while it is off
     offsetMs: 0, // server clock minus this browser's
     pending: null, // change messages received while the picture loads
     loadSeq: 0,
@@ -93,6 +94,7 @@
     board.records = state.records.slice(0, SHOWN);
     board.rejections = state.rejections.slice(0, SHOWN);
     board.backlog = state.backlog;
+    board.forwarding = state.forwarding || null;
     // Changes committed after the picture was taken are newer: versions sort it out.
     pending.forEach(applyChange);
   }
@@ -185,8 +187,20 @@
     return item;
   }
 
+  function renderForwarding() {
+    const node = document.getElementById("forwarding");
+    const figures = board.forwarding;
+    node.hidden = figures === null;
+    if (figures === null) return;
+    node.textContent =
+      `records forwarded ${figures.delivered} · failed attempts ${figures.failed}` +
+      ` · retrying ${figures.retrying} · dead letters ${figures.dead_letters}`;
+    node.dataset.late = String(figures.dead_letters > 0);
+  }
+
   function render() {
     renderActive();
+    renderForwarding();
     renderList("record-list", board.records.slice(0, RECORDS_SHOWN), recordItem, "none yet");
     renderList("rejection-list", board.rejections.slice(0, REJECTIONS_SHOWN), rejectionItem, "none");
     renderList("backlog-list", board.backlog, backlogItem, "—");

@@ -27,8 +27,12 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
         "flat_cost_drop",
         "metrics_on_vs_off_webhook",
         "metrics_on_vs_off_apply",
+        "forwarding_on_vs_off_apply",
     }
     cost = figures["metrics_cost"]
     assert cost["webhook"]["order"] == cost["apply"]["order"] == ["on", "off"]
     assert cost["scrape"]["latency_ms"]["count"] > 0 and cost["scrape"]["failures"] == 0
     assert "floor: empty RQ jobs" in run.stdout
+    forwarding = figures["forwarding_cost"]
+    assert forwarding["order"] == ["on", "off"]
+    assert forwarding["forwarded"][0]["delivered_so_far"] > 0

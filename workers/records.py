@@ -1,0 +1,53 @@
+"""The RQ worker that forwards final records to their receivers: `python -m workers.records`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+from rq.worker import SimpleWorker
+
+from callstate import forwarding, jobs
+from workers.connect import connect
+
+log = logging.getLogger("workers.records")  # by name: under `python -m` it is __main__
+# Below the event workers' CPU priority: on a busy machine forwarding yields to applying events,
+# and the outbox holds what it has not sent yet (measured by `python -m bench.forwarding`).
+NICENESS = 10
+
+
+def lower_cpu_priority(niceness: int) -> None:
+    """`os.nice`, and the same for this process's autogroup: under Linux's autogroups (on by
+    default) a process started in a session of its own, as the Procfile's and a supervisor's
+    are, competes for the CPU as its group, whose priority only /proc sets. Only when this
+    process leads its session: the group would be others' too otherwise."""
+    os.nice(niceness)
+    if os.getsid(0) != os.getpid():
+        return  # the autogroup is a session's: this process may share it with others
+    with contextlib.suppress(OSError):
+        Path("/proc/self/autogroup").write_text(str(niceness))
+
+
+def main() -> None:
+    lower_cpu_priority(NICENESS)
+    settings, redis = connect()
+    forwarding.configure(settings, redis)
+    # SimpleWorker: forward jobs send over this process's kept-alive connections. RQ's scheduler
+    # runs here too: a failed delivery's next attempt is a scheduled job.
+    worker = SimpleWorker(
+        [settings.record_queue_name], connection=redis, worker_ttl=jobs.WORKER_TTL_SECONDS
+    )
+    log.info(
+        "records worker %s started on queue %s: forwarding to %d receivers",
+        worker.name,
+        settings.record_queue_name,
+        len(settings.record_webhook_urls),
+    )
+    # RQ's own lines for every job (`Job OK`, `Result discarded`) are INFO: keep its warnings.
+    worker.work(logging_level="WARNING", with_scheduler=True)
+
+
+if __name__ == "__main__":
+    main()
