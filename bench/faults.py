@@ -67,8 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="result file (JSON)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.phase_seconds, args.hang_seconds, args.full_seconds = 8.0, 3.0, 2.0
-        args.soak_seconds, args.calibration_seconds, args.threads = 10.0, 3.0, 4
+        args.phase_seconds, args.hang_seconds, args.full_seconds = 5.0, 3.0, 2.0
+        args.soak_seconds, args.calibration_seconds, args.threads = 6.0, 3.0, 4
     return args
 
 
