@@ -25,8 +25,11 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Unit tests (fakeredis, CPU-bound) on two processes; the integration tests one at a time, as
+# several start servers and load them.
 test: lint chromium
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 tests/unit
+	$(BIN)/pytest -q tests/integration
 
 # The board's browser test drives Debian's Chromium (Playwright's own download needs the
 # internet): installed here when missing and we are root, as on CI; otherwise the test skips,
