@@ -1,0 +1,147 @@
+"""Review of record forwarding: receivers that hold a send past its documented timeout, and a
+delivery job that ends in RQ's failed registry instead of the dead letters."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis import Redis
+from rq import SimpleWorker
+from rq.job import Job
+from rq.registry import ScheduledJobRegistry
+from rq.timeouts import JobTimeoutException
+
+from callstate import forwarding
+from callstate.delivery import Destination, Sender
+from callstate.machine import CallMachine
+from tests.receiver import FAIL, OK, Receiver
+from tests.unit.test_forwarding import SECRET, Pipeline, a_call, forwarding_settings
+
+TRICKLE_SECONDS = 4.0  # how long a misbehaving receiver keeps the connection busy at most
+TRICKLE_GAP = 0.3  # below the sender's 1 s read timeout: every recv gets a byte in time
+
+
+def _status_line(conn: socket.socket, stop: float) -> None:
+    """The status line, one byte at a time."""
+    for byte in b"HTTP/1.1 200 OK\r\n":
+        if time.monotonic() > stop:
+            return
+        conn.sendall(bytes([byte]))
+        time.sleep(TRICKLE_GAP)
+
+
+def _informational(conn: socket.socket, stop: float) -> None:
+    """`100 Continue` answers without end (http.client skips them)."""
+    while time.monotonic() < stop:
+        conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        time.sleep(TRICKLE_GAP)
+
+
+def _body(conn: socket.socket, stop: float) -> None:
+    """A 200 whose body comes one byte at a time, under the read limit."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4000\r\n\r\n")
+    while time.monotonic() < stop:
+        conn.sendall(b"x")
+        time.sleep(TRICKLE_GAP)
+
+
+class Trickler:
+    """A loopback receiver that answers every request with `answer` for TRICKLE_SECONDS."""
+
+    def __init__(self, answer: Callable[[socket.socket, float], None]) -> None:
+        self.answer = answer
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/records"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            try:
+                self.answer(conn, time.monotonic() + TRICKLE_SECONDS)
+            except OSError:
+                return  # the sender gave up: what the test wants
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.parametrize("answer", [_status_line, _informational, _body])
+def test_a_trickling_receiver_cannot_hold_a_send_past_its_timeout(
+    answer: Callable[[socket.socket, float], None],
+) -> None:
+    """README: a send waits at most the timeout (documented, a few seconds). urllib3's read
+    timeout bounds each recv, not the answer: a receiver that sends a byte now and then holds
+    the forwarder (and its shard lock, and the delivery job past RQ's job timeout) as long as
+    it likes."""
+    trickler = Trickler(answer)
+    try:
+        started = time.monotonic()
+        Sender(SECRET, 1).send(Destination(trickler.url), "x:1", "{}")
+        elapsed = time.monotonic() - started
+    finally:
+        trickler.close()
+    assert elapsed < 2.5, f"a send with a 1 s timeout took {elapsed:.1f} s"
+
+
+def _run_due_jobs(fwd: forwarding.Forwarder) -> None:
+    """What the records worker does, without waiting: every scheduled job due now, then the
+    queue in burst mode."""
+    registry = ScheduledJobRegistry(queue=fwd.queue)  # type: ignore[no-untyped-call]
+    for job_id in registry.get_job_ids():
+        registry.remove(job_id)
+        fwd.queue._enqueue_job(Job.fetch(job_id, connection=fwd.redis))
+    SimpleWorker([fwd.queue], connection=fwd.redis).work(burst=True)
+
+
+def test_a_delivery_job_that_rq_fails_ends_in_the_dead_letters(
+    redis: Redis, tmp_path: Path, machine: CallMachine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery attempt that never ends by itself (the trickling receiver above, past the
+    job's timeout; a worker killed each time) is failed by RQ after its 3 crash retries: the
+    revision must then be dead-lettered, not dropped while the call's next revision is sent."""
+    receiver = Receiver(SECRET, lambda n: FAIL).__enter__()
+    pipe = Pipeline(redis, forwarding_settings(tmp_path, receiver.url), machine)
+    fwd: forwarding.Forwarder = pipe.forwarder
+    shard = pipe.apply(*a_call("lost-1"))
+    pipe.apply({"type": "recording", "call_id": "lost-1", "recording_url": "https://r/3"})
+    # The worker below runs jobs in this process: with this forwarder.
+    monkeypatch.setattr(forwarding, "_forwarder", fwd)
+    fwd.forward(shard)  # revision 1 fails now: a scheduled job, revision 2 waits for it
+    [first] = [j for j in pipe.pending_jobs(shard) if not Job.fetch(j, fwd.redis).dependency_ids]
+
+    def stuck(*args: Any) -> Any:
+        raise JobTimeoutException("Task exceeded maximum timeout value (32 seconds)")
+
+    monkeypatch.setattr(Sender, "send", stuck)
+    for _ in range(6):
+        _run_due_jobs(fwd)
+        if Job.fetch(first, fwd.redis).get_status().value == "failed":
+            break
+    monkeypatch.undo()
+    monkeypatch.setattr(forwarding, "_forwarder", fwd)
+    receiver.behaviour = lambda n: OK
+    _run_due_jobs(fwd)
+    receiver.__exit__()
+
+    letters = [json.loads(raw) for raw in fwd.redis.lrange(fwd.keys.dead_letters(shard), 0, -1)]
+    dead = [letter["revision"] for letter in letters]
+    sent_first = receiver.accepted.ids[:1] == ["lost-1:1"]
+    assert "lost-1:2" in receiver.accepted.ids
+    assert sent_first or 1 in dead, f"revision 1 neither delivered nor dead-lettered: {dead}"
+    assert fwd.redis.hlen(fwd.keys.forward_pending(shard)) == 0
