@@ -145,3 +145,23 @@ def test_a_delivery_job_that_rq_fails_ends_in_the_dead_letters(
     assert "lost-1:2" in receiver.accepted.ids
     assert sent_first or 1 in dead, f"revision 1 neither delivered nor dead-lettered: {dead}"
     assert fwd.redis.hlen(fwd.keys.forward_pending(shard)) == 0
+
+
+def test_a_receiver_that_times_out_does_not_hold_back_the_others(
+    redis: Redis, tmp_path: Path, machine: CallMachine
+) -> None:
+    """A receiver that accepts and never answers costs each forward job one timeout, and the
+    slice (1 s) is over by then: every job hands one revision over, so the healthy receiver
+    gets one revision a timeout per shard and the outbox grows under any real load."""
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody answers
+    with Receiver(SECRET) as healthy, silent:
+        dead = f"http://127.0.0.1:{silent.getsockname()[1]}/records"
+        pipe = Pipeline(redis, forwarding_settings(tmp_path, healthy.url, dead), machine)
+        shard = pipe.store.keys.shard_of("hol-0")
+        calls = [f"hol-{n}" for n in range(80) if pipe.store.keys.shard_of(f"hol-{n}") == shard]
+        for call_id in calls[:6]:
+            pipe.apply(*a_call(call_id))
+        deadline = time.monotonic() + 3.0
+        while pipe.store.redis.xlen(pipe.store.keys.outbox(shard)) and time.monotonic() < deadline:
+            pipe.forwarder.forward(shard)  # what the records worker does, job after job
+        assert len(healthy.accepted.ids) == 6, f"{len(healthy.accepted.ids)} of 6 in 3 s"
