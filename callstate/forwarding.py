@@ -25,7 +25,7 @@ from typing import Any, cast
 from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import WatchError
-from rq import Queue, Retry
+from rq import Callback, Queue, Retry
 from rq.job import Dependency, Job, get_current_job
 
 from callstate.config import Settings
@@ -37,6 +37,7 @@ from callstate.keys import Keys
 log = logging.getLogger(__name__)
 FORWARD_JOB = "callstate.forwarding.forward_shard"
 DELIVER_JOB = "callstate.forwarding.deliver"
+DELIVERY_FAILED = "callstate.forwarding.delivery_failed"
 # Entries read from the outbox at once, and how long one forward job keeps its shard: a steady
 # stream of records costs one RQ job per slice, not one per record.
 BATCH = 100
@@ -256,6 +257,9 @@ class Forwarder:
             # A worker killed during an attempt: RQ retries the job (its own returned Retry
             # only covers attempts that end).
             "retry": Retry(max=3, interval=self.settings.record_retry_first_seconds),
+            # When those are spent RQ fails the job and lets the call's next revision go:
+            # this revision becomes a dead letter first.
+            "on_failure": Callback(DELIVERY_FAILED),
             "description": f"deliver a record revision of shard {shard}",
             "pipeline": pipe,
         }
@@ -299,6 +303,13 @@ class Forwarder:
         self.warn(destination, pending, outcome.problem, attempt, None)
         self._end(shard, job_id, pending, "dead_lettered", outcome.problem)
         return None
+
+    def give_up(self, shard: int, job_id: str, problem: str) -> None:
+        """End a delivery job that RQ failed (it raised, outlived its timeout or its worker
+        died, with no retry left) as a dead letter, unless it had ended already."""
+        raw = self.redis.hget(self.keys.forward_pending(shard), job_id)
+        if raw is not None:
+            self._end(shard, job_id, Pending.loads(cast(bytes, raw)), "dead_lettered", problem)
 
     def _end(
         self, shard: int, job_id: str, pending: Pending, how: str, problem: str | None = None
@@ -565,3 +576,10 @@ def deliver(shard: int, tried: int) -> Retry | None:
     job = get_current_job()
     assert job is not None
     return forwarder().deliver(shard, tried, job.id, job.number_of_retries or 0)
+
+
+def delivery_failed(job: Job, connection: Redis, kind: type[BaseException], *exc: object) -> None:
+    """RQ's failure callback of a delivery job, run before RQ retries the job or, with no retry
+    left, fails it and queues the call's next revision: then the revision is dead-lettered."""
+    if not job.should_retry:
+        forwarder().give_up(int(job.args[0]), job.id, kind.__name__)
