@@ -134,6 +134,9 @@ class Forwarder:
         self.locks = ShardLocks(redis, self.keys.forward_lock, self.lock_seconds * 1000)
         self._finish = redis.register_script(FINISH)
         self._sender: Sender | None = None
+        # Receivers that failed a send of this process's, until when (monotonic): the next
+        # forward jobs queue their revisions instead of each waiting for a timeout again.
+        self.failing_until: dict[str, float] = {}
 
     @property
     def sender(self) -> Sender:
@@ -420,9 +423,10 @@ class ShardRun:
         self.token = token
         self.deadline = time.monotonic() + SLICE_SECONDS
         self.renewed = time.monotonic()
-        # Receivers that failed during this run: their next revisions go to delivery jobs
-        # straight away, instead of each waiting for its own timeout here.
-        self.failing: set[str] = set()
+        # Receivers that failed lately: their next revisions go to delivery jobs straight
+        # away, instead of each waiting for its own timeout here.
+        now = time.monotonic()
+        self.failing = {d for d, until in forwarder.failing_until.items() if until > now}
         self.chains: dict[str, str | None] = {}
 
     def run(self) -> tuple[int, bool]:
@@ -485,6 +489,8 @@ class ShardRun:
             fwd.count(self.shard, "failed")
             fwd.warn(dest, pending, outcome.problem, 1, fwd.schedule[0] if fwd.schedule else 0)
             self.failing.add(dest.id)
+            pause = fwd.schedule[0] if fwd.schedule else 0
+            fwd.failing_until[dest.id] = time.monotonic() + pause
         self.chains[field] = self._queue(pending, after)
         return False
 
