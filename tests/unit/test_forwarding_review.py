@@ -19,6 +19,7 @@ from rq.registry import ScheduledJobRegistry
 from rq.timeouts import JobTimeoutException
 
 from callstate import forwarding
+from callstate.config import Settings
 from callstate.delivery import Destination, Sender
 from callstate.machine import CallMachine
 from tests.receiver import FAIL, OK, Receiver
@@ -165,3 +166,20 @@ def test_a_receiver_that_times_out_does_not_hold_back_the_others(
         while pipe.store.redis.xlen(pipe.store.keys.outbox(shard)) and time.monotonic() < deadline:
             pipe.forwarder.forward(shard)  # what the records worker does, job after job
         assert len(healthy.accepted.ids) == 6, f"{len(healthy.accepted.ids)} of 6 in 3 s"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://user:pa55word@receiver.example/records",  # the sender drops the credentials
+        "https://recei ver.example/records?token=pa55word",  # a stray space in the host
+    ],
+)
+def test_settings_refuse_a_receiver_url_that_cannot_be_sent_as_written(url: str) -> None:
+    """A URL whose userinfo urllib3's pool would silently drop (every delivery then a 401 for
+    24 h, then dead letters), or that holds whitespace, is refused at start, without the URL
+    (or its password) in the message."""
+    env = {"CALLSTATE_RECORD_WEBHOOK_URL": url, "CALLSTATE_RECORD_WEBHOOK_SECRET": SECRET}
+    with pytest.raises(ValueError, match="CALLSTATE_RECORD_WEBHOOK_URL") as refused:
+        Settings.from_env(env)
+    assert "pa55word" not in str(refused.value)
