@@ -183,3 +183,50 @@ def test_settings_refuse_a_receiver_url_that_cannot_be_sent_as_written(url: str)
     with pytest.raises(ValueError, match="CALLSTATE_RECORD_WEBHOOK_URL") as refused:
         Settings.from_env(env)
     assert "pa55word" not in str(refused.value)
+
+
+def _fail_through_rq(
+    fwd: forwarding.Forwarder, job_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Let the records worker run `job_id` with every send stuck past the job's timeout until
+    RQ, its crash retries spent, fails it."""
+
+    def stuck(*args: Any) -> Any:
+        raise JobTimeoutException("Task exceeded maximum timeout value (32 seconds)")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Sender, "send", stuck)
+        for _ in range(6):
+            _run_due_jobs(fwd)
+            if Job.fetch(job_id, fwd.redis).get_status().value == "failed":
+                return
+    raise AssertionError("RQ did not fail the job")
+
+
+def test_a_revision_queued_after_a_link_that_failed_meanwhile_is_not_deferred_forever(
+    redis: Redis, tmp_path: Path, machine: CallMachine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forward job reads which chain links will still run at a batch's start; a link RQ
+    fails after that (or between a redeliver's look and its enqueue) is FAILED when the next
+    revision is queued after it. RQ defers a job whose dependency is not FINISHED, whatever
+    `allow_failure` says, and a failed job's dependents were released already: the revision
+    would wait for ever, and every later revision of the call behind it."""
+    with Receiver(SECRET, lambda n: FAIL) as receiver:
+        pipe = Pipeline(redis, forwarding_settings(tmp_path, receiver.url), machine)
+        fwd: forwarding.Forwarder = pipe.forwarder
+        monkeypatch.setattr(forwarding, "_forwarder", fwd)
+        shard = pipe.apply(*a_call("race-1"))
+        run = forwarding.ShardRun(fwd, shard, "token")
+        [first] = fwd.read_outbox(shard, None)
+        [dest] = fwd.destinations.values()
+        run.hand(first, dest)  # fails now: the call's chain is a scheduled job
+        [link] = pipe.pending_jobs(shard)
+        fwd.redis.xdel(fwd.keys.outbox(shard), first.entry_id)
+        _fail_through_rq(fwd, link, monkeypatch)  # meanwhile: dead-lettered, then failed
+        pipe.apply({"type": "recording", "call_id": "race-1", "recording_url": "https://r/4"})
+        [second] = fwd.read_outbox(shard, None)
+        receiver.behaviour = lambda n: OK
+        run.hand(second, dest)  # the run still holds `link` as the call's live link
+        _run_due_jobs(fwd)
+        statuses = [Job.fetch(j, fwd.redis).get_status().value for j in pipe.pending_jobs(shard)]
+        assert receiver.accepted.ids == ["race-1:2"], statuses
