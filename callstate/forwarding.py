@@ -394,7 +394,7 @@ class Forwarder:
                     pipe.watch(key, self.keys.forward_chains(shard))  # type: ignore[no-untyped-call]
                     if pipe.lpos(key, raw) is None:  # taken by another redeliver meanwhile
                         return 0
-                    after = self.live_chain(shard, pending)
+                    after = self.live_chain(pipe, shard, pending)
                     self.enqueue_delivery(pipe, shard, pending, after, 0, 0)
                     pipe.lrem(key, 1, raw)
                     pipe.execute()
@@ -402,15 +402,20 @@ class Forwarder:
                 except WatchError:
                     continue
 
-    def live_chain(self, shard: int, pending: Pending) -> str | None:
+    def live_chain(self, pipe: Pipeline, shard: int, pending: Pending) -> str | None:
         """The job a delivery of `pending` must wait for: its call's last link for that
-        receiver, if that job will still run (a job that failed or ended does not hold it)."""
-        raw = self.redis.hget(self.keys.forward_chains(shard), chain_field(pending))
-        if raw is None:
-            return None
-        job_id = text(raw)
-        status = self.redis.hget(Job.key_for(job_id), "status")
-        return job_id if status in PENDING_STATUSES else None
+        receiver, if that job will still run (a job that failed or ended does not hold it).
+        `pipe` watches the chains already."""
+        raw = pipe.hget(self.keys.forward_chains(shard), chain_field(pending))
+        return self.still_pending(pipe, text(raw)) if raw is not None else None
+
+    def still_pending(self, pipe: Pipeline, job_id: str) -> str | None:
+        """`job_id` if that job will still run, looked at under `pipe`'s WATCH: RQ defers a job
+        whose dependency is not FINISHED even with `allow_failure`, so a delivery queued after a
+        link that failed meanwhile would wait for ever; the WATCH makes the enqueue fail instead."""
+        key = Job.key_for(job_id)
+        pipe.watch(key)  # type: ignore[no-untyped-call]
+        return job_id if pipe.hget(key, "status") in PENDING_STATUSES else None
 
 
 class ShardRun:
@@ -495,18 +500,20 @@ class ShardRun:
         return False
 
     def _queue(self, pending: Pending, after: str | None) -> str:
-        """A delivery job: after `after`, or in the schedule's first step, which then counts
-        as behind it (the forwarder's own attempt, or the receiver failing just now)."""
+        """A delivery job: after `after` while that link will still run; without one, in the
+        schedule's first step, which then counts as behind it (the forwarder's own attempt, or
+        the receiver failing just now); at once if the link ended since the run looked."""
         fwd = self.forwarder
-        tried = 0 if after is not None else 1
-        delay = fwd.schedule[0] if fwd.schedule and after is None else 0
         while True:
             with fwd.redis.pipeline() as pipe:
                 try:
-                    job_id = fwd.enqueue_delivery(pipe, self.shard, pending, after, delay, tried)
+                    link = fwd.still_pending(pipe, after) if after is not None else None
+                    tried = 0 if after is not None else 1
+                    delay = fwd.schedule[0] if fwd.schedule and after is None else 0
+                    job_id = fwd.enqueue_delivery(pipe, self.shard, pending, link, delay, tried)
                     pipe.execute()
                     return job_id
-                except WatchError:  # `after` changed state as RQ looked at it: look again
+                except WatchError:  # the link changed state as we looked at it: look again
                     continue
 
     def _load_chains(self, batch: list[Revision]) -> None:
