@@ -226,17 +226,23 @@ def _forwarding(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _webhook_url(raw: str) -> str:
-    """A receiver's URL: http or https with a host; the message never repeats it (a URL may
-    carry a token)."""
+    """A receiver's URL: http or https with a host, no whitespace in it and no user or password
+    (the sender would drop them); the message never repeats it (a URL may carry a token)."""
     try:
         parts = urlsplit(raw)
         parts.port  # noqa: B018 - raises on a port that is not a number
     except ValueError:
         parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or "@" in parts.netloc
+        or any(c.isspace() for c in parts.netloc)
+    ):
         raise ValueError(
             "CALLSTATE_RECORD_WEBHOOK_URL holds comma-separated http:// or https:// URLs "
-            "with a host"
+            "with a host and no user or password"
         )
     return raw
 

@@ -4,12 +4,17 @@ wait, no redirect followed, at most a few KiB of the answer read."""
 from __future__ import annotations
 
 import hashlib
+import socket
+import threading
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 import urllib3
 from standardwebhooks import Webhook
+from urllib3.connection import HTTPConnection, HTTPSConnection
 
 # Enough of an answer to keep its connection for the next send; a longer one is cut off.
 MAX_ANSWER_BYTES = 4096
@@ -52,11 +57,59 @@ def webhook_id(call_id: str, revision: int) -> str:
     return f"{call_id}:{revision}"
 
 
+class Watchdog:
+    """Cuts a send's connection at its deadline: urllib3's timeouts bound each socket operation,
+    not a whole answer that a receiver trickles a byte at a time (or in endless `100 Continue`
+    lines), which would hold the forwarder, its shard lock and its job past their times."""
+
+    current = threading.local()  # the watchdog of this thread's send, for its connection
+
+    def __init__(self, seconds: float) -> None:
+        self.connection: HTTPConnection | None = None
+        self.timer = threading.Timer(seconds, self.cut)
+        self.timer.daemon = True
+
+    def __enter__(self) -> Watchdog:
+        Watchdog.current.watchdog = self
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.cancel()
+        Watchdog.current.watchdog = None
+
+    @classmethod
+    def watch(cls, connection: HTTPConnection) -> None:
+        watchdog = getattr(cls.current, "watchdog", None)
+        if watchdog is not None:
+            watchdog.connection = connection
+
+    def cut(self) -> None:
+        sock = self.connection.sock if self.connection is not None else None
+        if sock is not None:
+            with suppress(OSError):  # the plain socket's shutdown: TLS state is the reader's
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class WatchedHTTPConnection(HTTPConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        Watchdog.watch(self)
+        super().request(*args, **kwargs)
+
+
+class WatchedHTTPSConnection(HTTPSConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        Watchdog.watch(self)
+        super().request(*args, **kwargs)
+
+
 class Sender:
     """Signs and posts over one keep-alive pool per process, so a fast receiver costs little."""
 
     def __init__(self, secret: str, timeout_seconds: float) -> None:
         self.webhook = Webhook(secret)
+        # A whole send: the connect timeout, then as long again for the request and answer.
+        self.total_seconds = 2 * timeout_seconds
         self.pool = urllib3.PoolManager(
             retries=False,
             timeout=urllib3.Timeout(connect=timeout_seconds, read=timeout_seconds),
@@ -67,6 +120,8 @@ class Sender:
         pool = self.pools.get(destination.url)
         if pool is None:
             pool = self.pools[destination.url] = self.pool.connection_from_url(destination.url)
+            https = isinstance(pool, urllib3.HTTPSConnectionPool)
+            pool.ConnectionCls = WatchedHTTPSConnection if https else WatchedHTTPConnection
         return pool
 
     def headers(self, message_id: str, body: str) -> dict[str, str]:
@@ -82,6 +137,10 @@ class Sender:
     def send(self, destination: Destination, message_id: str, body: str) -> Outcome:
         """POST `body`, signed; a 2xx is delivered, anything else (another status, a redirect,
         a timeout, a refused or dropped connection) is not."""
+        with Watchdog(self.total_seconds):
+            return self._send(destination, message_id, body)
+
+    def _send(self, destination: Destination, message_id: str, body: str) -> Outcome:
         try:
             # The receiver's own pool, found once: PoolManager.request would parse the URL and
             # look the pool up on every send.

@@ -25,7 +25,7 @@ from typing import Any, cast
 from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import WatchError
-from rq import Queue, Retry
+from rq import Callback, Queue, Retry
 from rq.job import Dependency, Job, get_current_job
 
 from callstate.config import Settings
@@ -37,6 +37,7 @@ from callstate.keys import Keys
 log = logging.getLogger(__name__)
 FORWARD_JOB = "callstate.forwarding.forward_shard"
 DELIVER_JOB = "callstate.forwarding.deliver"
+DELIVERY_FAILED = "callstate.forwarding.delivery_failed"
 # Entries read from the outbox at once, and how long one forward job keeps its shard: a steady
 # stream of records costs one RQ job per slice, not one per record.
 BATCH = 100
@@ -133,6 +134,9 @@ class Forwarder:
         self.locks = ShardLocks(redis, self.keys.forward_lock, self.lock_seconds * 1000)
         self._finish = redis.register_script(FINISH)
         self._sender: Sender | None = None
+        # Receivers that failed a send of this process's, until when (monotonic): the next
+        # forward jobs queue their revisions instead of each waiting for a timeout again.
+        self.failing_until: dict[str, float] = {}
 
     @property
     def sender(self) -> Sender:
@@ -256,6 +260,9 @@ class Forwarder:
             # A worker killed during an attempt: RQ retries the job (its own returned Retry
             # only covers attempts that end).
             "retry": Retry(max=3, interval=self.settings.record_retry_first_seconds),
+            # When those are spent RQ fails the job and lets the call's next revision go:
+            # this revision becomes a dead letter first.
+            "on_failure": Callback(DELIVERY_FAILED),
             "description": f"deliver a record revision of shard {shard}",
             "pipeline": pipe,
         }
@@ -299,6 +306,13 @@ class Forwarder:
         self.warn(destination, pending, outcome.problem, attempt, None)
         self._end(shard, job_id, pending, "dead_lettered", outcome.problem)
         return None
+
+    def give_up(self, shard: int, job_id: str, problem: str) -> None:
+        """End a delivery job that RQ failed (it raised, outlived its timeout or its worker
+        died, with no retry left) as a dead letter, unless it had ended already."""
+        raw = self.redis.hget(self.keys.forward_pending(shard), job_id)
+        if raw is not None:
+            self._end(shard, job_id, Pending.loads(cast(bytes, raw)), "dead_lettered", problem)
 
     def _end(
         self, shard: int, job_id: str, pending: Pending, how: str, problem: str | None = None
@@ -380,7 +394,7 @@ class Forwarder:
                     pipe.watch(key, self.keys.forward_chains(shard))  # type: ignore[no-untyped-call]
                     if pipe.lpos(key, raw) is None:  # taken by another redeliver meanwhile
                         return 0
-                    after = self.live_chain(shard, pending)
+                    after = self.live_chain(pipe, shard, pending)
                     self.enqueue_delivery(pipe, shard, pending, after, 0, 0)
                     pipe.lrem(key, 1, raw)
                     pipe.execute()
@@ -388,15 +402,20 @@ class Forwarder:
                 except WatchError:
                     continue
 
-    def live_chain(self, shard: int, pending: Pending) -> str | None:
+    def live_chain(self, pipe: Pipeline, shard: int, pending: Pending) -> str | None:
         """The job a delivery of `pending` must wait for: its call's last link for that
-        receiver, if that job will still run (a job that failed or ended does not hold it)."""
-        raw = self.redis.hget(self.keys.forward_chains(shard), chain_field(pending))
-        if raw is None:
-            return None
-        job_id = text(raw)
-        status = self.redis.hget(Job.key_for(job_id), "status")
-        return job_id if status in PENDING_STATUSES else None
+        receiver, if that job will still run (a job that failed or ended does not hold it).
+        `pipe` watches the chains already."""
+        raw = pipe.hget(self.keys.forward_chains(shard), chain_field(pending))
+        return self.still_pending(pipe, text(raw)) if raw is not None else None
+
+    def still_pending(self, pipe: Pipeline, job_id: str) -> str | None:
+        """`job_id` if that job will still run, looked at under `pipe`'s WATCH: RQ defers a job
+        whose dependency is not FINISHED even with `allow_failure`, so a delivery queued after a
+        link that failed meanwhile would wait for ever; the WATCH makes the enqueue fail instead."""
+        key = Job.key_for(job_id)
+        pipe.watch(key)  # type: ignore[no-untyped-call]
+        return job_id if pipe.hget(key, "status") in PENDING_STATUSES else None
 
 
 class ShardRun:
@@ -409,9 +428,10 @@ class ShardRun:
         self.token = token
         self.deadline = time.monotonic() + SLICE_SECONDS
         self.renewed = time.monotonic()
-        # Receivers that failed during this run: their next revisions go to delivery jobs
-        # straight away, instead of each waiting for its own timeout here.
-        self.failing: set[str] = set()
+        # Receivers that failed lately: their next revisions go to delivery jobs straight
+        # away, instead of each waiting for its own timeout here.
+        now = time.monotonic()
+        self.failing = {d for d, until in forwarder.failing_until.items() if until > now}
         self.chains: dict[str, str | None] = {}
 
     def run(self) -> tuple[int, bool]:
@@ -474,22 +494,26 @@ class ShardRun:
             fwd.count(self.shard, "failed")
             fwd.warn(dest, pending, outcome.problem, 1, fwd.schedule[0] if fwd.schedule else 0)
             self.failing.add(dest.id)
+            pause = fwd.schedule[0] if fwd.schedule else 0
+            fwd.failing_until[dest.id] = time.monotonic() + pause
         self.chains[field] = self._queue(pending, after)
         return False
 
     def _queue(self, pending: Pending, after: str | None) -> str:
-        """A delivery job: after `after`, or in the schedule's first step, which then counts
-        as behind it (the forwarder's own attempt, or the receiver failing just now)."""
+        """A delivery job: after `after` while that link will still run; without one, in the
+        schedule's first step, which then counts as behind it (the forwarder's own attempt, or
+        the receiver failing just now); at once if the link ended since the run looked."""
         fwd = self.forwarder
-        tried = 0 if after is not None else 1
-        delay = fwd.schedule[0] if fwd.schedule and after is None else 0
         while True:
             with fwd.redis.pipeline() as pipe:
                 try:
-                    job_id = fwd.enqueue_delivery(pipe, self.shard, pending, after, delay, tried)
+                    link = fwd.still_pending(pipe, after) if after is not None else None
+                    tried = 0 if after is not None else 1
+                    delay = fwd.schedule[0] if fwd.schedule and after is None else 0
+                    job_id = fwd.enqueue_delivery(pipe, self.shard, pending, link, delay, tried)
                     pipe.execute()
                     return job_id
-                except WatchError:  # `after` changed state as RQ looked at it: look again
+                except WatchError:  # the link changed state as we looked at it: look again
                     continue
 
     def _load_chains(self, batch: list[Revision]) -> None:
@@ -565,3 +589,10 @@ def deliver(shard: int, tried: int) -> Retry | None:
     job = get_current_job()
     assert job is not None
     return forwarder().deliver(shard, tried, job.id, job.number_of_retries or 0)
+
+
+def delivery_failed(job: Job, connection: Redis, kind: type[BaseException], *exc: object) -> None:
+    """RQ's failure callback of a delivery job, run before RQ retries the job or, with no retry
+    left, fails it and queues the call's next revision: then the revision is dead-lettered."""
+    if not job.should_retry:
+        forwarder().give_up(int(job.args[0]), job.id, kind.__name__)
