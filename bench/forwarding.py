@@ -79,6 +79,7 @@ class ForwardingCost:
         stack.start_workers(bench.args.workers, prefix=f"worker-fwd-{mode}")
         if mode == "on":
             stack.spawn("records", [sys.executable, "-m", "workers.records"])
+            stack.spawn("retries", [sys.executable, "-m", "workers.records", "--retries"])
         wanted = bench.args.workers
         wait_until(lambda: len(Worker.all(queue=bench.queue)) == wanted, 30, "the workers")
         return stack

@@ -83,6 +83,13 @@ class Settings:
     record_retry_total_seconds: int = 24 * 3600
 
     @property
+    def record_retry_queue_name(self) -> str:
+        """The delivery jobs' own queue, worked by its own process: a receiver that times out
+        on every attempt then holds up its own retries only, never the forward jobs that send
+        every receiver's new revisions."""
+        return f"{self.record_queue_name}-retries"
+
+    @property
     def metrics_dir(self) -> Path:
         """Where gunicorn's processes keep their HTTP figures for `/metrics` to add up:
         PROMETHEUS_MULTIPROC_DIR when given, else a directory of the var dir."""

@@ -123,6 +123,7 @@ class Forwarder:
         self.settings = settings
         self.keys = Keys(settings.key_prefix, settings.shards)
         self.queue = Queue(settings.record_queue_name, connection=redis)
+        self.retry_queue = Queue(settings.record_retry_queue_name, connection=redis)
         self.wakes = WakeFlags(redis, self.keys.forward_wake, "forward")
         self.destinations = {d.id: d for d in map(Destination, settings.record_webhook_urls)}
         self.schedule = retry_schedule(
@@ -268,12 +269,12 @@ class Forwarder:
         }
         if after_job is not None:
             dependency = Dependency(jobs=[after_job], allow_failure=True)
-            self.queue.enqueue(DELIVER_JOB, shard, tried, depends_on=dependency, **options)
+            self.retry_queue.enqueue(DELIVER_JOB, shard, tried, depends_on=dependency, **options)
         elif delay_seconds:
             delay = timedelta(seconds=delay_seconds)
-            self.queue.enqueue_in(delay, DELIVER_JOB, shard, tried, **options)
+            self.retry_queue.enqueue_in(delay, DELIVER_JOB, shard, tried, **options)
         else:
-            self.queue.enqueue(DELIVER_JOB, shard, tried, **options)
+            self.retry_queue.enqueue(DELIVER_JOB, shard, tried, **options)
         # RQ has put `pipe` in its transaction (MULTI, or buffering for one): these join it.
         pipe.hset(self.keys.forward_pending(shard), job_id, pending.dumps())
         pipe.hset(self.keys.forward_chains(shard), chain_field(pending), job_id)

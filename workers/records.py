@@ -1,10 +1,13 @@
-"""The RQ worker that forwards final records to their receivers: `python -m workers.records`."""
+"""The RQ workers that forward final records to their receivers: `python -m workers.records`
+runs the forward jobs (every receiver's new revisions), `python -m workers.records --retries` the
+delivery jobs (failed deliveries' next attempts), each on its own queue."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 from rq.worker import SimpleWorker
@@ -30,19 +33,21 @@ def lower_cpu_priority(niceness: int) -> None:
         Path("/proc/self/autogroup").write_text(str(niceness))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args not in ([], ["--retries"]):
+        sys.exit("usage: python -m workers.records [--retries]")
     lower_cpu_priority(NICENESS)
     settings, redis = connect()
     forwarding.configure(settings, redis)
+    queue = settings.record_retry_queue_name if args else settings.record_queue_name
     # SimpleWorker: forward jobs send over this process's kept-alive connections. RQ's scheduler
     # runs here too: a failed delivery's next attempt is a scheduled job.
-    worker = SimpleWorker(
-        [settings.record_queue_name], connection=redis, worker_ttl=jobs.WORKER_TTL_SECONDS
-    )
+    worker = SimpleWorker([queue], connection=redis, worker_ttl=jobs.WORKER_TTL_SECONDS)
     log.info(
         "records worker %s started on queue %s: forwarding to %d receivers",
         worker.name,
-        settings.record_queue_name,
+        queue,
         len(settings.record_webhook_urls),
     )
     # RQ's own lines for every job (`Job OK`, `Result discarded`) are INFO: keep its warnings.

@@ -52,6 +52,7 @@ def test_every_revision_arrives_once_in_order_and_dead_letters_are_redelivered(
         stack.start_web()
         stack.start_workers(2)
         stack.spawn("records", [sys.executable, "-m", "workers.records"])
+        stack.spawn("retries", [sys.executable, "-m", "workers.records", "--retries"])
         calls = [f"fwd-{n}" for n in range(CALLS)]
         for n, call_id in enumerate(calls):
             assert stack.post(event(call_id, "ringing", 1000 + n)).ok
@@ -93,7 +94,9 @@ def test_every_revision_arrives_once_in_order_and_dead_letters_are_redelivered(
 
         stats = stack.cli("stats", "--json")
         assert '"dead_letters": 0' in stats.stdout
-        log = (stack.workdir / "records.log").read_text()
+        log = "".join(
+            (stack.workdir / f"{name}.log").read_text() for name in ("records", "retries")
+        )
         warnings = [line for line in log.splitlines() if " WARNING " in line]
         assert any("attempt 1 failed (HTTP 500)" in line for line in warnings)
         assert any("dead-lettered" in line for line in warnings)

@@ -166,6 +166,10 @@ def test_a_failure_queues_a_retry_and_the_next_revision_waits_for_it(
     assert receiver.accepted.arrivals == 1
     statuses = {j: Job.fetch(j, connection=pipe.store.redis).get_status().value for j in jobs}
     assert sorted(statuses.values()) == ["deferred", "scheduled", "scheduled"]
+    # On the retries' own queue, which the forward jobs never wait behind.
+    assert {Job.fetch(j, connection=pipe.store.redis).origin for j in jobs} == {
+        "callstate-records-retries"
+    }
     [deferred] = [j for j, s in statuses.items() if s == "deferred"]
     [scheduled] = Job.fetch(deferred, pipe.store.redis).dependency_ids
     assert statuses[scheduled] == "scheduled"

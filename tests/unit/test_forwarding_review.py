@@ -103,11 +103,11 @@ def test_a_trickling_receiver_cannot_hold_a_send_past_its_timeout(
 def _run_due_jobs(fwd: forwarding.Forwarder) -> None:
     """What the records worker does, without waiting: every scheduled job due now, then the
     queue in burst mode."""
-    registry = ScheduledJobRegistry(queue=fwd.queue)  # type: ignore[no-untyped-call]
+    registry = ScheduledJobRegistry(queue=fwd.retry_queue)  # type: ignore[no-untyped-call]
     for job_id in registry.get_job_ids():
         registry.remove(job_id)
-        fwd.queue._enqueue_job(Job.fetch(job_id, connection=fwd.redis))
-    SimpleWorker([fwd.queue], connection=fwd.redis).work(burst=True)
+        fwd.retry_queue._enqueue_job(Job.fetch(job_id, connection=fwd.redis))
+    SimpleWorker([fwd.retry_queue], connection=fwd.redis).work(burst=True)
 
 
 def test_a_delivery_job_that_rq_fails_ends_in_the_dead_letters(
