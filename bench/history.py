@@ -126,7 +126,7 @@ def apply_cost(store: Store, calls: int) -> dict[str, Any]:
         store.redis.flushall()
         events = log_calls(store, calls)
         if mode == "off":
-            history.queue_records = lambda pipe, records, before: None  # type: ignore[method-assign]
+            history.queue_records = lambda *args: None  # type: ignore[method-assign]
             history.previous = lambda records, known: known  # type: ignore[method-assign]
         drainer = Drainer(store, CallMachine(), 500, 600_000, 0, 0, lambda shard: None)
         wall, cpu, redis_cpu = time.perf_counter(), time.process_time(), redis_cpu_seconds(store)

@@ -28,6 +28,7 @@ from redis.exceptions import WatchError
 from rq import Callback, Queue, Retry
 from rq.job import Dependency, Job, get_current_job
 
+from callstate.codec import unpack
 from callstate.config import Settings
 from callstate.connection import StreamRows, text
 from callstate.coordination import ShardLocks, WakeFlags, wake_age_ms
@@ -559,7 +560,7 @@ def _revision(row: tuple[bytes, dict[bytes, bytes]]) -> Revision:
         text(entry_id),
         text(fields[b"call_id"]),
         int(fields[b"revision"]),
-        text(fields[b"record"]),
+        unpack(fields[b"record"]).decode(),
     )
 
 

@@ -16,7 +16,7 @@ import json
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -123,7 +123,11 @@ class History:
         return found
 
     def queue_records(
-        self, pipe: Pipeline, records: Iterable[Record], before: dict[str, Record | None]
+        self,
+        pipe: Pipeline,
+        records: Iterable[Record],
+        before: dict[str, Record | None],
+        packed: Mapping[tuple[str, int], bytes] | None = None,
     ) -> None:
         """Queue on `pipe` (a commit's MULTI) the writing of record revisions: each call's last
         one replaces, in every index, the one stored before (`before`); the revisions between
@@ -142,13 +146,14 @@ class History:
                     if key not in keys or old_place != place:
                         removed[key].append(old_place)
             shard = self.keys.shard_of(call_id)
-            stored[self.keys.history(shard)][call_id] = pack(dumps(record).encode())
+            known = packed.get((call_id, record["revision"])) if packed else None
+            stored[self.keys.history(shard)][call_id] = known or pack(dumps(record).encode())
             for key in keys:
                 added[key][place] = 0
         for key, places in removed.items():
             pipe.zrem(key, *places)
-        for key, packed in stored.items():
-            pipe.hset(key, mapping=packed)  # type: ignore[arg-type]
+        for key, values in stored.items():
+            pipe.hset(key, mapping=values)  # type: ignore[arg-type]
         for key, scores in added.items():
             pipe.zadd(key, scores)
 

@@ -129,10 +129,19 @@ def test_every_revision_is_delivered_signed_with_a_stable_id(
     pipe.apply(notice)
     assert pipe.woken == [shard, shard]  # one wake per commit that published
     assert pipe.store.redis.xlen(pipe.store.keys.outbox(shard)) == 2
+    owed = pipe.store.redis.xrange(pipe.store.keys.outbox(shard))
+    published = pipe.store.redis.xrange(pipe.store.keys.records())
+    # Kept packed, a quarter of the bytes; sent as the very text the records stream holds.
+    assert len(owed) == len(published) == 2
+    for (_, owed_fields), (_, published_fields) in zip(owed, published, strict=True):
+        assert len(owed_fields[b"record"]) * 2 < len(published_fields[b"record"])
     assert pipe.forwarder.forward(shard) == 2
     assert receiver.accepted.ids == ["fwd-1:1", "fwd-1:2"]
     assert receiver.accepted.bad_signatures == 0
     assert receiver.accepted.bodies["fwd-1:2"]["recording_url"] == "https://r/1.mp3"
+    assert [receiver.accepted.bodies[f"fwd-1:{n}"] for n in (1, 2)] == [
+        json.loads(fields[b"record"]) for _, fields in published
+    ]
     assert pipe.store.redis.xlen(pipe.store.keys.outbox(shard)) == 0
     assert pipe.counters(shard) == {"delivered": 2}
 
