@@ -24,7 +24,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,6 +32,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 
 from bench.load import command, percentiles
+from bench.results_file import write_figures
 from bench.traffic import PlannedCall, check_call
 from callstate import streamids
 from callstate.calldoc import CallDoc
@@ -43,7 +43,6 @@ from callstate.jobs import DRAIN_JOB
 from callstate.store import Store
 from tests.integration.stack import RedisServer, Stack, wait_until
 
-RESULTS = Path(__file__).parent / "results"
 FAULTS = ("worker_kills", "web_kill", "redis_kill", "redis_hang", "redis_full")
 WORKERS = ("worker-0", "worker-1")
 ENV = {
@@ -440,10 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             figures["soak"] = faults.soak(rate)
         figures["process_restarts"] = supervisor.restarts
     print(table(figures))
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = args.out or RESULTS / f"faults-{stamp}{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=2))
+    out = write_figures("faults-quick" if args.quick else "faults", figures, args.out)
     print(f"figures written to {out}; logs in {workdir}")
     return 1 if failed(figures) else 0
 

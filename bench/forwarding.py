@@ -10,18 +10,17 @@ the 2 cores the service shares with it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from rq import Worker
 
 from bench.metrics_cost import alternating, compare
+from bench.results_file import write_figures
 from tests.integration.stack import ExternalRedis, RedisServer, Stack, free_port, wait_until
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # noqa: S105 - a test key for its own receiver
@@ -144,9 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     figures = {"machine": machine(), "args": vars(own), "forwarding_cost": result}
     print(summary(result))
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(__file__).parent / "results" / f"forwarding-{stamp}.json"
-    out.write_text(json.dumps(figures, indent=2))
+    out = write_figures("forwarding", figures)
     print(f"figures written to {out}")
     return 0
 

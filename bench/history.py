@@ -19,6 +19,7 @@ from typing import Any
 
 import requests
 
+from bench.results_file import write_figures
 from callstate.calldoc import Record
 from callstate.config import Settings
 from callstate.drain import Drainer
@@ -30,7 +31,6 @@ from callstate.store import Store
 from tests.factories import SCENARIOS, body, scenario
 from tests.integration.stack import RedisServer, Stack
 
-RESULTS = Path(__file__).parent / "results"
 START_MS = 1_764_000_000_000
 WRITE_BATCH = 1000
 APPLY_CALLS = 10_000
@@ -257,9 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--records", type=int, default=50_000)
     figures = run(parser.parse_args(argv).records)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"history-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    out.write_text(json.dumps(figures, indent=2) + "\n")
+    write_figures("history", figures)
     print(json.dumps(figures, indent=2))
     return 0
 

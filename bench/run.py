@@ -29,6 +29,7 @@ from rq import Queue, Worker
 from bench.forwarding import ForwardingCost
 from bench.load import command, percentiles
 from bench.metrics_cost import Scraper, alternating, compare
+from bench.results_file import write_figures
 from bench.traffic import PlannedCall, check_call, plan_call
 from callstate.calldoc import CallDoc
 from callstate.calls import LogEntry, apply_batch
@@ -41,7 +42,6 @@ from callstate.machine import CallMachine
 from callstate.store import Store
 from tests.integration.stack import ExternalRedis, RedisServer, Stack, wait_until
 
-RESULTS = Path(__file__).parent / "results"
 TARGETS = {
     "applied_vs_empty_rq_jobs": 5.0,
     "webhook_vs_bare_echo": 0.5,
@@ -600,10 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     figures = run(args)
     print(table(figures))
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = args.out or RESULTS / f"bench-{stamp}{'-smoke' if args.smoke else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=2))
+    out = write_figures("bench-smoke" if args.smoke else "bench", figures, args.out)
     print(f"figures written to {out}")
     check = figures["correctness"]
     failed = ("lost", "applied_twice", "calls_differing", "calls_with_wrong_record_count")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.results_file import write_figures
 from callstate.config import Settings
 from callstate.drain import Drainer
 from callstate.eventlog import event_fields
@@ -23,7 +24,6 @@ from callstate.store import Store
 from tests.factories import ended, event
 from tests.integration.stack import RedisServer
 
-RESULTS = Path(__file__).parent / "results"
 RETENTION_SECONDS = 7 * 24 * 3600
 
 
@@ -123,9 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=200_000)
     figures = run(parser.parse_args(argv).calls)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"snapshots-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    out.write_text(json.dumps(figures, indent=2) + "\n")
+    write_figures("snapshots", figures)
     print(json.dumps(figures, indent=2))
     return 0
 
