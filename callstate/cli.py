@@ -237,7 +237,7 @@ def add_records_redeliver(
         description="Queue every dead letter (a record revision whose delivery failed for the "
         "whole retry schedule) for delivery again, each taken off its list in the transaction "
         "that queues it; letters for a receiver no longer in CALLSTATE_RECORD_WEBHOOK_URL are "
-        "kept. The records worker (workers/records.py) sends them.",
+        "kept. The retrier (python -m workers.records --retries) sends them.",
     )
     redeliver.set_defaults(run=redeliver_records)
 
