@@ -102,11 +102,23 @@ class PipelineCollector:
     def __init__(self, store: Store, queue: Queue) -> None:
         self.store = store
         self.queue = queue
+        settings, connection = store.settings, queue.connection
+        # With forwarding on, its two workers too: without a retrier, failed deliveries are
+        # never tried again and their calls' later revisions wait behind them, silently.
+        self.record_queues = (
+            {
+                "forward": Queue(settings.record_queue_name, connection=connection),
+                "retries": Queue(settings.record_retry_queue_name, connection=connection),
+            }
+            if settings.forwarding
+            else {}
+        )
 
     def collect(self) -> Iterator[Metric]:
         try:
             figures = read_figures(self.store)
             workers = live_workers(self.queue)
+            record_workers = {role: live_workers(q) for role, q in self.record_queues.items()}
         except RedisError:
             yield GaugeMetricFamily("callstate_redis_up", REDIS_UP, value=0)
             return
@@ -117,6 +129,20 @@ class PipelineCollector:
         yield from _shard_families(figures)
         yield from _call_families(figures)
         yield from _forwarding_families(figures)
+        if record_workers:
+            yield _record_workers_family(record_workers)
+
+
+def _record_workers_family(live: dict[str, int]) -> Metric:
+    family = GaugeMetricFamily(
+        "callstate_record_workers_live",
+        "Record forwarding's RQ workers with a live heartbeat: `forward` (the Procfile's "
+        "forwarder) and `retries` (its retrier).",
+        labels=["queue"],
+    )
+    for role, count in live.items():
+        family.add_metric([role], count)
+    return family
 
 
 def _shard_families(figures: Figures) -> Iterator[Metric]:

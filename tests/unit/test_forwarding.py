@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
-from rq import Retry
+from rq import Retry, Worker
 from rq.job import Job
 from standardwebhooks import Webhook
 
@@ -314,7 +314,8 @@ def test_metrics_show_deliveries_failures_and_dead_letters(
     families = {
         family.name: family.samples[0].value
         for family in text_string_to_metric_families(client.get("/metrics").get_data(as_text=True))
-        if "record" in family.name and family.name != "callstate_records"
+        if "record" in family.name
+        and family.name not in ("callstate_records", "callstate_record_workers_live")
     }
     assert families == {
         "callstate_records_forwarded": 1,
@@ -324,6 +325,28 @@ def test_metrics_show_deliveries_failures_and_dead_letters(
         "callstate_record_outbox_entries": 0,
         "callstate_record_deliveries_retrying": 1,
     }
+
+
+def test_metrics_name_a_missing_retrier(
+    pipeline_for: Any, receiver: Receiver, redis: Redis
+) -> None:
+    pipe = pipeline_for(receiver.url)
+    client = create_app(pipe.store.settings, redis).test_client()
+
+    def live() -> dict[str, float]:
+        text = client.get("/metrics").get_data(as_text=True)
+        [family] = [
+            f
+            for f in text_string_to_metric_families(text)
+            if f.name == "callstate_record_workers_live"
+        ]
+        return {sample.labels["queue"]: sample.value for sample in family.samples}
+
+    assert live() == {"forward": 0, "retries": 0}
+    Worker([pipe.forwarder.queue], connection=redis).register_birth()  # type: ignore[no-untyped-call]
+    assert live() == {"forward": 1, "retries": 0}  # a failed delivery would never be retried
+    Worker([pipe.forwarder.retry_queue], connection=redis).register_birth()  # type: ignore[no-untyped-call]
+    assert live() == {"forward": 1, "retries": 1}
 
 
 def test_the_cli_redelivers_and_shows_the_figures(
