@@ -115,28 +115,3 @@ class DrainCoordination:
         self.keys = Keys(settings.key_prefix, settings.shards)
         self.wakes = WakeFlags(redis, self.keys.wake, "drain")
         self.locks = ShardLocks(redis, self.keys.drain_lock, settings.drain_lock_seconds * 1000)
-
-    def claim_wake(self, shard: int) -> str | None:
-        """Set the shard's wake flag unless a drain job is queued (see `WakeFlags.claim`)."""
-        return self.wakes.claim(shard)
-
-    def clear_wake(self, shard: int, wake_id: str) -> None:
-        self.wakes.clear(shard, wake_id)
-
-    def wake_holder(self, shard: int) -> str | None:
-        """The id of the drain job the shard's wake flag stands for, if it is set."""
-        return self.wakes.holder(shard)
-
-    def replace_wake(self, shard: int, old: str) -> str | None:
-        return self.wakes.replace(shard, old)
-
-    def acquire_drain_lock(self, shard: int, token: str) -> bool:
-        return self.locks.acquire(shard, token)
-
-    def renew_drain_lock(self, shard: int, token: str) -> bool:
-        """Extend the lock to its full time if `token` still holds it."""
-        return self.locks.renew(shard, token)
-
-    def release_drain_lock(self, shard: int, token: str) -> bool:
-        """Delete the lock only if `token` still holds it (it may have expired and moved on)."""
-        return self.locks.release(shard, token)

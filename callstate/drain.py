@@ -55,18 +55,18 @@ class Drainer:
         """Apply what the shard logs until it is quiet or the slice ends; return how many.
         `wake_id` is this job's id, which the wake flag holds while the job is queued."""
         if wake_id is not None:
-            self.store.coordination.clear_wake(shard, wake_id)
+            self.store.coordination.wakes.clear(shard, wake_id)
         applied = 0
         while True:
             token = uuid.uuid4().hex
-            if not self.store.coordination.acquire_drain_lock(shard, token):
+            if not self.store.coordination.locks.acquire(shard, token):
                 # The holder looks at the log again after it lets go, so nothing is left behind.
                 return applied
             try:
                 count, quiet = self._drain_slice(shard, token)
                 applied += count
             finally:
-                self.store.coordination.release_drain_lock(shard, token)
+                self.store.coordination.locks.release(shard, token)
             if not quiet:
                 self.wake(shard)
                 return applied

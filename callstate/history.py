@@ -302,7 +302,7 @@ class History:
         try:
             return self._trim_held(shard, before_ms, token)
         finally:
-            self.coordination.release_drain_lock(shard, token)
+            self.coordination.locks.release(shard, token)
 
     def _trim_held(self, shard: int, before_ms: int, token: str) -> int:
         end_key, lock_key = self.keys.history_by_end(shard), self.keys.drain_lock(shard)
@@ -330,7 +330,7 @@ class History:
     def _acquire(self, shard: int, token: str) -> bool:
         """Take the shard's drain lock, waiting a little for a gap between drain slices."""
         deadline = time.monotonic() + LOCK_WAIT_SECONDS
-        while not self.coordination.acquire_drain_lock(shard, token):
+        while not self.coordination.locks.acquire(shard, token):
             if time.monotonic() >= deadline:
                 return False
             time.sleep(LOCK_POLL_SECONDS)

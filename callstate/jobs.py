@@ -93,7 +93,7 @@ def drain_timeout(settings: Settings) -> int:
 
 def wake_drain(store: Store, queue: Queue, shard: int, job_timeout: int) -> bool:
     """Queue a drain of the shard unless one is queued already; True if this call queued it."""
-    wake_id = store.coordination.claim_wake(shard)
+    wake_id = store.coordination.wakes.claim(shard)
     if wake_id is None:
         return False
     enqueue_drain(queue, shard, job_timeout, wake_id)
@@ -131,14 +131,14 @@ def _rewake_if_lost(store: Store, queue: Queue, shard: int, job_timeout: int) ->
     """A flag whose job is not queued (the process that claimed it died before queueing it, or
     the job was killed before it cleared it) would keep the shard from ever being woken: after a
     grace period, point the flag at a new job and queue that."""
-    holder = store.coordination.wake_holder(shard)
+    holder = store.coordination.wakes.holder(shard)
     if holder is None or wake_age_ms(holder) < LOST_WAKE_GRACE_MS:
         return False
     # In the queue's list, not by the job's status: a worker that died right after taking a job
     # leaves it marked queued although nobody will run it.
     if queue.get_job_position(holder) is not None:
         return False
-    wake_id = store.coordination.replace_wake(shard, holder)
+    wake_id = store.coordination.wakes.replace(shard, holder)
     if wake_id is None:
         return False
     enqueue_drain(queue, shard, job_timeout, wake_id)

@@ -245,7 +245,7 @@ class HeldShards:
 
     def acquire(self) -> None:
         for shard in range(self.store.settings.shards):
-            if not self.store.coordination.acquire_drain_lock(shard, self.token):
+            if not self.store.coordination.locks.acquire(shard, self.token):
                 raise RuntimeError(f"shard {shard} is being drained; retry when it is idle")
             self.held.append(shard)
         self._renewer.start()
@@ -261,7 +261,7 @@ class HeldShards:
     def release(self) -> None:
         self.settle()
         for shard in self.held:
-            self.store.coordination.release_drain_lock(shard, self.token)
+            self.store.coordination.locks.release(shard, self.token)
 
     def _renew(self) -> None:
         while not self._stop.wait(self.store.settings.drain_lock_seconds / 3):
@@ -272,7 +272,7 @@ class HeldShards:
         # it writes nothing if one was lost.
         for shard in self.held:
             try:
-                if not self.store.coordination.renew_drain_lock(shard, self.token):
+                if not self.store.coordination.locks.renew(shard, self.token):
                     log.warning("rebuild: lost the lock of shard %s", shard, extra={"shard": shard})
             except RedisError as exc:
                 log.warning(

@@ -161,11 +161,11 @@ class Snapshots:
         try:
             return self._advance(shard, token, before_ms)
         finally:
-            self.store.coordination.release_drain_lock(shard, token)
+            self.store.coordination.locks.release(shard, token)
 
     def _acquire(self, shard: int, token: str) -> bool:
         deadline = time.monotonic() + LOCK_WAIT_SECONDS
-        while not self.store.coordination.acquire_drain_lock(shard, token):
+        while not self.store.coordination.locks.acquire(shard, token):
             if time.monotonic() >= deadline:
                 return False
             time.sleep(LOCK_POLL_SECONDS)

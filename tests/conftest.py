@@ -87,7 +87,7 @@ def wake(store: Store, woken: list[int]) -> Callable[[int], None]:
     """What a drain job does at the end of its slice, with the queueing recorded in `woken`."""
 
     def claim_and_record(shard: int) -> None:
-        if store.coordination.claim_wake(shard):
+        if store.coordination.wakes.claim(shard):
             woken.append(shard)
 
     return claim_and_record

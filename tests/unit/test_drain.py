@@ -45,7 +45,7 @@ def test_commit_is_refused_when_another_drainer_moved_the_cursor(
     applied = apply_batch(docs, dict, entries, machine, store.settings.call_limits)
     assert drainer.drain(shard) == 3
     winner = store.docs.get_doc("c-1")
-    assert store.coordination.acquire_drain_lock(shard, "late")
+    assert store.coordination.locks.acquire(shard, "late")
     late = store.docs.commit(
         shard, "late", None, entries[-1].log_id, 3, applied, {"c-1": store.docs.prior(None)}
     )
@@ -74,7 +74,7 @@ def test_commit_is_refused_to_a_drainer_that_lost_its_lock(
         )
 
     assert not commit("expired"), "no lock at all"
-    assert store.coordination.acquire_drain_lock(shard, "snapshot-step")
+    assert store.coordination.locks.acquire(shard, "snapshot-step")
     assert not commit("expired"), "the lock is someone else's"
     assert store.docs.get_doc("c-1") is None and store.log.cursor(shard) is None
     assert commit("snapshot-step")
@@ -82,11 +82,11 @@ def test_commit_is_refused_to_a_drainer_that_lost_its_lock(
 
 def test_drain_leaves_a_locked_shard_to_its_holder(store: Store, drainer: Drainer) -> None:
     shard = log_events(store, "c-1", 2)
-    assert store.coordination.acquire_drain_lock(shard, "other")
+    assert store.coordination.locks.acquire(shard, "other")
     assert drainer.drain(shard) == 0
     assert store.log.has_backlog(shard)
-    assert not store.coordination.release_drain_lock(shard, "not-mine")
-    assert store.coordination.release_drain_lock(shard, "other")
+    assert not store.coordination.locks.release(shard, "not-mine")
+    assert store.coordination.locks.release(shard, "other")
     assert drainer.drain(shard) == 2
 
 
@@ -126,7 +126,7 @@ def test_each_commit_renews_the_drain_lock(
     shard = log_events(store, "c-1", 1)
     lock = store.keys.drain_lock(shard)
     configured_ms = store.settings.drain_lock_seconds * 1000
-    assert store.coordination.acquire_drain_lock(shard, "mine")
+    assert store.coordination.locks.acquire(shard, "mine")
     store.redis.pexpire(lock, configured_ms * 100)
     assert small_drainer(store, machine, 60_000, wake)._drain_slice(shard, "mine") == (1, True)
     assert store.redis.get(lock) == b"mine"
@@ -138,7 +138,7 @@ def test_a_used_up_slice_hands_the_shard_to_a_new_job(
 ) -> None:
     shard = log_events(store, "c-1", 6)
     assert (
-        small_drainer(store, machine, 0, wake).drain(shard, store.coordination.wake_holder(shard))
+        small_drainer(store, machine, 0, wake).drain(shard, store.coordination.wakes.holder(shard))
         == 2
     )
     assert woken == [shard]
@@ -146,7 +146,7 @@ def test_a_used_up_slice_hands_the_shard_to_a_new_job(
     _, _, claimed = store.log.append_event("c-1", body(event("c-1", "ended", 9999)))
     assert claimed is None, "the queued successor will drain it; no second job"
     successor = small_drainer(store, machine, 60_000, wake)
-    assert successor.drain(shard, store.coordination.wake_holder(shard)) == 5
+    assert successor.drain(shard, store.coordination.wakes.holder(shard)) == 5
     assert woken == [shard]
 
 

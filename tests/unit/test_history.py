@@ -247,10 +247,10 @@ def test_retention_waits_for_a_shard_whose_drainer_holds_the_lock(
     monkeypatch.setattr(history_module, "LOCK_WAIT_SECONDS", 0.02)
     put(store, record("locked", DAY0))
     shard = store.keys.shard_of("locked")
-    assert store.coordination.acquire_drain_lock(shard, "drainer")
+    assert store.coordination.locks.acquire(shard, "drainer")
     assert store.history.trim(DAY0 + 100 * DAY_MS) == 0
     assert store.history.latest(["locked"])["locked"] is not None
-    store.coordination.release_drain_lock(shard, "drainer")
+    store.coordination.locks.release(shard, "drainer")
     assert store.history.trim(DAY0 + 100 * DAY_MS) == 1
 
 

@@ -156,7 +156,7 @@ def test_redis_trouble_is_retried_and_skips_nothing(
         drainer.drain(SHARD)
     assert store.log.has_backlog(SHARD)
     assert store.docs.get_doc(call) is None
-    store.coordination.release_drain_lock(SHARD, _lock_holder(store))
+    store.coordination.locks.release(SHARD, _lock_holder(store))
     drainer.drain(SHARD)
     assert verdicts(store.docs.get_doc(call)) == [("accepted", None)]
     assert store.quarantine.recent(5) == []
@@ -231,7 +231,7 @@ def test_a_job_timeout_stops_the_batch_and_sets_nothing_aside(
         drainer.drain(SHARD)
     monkeypatch.undo()
     assert store.docs.get_doc(victim) is None and store.log.has_backlog(SHARD)
-    store.coordination.release_drain_lock(SHARD, _lock_holder(store))
+    store.coordination.locks.release(SHARD, _lock_holder(store))
     drainer.drain(SHARD)
     assert verdicts(store.docs.get_doc(victim)) == [("accepted", None)]
     assert check(store, machine, 7).differing == []

@@ -69,12 +69,12 @@ def test_maintenance_wakes_a_shard_whose_wake_up_was_lost(
     assert job.func_name == jobs.DRAIN_JOB
     assert job.args == (
         shard,
-        store.coordination.wake_holder(shard),
-    ) and job.id == store.coordination.wake_holder(shard)
+        store.coordination.wakes.holder(shard),
+    ) and job.id == store.coordination.wakes.holder(shard)
     assert jobs.maintain()["woken"] == 0, "its job is queued: one is enough"
     assert context.queue.count == 1
     jobs.drain_shard(*job.args)
-    assert store.coordination.wake_holder(shard) is None and not store.log.has_backlog(shard)
+    assert store.coordination.wakes.holder(shard) is None and not store.log.has_backlog(shard)
 
 
 def test_snapshots_never_cover_entries_not_yet_applied(context: jobs.Context) -> None:
@@ -124,4 +124,4 @@ def test_maintenance_rewakes_a_shard_whose_worker_died_holding_its_job(
     monkeypatch.setattr(jobs, "LOST_WAKE_GRACE_MS", 0)
     assert jobs.maintain()["woken"] == 1
     [job] = context.queue.jobs
-    assert job.id == store.coordination.wake_holder(shard) != claimed
+    assert job.id == store.coordination.wakes.holder(shard) != claimed

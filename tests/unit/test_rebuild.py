@@ -47,7 +47,7 @@ def test_rebuild_reproduces_what_the_drainer_produced(
 
 
 def test_rebuild_waits_for_a_busy_shard(store: Store, machine: CallMachine) -> None:
-    store.coordination.acquire_drain_lock(1, "worker")
+    store.coordination.locks.acquire(1, "worker")
     try:
         rebuild(store, machine, batch=5)
     except RuntimeError as exc:

@@ -432,19 +432,19 @@ def test_a_snapshot_step_waits_for_a_gap_between_drain_slices(
 ) -> None:
     deliver_at(store, drainer, 1_000, event("c19", "ringing", 100))
     shard = store.keys.shard_of("c19")
-    real_acquire = store.coordination.acquire_drain_lock
+    real_acquire = store.coordination.locks.acquire
     attempts: list[str] = []
 
     def busy_twice(shard_: int, token: str) -> bool:
         attempts.append(token)
         return len(attempts) > 2 and real_acquire(shard_, token)
 
-    monkeypatch.setattr(store.coordination, "acquire_drain_lock", busy_twice)
+    monkeypatch.setattr(store.coordination.locks, "acquire", busy_twice)
     assert Snapshots(store, machine).advance(shard, T0 + 9_000) is not None
     assert len(attempts) == 3
     monkeypatch.setattr(snapshots_module, "LOCK_WAIT_SECONDS", 0.02)
     attempts.clear()
-    monkeypatch.setattr(store.coordination, "acquire_drain_lock", lambda s, t: False)
+    monkeypatch.setattr(store.coordination.locks, "acquire", lambda s, t: False)
     assert Snapshots(store, machine).advance(shard, T0 + 9_000) is None
 
 

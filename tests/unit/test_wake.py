@@ -112,7 +112,7 @@ def test_one_queued_drain_per_shard_and_no_lost_wake_up(
             finally:
                 depth["now"] -= 1
 
-    real_read, real_release = w.store.log.read_entries, w.store.coordination.release_drain_lock
+    real_read, real_release = w.store.log.read_entries, w.store.coordination.locks.release
 
     def read_while_others_act(
         shard: int, after: str | None, count: int, block_ms: int = 0
@@ -127,13 +127,13 @@ def test_one_queued_drain_per_shard_and_no_lost_wake_up(
         return real_release(shard, token)
 
     w.store.log.read_entries = read_while_others_act  # type: ignore[method-assign]
-    w.store.coordination.release_drain_lock = release_after_others_act  # type: ignore[method-assign]
+    w.store.coordination.locks.release = release_after_others_act  # type: ignore[method-assign]
     for action in steps:
         w.act(action)
         assert max(w.queued_drains().values(), default=0) <= 1
     assert w.most_queued <= 1
     w.store.log.read_entries = real_read  # type: ignore[method-assign]
-    w.store.coordination.release_drain_lock = real_release  # type: ignore[method-assign]
+    w.store.coordination.locks.release = real_release  # type: ignore[method-assign]
     for _ in range(100):
         if not w.run_one_job():
             break
@@ -166,7 +166,7 @@ def test_the_holder_looks_again_for_an_event_whose_job_found_the_shard_locked(
 ) -> None:
     w = World(dataclasses.replace(settings, shards=1), redis)
     w.post("race")
-    real_release = w.store.coordination.release_drain_lock
+    real_release = w.store.coordination.locks.release
     raced: list[bool] = []
 
     def release_after_a_race(shard: int, token: str) -> bool:
@@ -177,7 +177,7 @@ def test_the_holder_looks_again_for_an_event_whose_job_found_the_shard_locked(
             assert w.run_one_job()
         return real_release(shard, token)
 
-    w.store.coordination.release_drain_lock = release_after_a_race  # type: ignore[method-assign]
+    w.store.coordination.locks.release = release_after_a_race  # type: ignore[method-assign]
     assert w.run_one_job()
     assert raced == [True]
     assert w.store.docs.applied_count() == 2, "the holder applied the event its job could not"
@@ -197,4 +197,4 @@ def test_a_job_waiting_long_in_the_queue_is_never_doubled(
     assert w.queued_drains() == {0: 1}
     while w.run_one_job():
         pass
-    assert w.store.docs.applied_count() == 4 and w.store.coordination.wake_holder(0) is None
+    assert w.store.docs.applied_count() == 4 and w.store.coordination.wakes.holder(0) is None

@@ -41,7 +41,7 @@ def test_an_event_logged_after_a_job_started_queues_a_new_job(
     drainer.drain(shard, job)
     [successor] = claimed_meanwhile
     assert successor is not None, "the event logged after the job started claimed the flag"
-    assert store.coordination.wake_holder(shard) == successor
+    assert store.coordination.wakes.holder(shard) == successor
 
 
 def test_the_holder_looks_again_for_an_event_whose_own_job_found_the_lock_held(
@@ -57,7 +57,7 @@ def test_the_holder_looks_again_for_an_event_whose_own_job_found_the_lock_held(
     assert job is not None
     other = another_worker(store, machine, wake)
     late: list[tuple[str, str | None, int]] = []
-    real_release = store.coordination.release_drain_lock
+    real_release = store.coordination.locks.release
 
     def release_after_a_late_event_and_its_job(shard_: int, token: str) -> bool:
         if not late:
@@ -67,14 +67,12 @@ def test_the_holder_looks_again_for_an_event_whose_own_job_found_the_lock_held(
             late.append((log_id, late_job, other.drain(shard_, late_job)))
         return real_release(shard_, token)
 
-    monkeypatch.setattr(
-        store.coordination, "release_drain_lock", release_after_a_late_event_and_its_job
-    )
+    monkeypatch.setattr(store.coordination.locks, "release", release_after_a_late_event_and_its_job)
     applied = drainer.drain(shard, job)
     [(late_log_id, late_job, applied_by_late_job)] = late
     assert late_job is not None, "the late event queued a job: the holder cleared the flag"
     assert applied_by_late_job == 0, "that job ran, found the shard locked and left"
-    assert store.coordination.wake_holder(shard) is None, (
+    assert store.coordination.wakes.holder(shard) is None, (
         "no job is queued for the late event any more"
     )
     assert applied == 2
