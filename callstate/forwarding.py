@@ -33,6 +33,7 @@ from callstate.config import Settings
 from callstate.connection import StreamRows, text
 from callstate.coordination import ShardLocks, WakeFlags, wake_age_ms
 from callstate.delivery import Destination, Sender, webhook_id
+from callstate.figures import entries_behind
 from callstate.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -217,14 +218,6 @@ class Forwarder:
                 return handed
             if not self.redis.xlen(self.keys.outbox(shard)):
                 return handed
-
-    def events_waiting(self) -> int:
-        """Log entries logged and not yet applied, over every shard (the pipeline's counters)."""
-        shards = range(self.settings.shards)
-        names = [self.keys.logged_counter(shard) for shard in shards]
-        names += [self.keys.applied_counter(shard) for shard in shards]
-        counts = [int(raw or 0) for raw in self.redis.mget(names)]
-        return sum(counts[: len(shards)]) - sum(counts[len(shards) :])
 
     def read_outbox(
         self, shard: int, after: str | None, block_ms: int = 0, count: int = BATCH
@@ -439,7 +432,7 @@ class ShardRun:
     def run(self) -> tuple[int, bool]:
         """Hand revisions over until the outbox stays quiet (True) or the slice ends (False)."""
         fwd, handed, after = self.forwarder, 0, None
-        if fwd.events_waiting() > YIELD_BACKLOG:
+        if entries_behind(fwd.redis, fwd.keys) > YIELD_BACKLOG:
             return self.yield_to_events()
         while True:
             batch = fwd.read_outbox(self.shard, after)
