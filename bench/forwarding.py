@@ -10,9 +10,7 @@ the 2 cores the service shares with it.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from rq import Worker
 
 from bench.metrics_cost import alternating, compare
 from bench.results_file import write_figures
-from tests.integration.stack import ExternalRedis, RedisServer, Stack, free_port, wait_until
+from tests.integration.stack import Stack, free_port, wait_until
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # noqa: S105 - a test key for its own receiver
 RECEIVER_NICE = 19
@@ -118,7 +116,7 @@ def summary(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.run import Bench, machine, parse_args  # bench.run imports this module
+    from bench.run import bench_on_redis, machine, parse_args  # bench.run imports this module
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds (on, off, off, on)")
@@ -126,21 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     own = parser.parse_args(argv)
     args = parse_args(["--workers", str(own.workers)])
-    workdir = Path(tempfile.mkdtemp(prefix="callstate-bench-forwarding-"))
-    url = os.environ.get("REDIS_URL")
-    server = ExternalRedis(url) if url else RedisServer(workdir / "redis", args.fsync)
-    server.start()
-    stack = Stack(server, workdir, {"CALLSTATE_SHARDS": str(args.shards)})
-    bench = Bench(args, stack, workdir)
-    try:
+    with bench_on_redis(args, "callstate-bench-forwarding-") as bench:
         bench.start_workers()
         calibration = bench.drain_rate("calibration", args.calibration_events)
         result = ForwardingCost(bench).run(
             calibration["events_per_s"], own.rounds, own.drain_seconds
         )
-    finally:
-        stack.stop()
-        server.stop()
     figures = {"machine": machine(), "args": vars(own), "forwarding_cost": result}
     print(summary(result))
     out = write_figures("forwarding", figures)

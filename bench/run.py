@@ -548,18 +548,29 @@ def _on_off(compared: dict[str, Any], unit: str) -> str:
     )
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    workdir = Path(tempfile.mkdtemp(prefix="callstate-bench-"))
+@contextlib.contextmanager
+def bench_on_redis(args: argparse.Namespace, prefix: str) -> Iterator[Bench]:
+    """A bench over the embedded Redis server (or REDIS_URL's) in a new work directory; its
+    processes and server stopped on leaving."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
     url = os.environ.get("REDIS_URL")
     redis = ExternalRedis(url) if url else RedisServer(workdir / "redis", args.fsync)
     redis.start()
     stack = Stack(redis, workdir, {"CALLSTATE_SHARDS": str(args.shards)})
-    bench = Bench(args, stack, workdir)
+    try:
+        yield Bench(args, stack, workdir)
+    finally:
+        stack.stop()
+        redis.stop()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     figures: dict[str, Any] = {
         "machine": machine(),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
-    try:
+    with bench_on_redis(args, "callstate-bench-") as bench:
+        stack = bench.stack
         echo_before = bench.echo_floor("echo-before")
         bench.start_workers()
         figures["rq_floor"] = bench.rq_floor()
@@ -590,9 +601,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             args.cost_drain_seconds,
         )
         figures["targets"] = verdicts(figures)
-    finally:
-        stack.stop()
-        redis.stop()
     return figures
 
 
