@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable
 
 from redis import Redis
+from rq import Queue
 
 from callstate.config import Settings
 from callstate.connection import text
@@ -35,6 +36,11 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+# How old a wake flag must be before maintenance takes its job for lost: a claim is followed
+# by its enqueue within milliseconds.
+LOST_WAKE_GRACE_MS = 5000
 
 
 def new_wake_id(kind: str = "drain") -> str:
@@ -80,6 +86,19 @@ class WakeFlags:
         wake_id = new_wake_id(self.kind)
         replaced = self._compare_and_set(keys=[self.key(shard)], args=[old, wake_id])
         return wake_id if replaced else None
+
+    def replace_lost(self, shard: int, queue: Queue) -> str | None:
+        """A flag whose job is not queued (the process that claimed it died before queueing
+        it, or the job was killed before it cleared it) would keep the shard from ever being
+        woken: after a grace period, point it at a new job, whose id the caller must queue."""
+        holder = self.holder(shard)
+        if holder is None or wake_age_ms(holder) < LOST_WAKE_GRACE_MS:
+            return None
+        # In the queue's list, not by the job's status: a worker that died right after taking
+        # a job leaves it marked queued although nobody will run it.
+        if queue.get_job_position(holder) is not None:
+            return None
+        return self.replace(shard, holder)
 
 
 class ShardLocks:

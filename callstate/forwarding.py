@@ -31,7 +31,7 @@ from rq.job import Dependency, Job, get_current_job
 from callstate.codec import unpack
 from callstate.config import Settings
 from callstate.connection import StreamRows, text
-from callstate.coordination import ShardLocks, WakeFlags, wake_age_ms
+from callstate.coordination import ShardLocks, WakeFlags
 from callstate.delivery import Destination, Sender, webhook_id
 from callstate.figures import entries_behind
 from callstate.keys import Keys
@@ -55,7 +55,6 @@ FAILED_JOB_TTL_SECONDS = 24 * 3600
 # A forward job renews its lock between revisions, and one revision may wait for every
 # receiver's timeout (connect and read): the lock outlasts that.
 LOCK_SECONDS = 30
-LOST_WAKE_GRACE_MS = 5000
 # A job whose status is one of these will still run: a later revision may wait for it.
 PENDING_STATUSES = (b"queued", b"started", b"deferred", b"scheduled")
 
@@ -184,12 +183,7 @@ class Forwarder:
         return woken
 
     def _rewake_if_lost(self, shard: int) -> bool:
-        holder = self.wakes.holder(shard)
-        if holder is None or wake_age_ms(holder) < LOST_WAKE_GRACE_MS:
-            return False
-        if self.queue.get_job_position(holder) is not None:
-            return False
-        wake_id = self.wakes.replace(shard, holder)
+        wake_id = self.wakes.replace_lost(shard, self.queue)
         if wake_id is None:
             return False
         self.enqueue_forward(shard, wake_id)

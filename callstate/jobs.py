@@ -16,7 +16,6 @@ from redis.exceptions import RedisError
 from rq import Queue
 
 from callstate.config import Settings
-from callstate.coordination import wake_age_ms
 from callstate.drain import Drainer
 from callstate.figures import record_drain_seconds
 from callstate.forwarding import Forwarder
@@ -28,7 +27,6 @@ from callstate.store import Store
 log = logging.getLogger(__name__)
 DRAIN_JOB = "callstate.jobs.drain_shard"
 FAILED_DRAIN_TTL_SECONDS = 24 * 3600
-LOST_WAKE_GRACE_MS = 5000
 SWEEP_BATCH = 1000
 # How long RQ keeps a worker's registry key after its last heartbeat, less 60 s (RQ adds them);
 # an idle worker heartbeats every WORKER_TTL_SECONDS - 15 s. RQ's default (420 s) would let a
@@ -128,17 +126,7 @@ def drain_shard(shard: int, wake_id: str | None = None) -> int:
 
 
 def _rewake_if_lost(store: Store, queue: Queue, shard: int, job_timeout: int) -> bool:
-    """A flag whose job is not queued (the process that claimed it died before queueing it, or
-    the job was killed before it cleared it) would keep the shard from ever being woken: after a
-    grace period, point the flag at a new job and queue that."""
-    holder = store.coordination.wakes.holder(shard)
-    if holder is None or wake_age_ms(holder) < LOST_WAKE_GRACE_MS:
-        return False
-    # In the queue's list, not by the job's status: a worker that died right after taking a job
-    # leaves it marked queued although nobody will run it.
-    if queue.get_job_position(holder) is not None:
-        return False
-    wake_id = store.coordination.wakes.replace(shard, holder)
+    wake_id = store.coordination.wakes.replace_lost(shard, queue)
     if wake_id is None:
         return False
     enqueue_drain(queue, shard, job_timeout, wake_id)

@@ -17,7 +17,7 @@ from rq import Retry, Worker
 from rq.job import Job
 from standardwebhooks import Webhook
 
-from callstate import cli, forwarding
+from callstate import cli, coordination, forwarding
 from callstate.config import Settings
 from callstate.connection import text
 from callstate.delivery import Destination, Sender
@@ -430,7 +430,7 @@ def test_maintenance_wakes_a_forwarder_whose_wake_was_lost(
     assert first is not None and fwd.queue.get_job_position(first) is not None
     assert fwd.wake_stuck() == 0  # queued: nothing to do
     fwd.redis.delete(fwd.queue.key)  # the job is lost (a worker died after taking it)
-    monkeypatch.setattr(forwarding, "LOST_WAKE_GRACE_MS", 0)
+    monkeypatch.setattr(coordination, "LOST_WAKE_GRACE_MS", 0)
     assert fwd.wake_stuck() == 1
     second = fwd.wakes.holder(shard)
     assert second not in (None, first) and fwd.queue.get_job_position(second) is not None

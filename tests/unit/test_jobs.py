@@ -8,7 +8,7 @@ from typing import Any, cast
 import pytest
 from redis import Redis
 
-from callstate import jobs
+from callstate import coordination, jobs
 from callstate.config import Settings
 from callstate.connection import StreamRows
 from callstate.snapshots import Advanced
@@ -63,7 +63,7 @@ def test_maintenance_wakes_a_shard_whose_wake_up_was_lost(
     _, shard, claimed = store.log.append_event("c-1", body(event("c-1", "ringing", 1)))
     assert claimed is not None and context.queue.count == 0
     assert jobs.maintain()["woken"] == 0, "a fresh flag's job may be being queued right now"
-    monkeypatch.setattr(jobs, "LOST_WAKE_GRACE_MS", 0)
+    monkeypatch.setattr(coordination, "LOST_WAKE_GRACE_MS", 0)
     assert jobs.maintain()["woken"] == 1
     [job] = context.queue.jobs
     assert job.func_name == jobs.DRAIN_JOB
@@ -121,7 +121,7 @@ def test_maintenance_rewakes_a_shard_whose_worker_died_holding_its_job(
     jobs.enqueue_drain(context.queue, shard, 60, claimed)
     # A worker takes the job off the queue and dies before running it: RQ still marks it queued.
     assert context.queue.pop_job_id() == claimed
-    monkeypatch.setattr(jobs, "LOST_WAKE_GRACE_MS", 0)
+    monkeypatch.setattr(coordination, "LOST_WAKE_GRACE_MS", 0)
     assert jobs.maintain()["woken"] == 1
     [job] = context.queue.jobs
     assert job.id == store.coordination.wakes.holder(shard) != claimed

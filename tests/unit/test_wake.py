@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from redis import Redis
 from rq.job import Job
 
-from callstate import jobs
+from callstate import coordination, jobs
 from callstate.calls import LogEntry
 from callstate.config import Settings
 from callstate.store import Store
@@ -190,7 +190,7 @@ def test_a_job_waiting_long_in_the_queue_is_never_doubled(
     """Workers away for minutes: the flag has no TTL, and maintenance sees the job is queued."""
     w = World(dataclasses.replace(settings, shards=1), redis)
     w.post("waiting")
-    monkeypatch.setattr(jobs, "LOST_WAKE_GRACE_MS", 0)
+    monkeypatch.setattr(coordination, "LOST_WAKE_GRACE_MS", 0)
     for _ in range(3):
         jobs.maintain()
         w.post("waiting")
