@@ -474,8 +474,7 @@ def _stats_row(name: int | str, shards: list[ShardFigures]) -> tuple[Any, ...]:
 def _figures_json(figures: Figures) -> dict[str, Any]:
     """The figures as JSON, totals first; a histogram's last bound is "+Inf", as in /metrics."""
     shards = [asdict(shard) for shard in figures.shards]
-    for shard in shards:
-        histogram = shard["drain_seconds"]
+    for histogram in (shard[name] for shard in shards for name in ("drain_seconds", "apply_lag")):
         histogram["buckets"] = [
             ["+Inf" if math.isinf(bound) else bound, count] for bound, count in histogram["buckets"]
         ]

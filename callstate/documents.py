@@ -19,6 +19,7 @@ from callstate.config import Settings
 from callstate.connection import text
 from callstate.history import History
 from callstate.keys import Keys
+from callstate.lag import queue_apply_lag
 from callstate.retention import Retention
 
 
@@ -88,13 +89,12 @@ class Documents:
         shard: int,
         token: str,
         expected_cursor: str | None,
-        new_cursor: str,
-        entries: int,
+        log_ids: list[str],
         applied: Applied,
         prior: dict[str, Prior],
     ) -> bool:
-        """Write a batch's documents, indexes, records, counters and the new cursor in one
-        transaction, so the counters are exact.
+        """Write a batch's documents, indexes, records, counters and the new cursor (the last of
+        `log_ids`, the batch's entries) in one transaction, so the counters are exact.
 
         The transaction only runs if the cursor is still `expected_cursor` and the shard's drain
         lock still holds `token`: a drainer that lost its lock while it worked commits nothing,
@@ -130,8 +130,8 @@ class Documents:
                     packed[record["call_id"], record["revision"]] = pack(published.encode())
                     self._owe_delivery(pipe, shard, record, packed)
                 self.history.queue_records(pipe, applied.records, replaced, packed)
-                pipe.set(cursor_key, new_cursor)
-                self._count_batch(pipe, shard, entries, applied)
+                pipe.set(cursor_key, log_ids[-1])
+                self._count_batch(pipe, shard, log_ids, applied)
                 for call_id, (tombstone, reopened_ms) in applied.reopened.items():
                     keep_until = self.retention.tombstone_expires_after(reopened_ms)
                     pipe.set(self.keys.tombstone(call_id), tombstone.text(), pxat=keep_until)
@@ -158,8 +158,11 @@ class Documents:
                 },
             )
 
-    def _count_batch(self, pipe: Pipeline, shard: int, entries: int, applied: Applied) -> None:
-        pipe.incrby(self.keys.applied_counter(shard), entries)
+    def _count_batch(
+        self, pipe: Pipeline, shard: int, log_ids: list[str], applied: Applied
+    ) -> None:
+        pipe.incrby(self.keys.applied_counter(shard), len(log_ids))
+        queue_apply_lag(pipe, self.keys, shard, log_ids)
         for verdict, count in applied.verdicts.items():
             pipe.hincrby(self.keys.verdicts(shard), verdict, count)
         if applied.records:

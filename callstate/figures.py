@@ -4,6 +4,7 @@ the board and `callstate stats`: every reader sees the same truth, and workers n
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Iterable
 from dataclasses import astuple, dataclass
 from typing import Any, cast
@@ -14,6 +15,7 @@ from redis.client import Pipeline
 from callstate import streamids
 from callstate.connection import StreamRows, text
 from callstate.keys import Keys
+from callstate.lag import lag_counts
 from callstate.store import Store
 
 # Set a shard's count of logged entries to what its log and its applied count say, atomically
@@ -29,8 +31,11 @@ return waiting
 # Drain jobs last a slice (50 ms by default) or less; the tail shows a stalled shard.
 # Replies per shard in read_figures: counters, verdicts, active, drain seconds, and forwarding's.
 FORWARDING_READS = 4
-PER_SHARD = 4 + FORWARDING_READS
+PER_SHARD = 5 + FORWARDING_READS
 DRAIN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Apply lag's buckets fall on the bounds of the stored histogram's (callstate/lag.py), so each
+# count is exact; 5 ms and 25 ms are the targets at half load.
+LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5, 10, 30, 60)
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ class ShardFigures:
     records: int
     active: dict[str, int]
     drain_seconds: Histogram
+    apply_lag: Histogram
     forwarding: Forwarding = Forwarding()
 
 
@@ -186,6 +192,7 @@ def read_figures(store: Store) -> Figures:
         pipe.hgetall(keys.verdicts(shard))
         pipe.hgetall(keys.active_statuses(shard))
         pipe.hgetall(keys.drain_seconds(shard))
+        pipe.hgetall(keys.apply_lag(shard))
         _read_forwarding(pipe, keys, shard)
     now, quarantined, quarantine_size, *rows = pipe.execute()
     counters = [cast(list[bytes | None], rows[PER_SHARD * shard]) for shard in shards]
@@ -204,7 +211,8 @@ def read_figures(store: Store) -> Figures:
                     status: n for status, n in _counts(rows[PER_SHARD * shard + 2]).items() if n
                 },
                 drain_seconds=_histogram(rows[PER_SHARD * shard + 3]),
-                forwarding=_forwarding(rows[PER_SHARD * shard + 4 : PER_SHARD * (shard + 1)]),
+                apply_lag=_lag_histogram(rows[PER_SHARD * shard + 4]),
+                forwarding=_forwarding(rows[PER_SHARD * shard + 5 : PER_SHARD * (shard + 1)]),
             )
             for shard in shards
         ],
@@ -285,6 +293,16 @@ def _histogram(raw: dict[bytes, bytes]) -> Histogram:
         running += _int(fields.get("+Inf" if bound == float("inf") else f"{bound}"))
         buckets.append((bound, running))
     return Histogram(buckets, float(fields.get("sum", b"0")), _int(fields.get("count")))
+
+
+def _lag_histogram(raw: dict[bytes, bytes]) -> Histogram:
+    """The stored apply lags (ms buckets) in LAG_BUCKETS, in seconds."""
+    counts = lag_counts(raw)
+    buckets = [
+        (bound, sum(n for ms, n in counts.items() if ms <= bound * 1000))
+        for bound in (*LAG_BUCKETS, math.inf)
+    ]
+    return Histogram(buckets, _int(raw.get(b"sum_ms")) / 1000, _int(raw.get(b"count")))
 
 
 def _counts(raw: dict[bytes, bytes]) -> dict[str, int]:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Queue
+from rq import Queue, Worker
 
 from callstate.config import Settings
 from callstate.drain import Drainer
@@ -66,6 +67,7 @@ def configure(settings: Settings, redis: Redis) -> Context:
         window_ms=settings.drain_window_ms,
         wake=lambda shard: wake_drain(store, queue, shard, drain_timeout(settings)),
         on_records=forwarder.wake if forwarder is not None else None,
+        shards_per_job=lambda: shards_per_worker(settings, queue),
     )
     _context = Context(
         settings=settings,
@@ -82,6 +84,11 @@ def context() -> Context:
     if _context is None:
         raise RuntimeError("callstate jobs run in a worker started by workers/events.py")
     return _context
+
+
+def shards_per_worker(settings: Settings, queue: Queue) -> int:
+    """How many shards one drain job takes, so that the live workers together wait on all."""
+    return math.ceil(settings.shards / max(1, Worker.count(queue=queue)))
 
 
 def drain_timeout(settings: Settings) -> int:

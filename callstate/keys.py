@@ -94,6 +94,10 @@ class Keys:
         """Hash of the shard's drain job durations: a count per histogram bucket, sum, count."""
         return f"{self.prefix}:stats:drain-seconds:{shard}"
 
+    def apply_lag(self, shard: int) -> str:
+        """Hash of the shard's apply lags (append to commit, Redis' clock): events per bucket."""
+        return f"{self.prefix}:stats:apply-lag:{shard}"
+
     def quarantined_counter(self) -> str:
         """Deliveries ever quarantined (the quarantine list itself is bounded)."""
         return f"{self.prefix}:stats:quarantined"

@@ -170,6 +170,11 @@ def _shard_families(figures: Figures) -> Iterator[Metric]:
     drains = HistogramMetricFamily(
         "callstate_drain_job_seconds", "Duration of the shard's drain jobs.", labels=["shard"]
     )
+    lags = HistogramMetricFamily(
+        "callstate_apply_lag_seconds",
+        "Time from an event's append to the commit that applied it, on Redis' clock.",
+        labels=["shard"],
+    )
     for shard in figures.shards:
         label = str(shard.shard)
         logged.add_metric([label], shard.logged)
@@ -182,7 +187,9 @@ def _shard_families(figures: Figures) -> Iterator[Metric]:
         histogram = shard.drain_seconds
         buckets = [(_bound(bound), count) for bound, count in histogram.buckets]
         drains.add_metric([label], buckets, histogram.sum)
-    yield from (logged, applied, verdicts, entries, oldest, drains)
+        lag = shard.apply_lag
+        lags.add_metric([label], [(_bound(b), n) for b, n in lag.buckets], lag.sum)
+    yield from (logged, applied, verdicts, entries, oldest, drains, lags)
 
 
 def _bound(bound: float) -> str:

@@ -22,6 +22,7 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
         "applied_vs_empty_rq_jobs",
         "webhook_vs_bare_echo",
         "half_rate_webhook_p99_ms",
+        "half_rate_apply_lag_p50_ms",
         "half_rate_apply_lag_p99_ms",
         "bytes_per_active_call",
         "flat_cost_drop",
@@ -29,6 +30,14 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
         "metrics_on_vs_off_apply",
         "forwarding_on_vs_off_apply",
     }
+    for phase in ("max_rate", "half_rate"):
+        measured = figures[phase]
+        # Every event the phase logged was applied and its lag counted, none twice.
+        assert measured["exact_apply_lag_ms"]["count"] == measured["sent"] > 0
+        assert 0 <= measured["exact_apply_lag_ms"]["p50"] <= measured["exact_apply_lag_ms"]["p99"]
+        cpu = measured["cpu_ms_per_event"]
+        assert set(cpu) == {"web", "workers", "redis", "load generator"}
+        assert cpu["web"] > 0 and cpu["workers"] > 0
     cost = figures["metrics_cost"]
     assert cost["webhook"]["order"] == cost["apply"]["order"] == ["on", "off"]
     assert cost["scrape"]["latency_ms"]["count"] > 0 and cost["scrape"]["failures"] == 0

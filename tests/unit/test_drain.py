@@ -47,7 +47,7 @@ def test_commit_is_refused_when_another_drainer_moved_the_cursor(
     winner = store.docs.get_doc("c-1")
     assert store.coordination.locks.acquire(shard, "late")
     late = store.docs.commit(
-        shard, "late", None, entries[-1].log_id, 3, applied, {"c-1": store.docs.prior(None)}
+        shard, "late", None, [e.log_id for e in entries], applied, {"c-1": store.docs.prior(None)}
     )
     assert late is False
     assert store.docs.get_doc("c-1") == winner
@@ -68,9 +68,9 @@ def test_commit_is_refused_to_a_drainer_that_lost_its_lock(
     )
 
     def commit(token: str) -> bool:
-        last = entries[-1].log_id
+        log_ids = [entry.log_id for entry in entries]
         return store.docs.commit(
-            shard, token, None, last, 2, applied, {"c-1": store.docs.prior(None)}
+            shard, token, None, log_ids, applied, {"c-1": store.docs.prior(None)}
         )
 
     assert not commit("expired"), "no lock at all"

@@ -4,8 +4,11 @@ whatever the order in which webhooks, drain jobs and maintenance interleave."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
 from pathlib import Path
+from typing import Any, TypeVar
+from unittest.mock import patch
 
 import fakeredis
 import pytest
@@ -15,7 +18,7 @@ from hypothesis import strategies as st
 from redis import Redis
 from rq.job import Job
 
-from callstate import coordination, jobs
+from callstate import coordination, drain, jobs
 from callstate.calls import LogEntry
 from callstate.config import Settings
 from callstate.store import Store
@@ -23,14 +26,32 @@ from callstate.web import create_app
 from tests.factories import body, event
 
 JSON = {"Content-Type": "application/json"}
-CALLS = ("wake-a", "wake-b", "wake-c")
+CALLS = ("wake-a", "wake-b", "wake-e")  # one per shard of three
+T = TypeVar("T")
+
+
+class InlineThreads(Executor):
+    """A drain job's other shards drained in the caller's thread, at once: the interleavings
+    stay the ones the test chooses."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        future: Future[T] = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
 
 
 class World:
-    """The web, RQ's queue and drain jobs on one fakeredis, stepped in a chosen order."""
+    """The web, RQ's queue and drain jobs on one fakeredis, stepped in a chosen order. A drain
+    job takes `shards_per_job` shards (with no worker registered, the default takes every one),
+    draining the others first, in the same thread."""
 
-    def __init__(self, settings: Settings, redis: Redis) -> None:
+    def __init__(self, settings: Settings, redis: Redis, shards_per_job: int = 0) -> None:
         self.context = jobs.configure(settings, redis)
+        if shards_per_job:
+            self.context.drainer.shards_per_job = lambda: shards_per_job
         self.client: FlaskClient = create_app(settings, redis).test_client()
         self.store: Store = self.context.store
         self.sent = 0
@@ -72,13 +93,13 @@ class World:
         self.queued_drains()
 
 
-def world(slice_ms: int, batch: int) -> World:
+def world(slice_ms: int, batch: int, shards_per_job: int) -> World:
     redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    base = Settings(redis_url="redis://fake", embedded_redis=False, var_dir=Path("var"), shards=2)
+    base = Settings(redis_url="redis://fake", embedded_redis=False, var_dir=Path("var"), shards=3)
     tuned = dataclasses.replace(
         base, drain_slice_ms=slice_ms, drain_batch=batch, drain_linger_ms=0, drain_window_ms=0
     )
-    return World(tuned, redis)
+    return World(tuned, redis, shards_per_job)
 
 
 actions = st.lists(
@@ -93,14 +114,26 @@ actions = st.lists(
     inside=actions,
     slice_ms=st.sampled_from([0, 60_000]),
     batch=st.sampled_from([1, 2, 50]),
+    shards_per_job=st.sampled_from([1, 2, 3]),
 )
 def test_one_queued_drain_per_shard_and_no_lost_wake_up(
-    steps: list[tuple[str, int]], inside: list[tuple[str, int]], slice_ms: int, batch: int
+    steps: list[tuple[str, int]],
+    inside: list[tuple[str, int]],
+    slice_ms: int,
+    batch: int,
+    shards_per_job: int,
 ) -> None:
     """`inside` actions happen while a drain job is between two reads of the log, as another
-    process would interleave with it; nested once, so a job can start while another drains."""
-    w = world(slice_ms, batch)
-    pending: Iterator[tuple[str, int]] = iter(inside)
+    process would interleave with it; nested once, so a job can start while another drains.
+    A job takes one, two or all three shards."""
+    with patch.object(drain, "ThreadPoolExecutor", InlineThreads):
+        w = world(slice_ms, batch, shards_per_job)
+        act_in_any_order(w, steps, iter(inside))
+
+
+def act_in_any_order(
+    w: World, steps: list[tuple[str, int]], pending: Iterator[tuple[str, int]]
+) -> None:
     depth = {"now": 0}
 
     def others_act(times: int) -> None:
@@ -198,3 +231,34 @@ def test_a_job_waiting_long_in_the_queue_is_never_doubled(
     while w.run_one_job():
         pass
     assert w.store.docs.applied_count() == 4 and w.store.coordination.wakes.holder(0) is None
+
+
+def test_a_job_takes_free_shards_and_looks_again_at_each_after_letting_go(
+    settings: Settings, redis: Redis
+) -> None:
+    """A job queued for an idle shard takes the other two as well and applies their events; an
+    event that came to one of them after its last read, and whose own job found it held, is
+    applied by the holder's second look, so no job is left queued and nothing waits."""
+    with patch.object(drain, "ThreadPoolExecutor", InlineThreads):
+        w = World(dataclasses.replace(settings, shards=3), redis, shards_per_job=3)
+        for call_id in CALLS[:2]:
+            w.post(call_id)
+        idle = w.store.keys.shard_of(CALLS[2])
+        w.store.redis.delete(*(w.store.keys.wake(shard) for shard in range(3)))
+        w.store.redis.delete(w.context.queue.key)
+        real_release = w.store.coordination.locks.release
+        late: list[int] = []
+
+        def release_after_a_late_event(shard: int, token: str) -> bool:
+            if shard != idle and not late:
+                late.append(shard)
+                w.post(CALLS[[w.store.keys.shard_of(c) for c in CALLS].index(shard)])
+                assert w.run_one_job(), "the late event queued a job"
+            return real_release(shard, token)
+
+        w.store.coordination.locks.release = release_after_a_late_event  # type: ignore[method-assign]
+        jobs.enqueue_drain(w.context.queue, idle, 60)
+        assert w.run_one_job()
+        assert late, "the job took a shard other than its own"
+        assert w.store.docs.applied_count() == 3
+        assert w.queued_drains() == {}

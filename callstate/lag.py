@@ -1,0 +1,74 @@
+"""Apply lag: how long each event waited between its append and the commit that applied it, both
+on Redis' clock, counted in a per-shard histogram by the commit itself, for every event."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+from redis.client import Pipeline
+
+from callstate import streamids
+from callstate.connection import text
+from callstate.keys import Keys
+
+# Run inside the commit's transaction, so Redis' clock is read as the batch is applied: each
+# entry's lag is that time less its id's (the append's) time. ARGV: the entries' milliseconds.
+# The field is the lag's bucket, its upper bound in ms: exact to the millisecond up to 100 ms,
+# where the targets are, coarser above, and few; plus a count and a sum.
+COUNT_APPLY_LAG = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local buckets, total = {}, 0
+for i = 1, #ARGV do
+  local lag = math.max(0, now - tonumber(ARGV[i]))
+  local bucket = 'inf'
+  if lag <= 100 then bucket = lag
+  elseif lag <= 1000 then bucket = math.ceil(lag / 10) * 10
+  elseif lag <= 10000 then bucket = math.ceil(lag / 100) * 100
+  elseif lag <= 60000 then bucket = math.ceil(lag / 1000) * 1000 end
+  buckets[bucket] = (buckets[bucket] or 0) + 1
+  total = total + lag
+end
+for bucket, n in pairs(buckets) do redis.call('HINCRBY', KEYS[1], bucket, n) end
+redis.call('HINCRBY', KEYS[1], 'count', #ARGV)
+redis.call('HINCRBY', KEYS[1], 'sum_ms', total)
+"""
+NOT_BUCKETS = ("count", "sum_ms")
+
+
+def queue_apply_lag(pipe: Pipeline, keys: Keys, shard: int, log_ids: Iterable[str]) -> None:
+    """Count the batch's lags in the shard's histogram, in the commit's transaction."""
+    pipe.eval(COUNT_APPLY_LAG, 1, keys.apply_lag(shard), *map(streamids.millis, log_ids))
+
+
+def lag_counts(raw: Mapping[bytes, bytes]) -> dict[float, int]:
+    """A stored histogram as {upper bound in ms: events}, the +Inf bucket as `math.inf`."""
+    counts: dict[float, int] = {}
+    for field, value in raw.items():
+        name = text(field)
+        if name not in NOT_BUCKETS:
+            counts[math.inf if name == "inf" else float(name)] = int(value)
+    return counts
+
+
+def added(histograms: Iterable[Mapping[float, int]]) -> dict[float, int]:
+    """Several shards' (or one shard's deltas') counts, added up bucket by bucket."""
+    total: dict[float, int] = {}
+    for histogram in histograms:
+        for bound, count in histogram.items():
+            total[bound] = total.get(bound, 0) + count
+    return total
+
+
+def percentile_ms(counts: Mapping[float, int], share: float) -> float | None:
+    """The upper bound of the bucket holding the `share` quantile (exact below 100 ms)."""
+    events = sum(counts.values())
+    if not events:
+        return None
+    rank, seen = math.ceil(share * events), 0
+    for bound in sorted(counts):
+        seen += counts[bound]
+        if seen >= rank:
+            return bound
+    return math.inf
