@@ -72,9 +72,14 @@ class WakeFlags:
         wake_id = new_wake_id(self.kind)
         return wake_id if self.redis.set(self.key(shard), wake_id, nx=True) else None
 
+    def hold(self, shard: int, job: str) -> bool:
+        """While `job` holds the shard, make the flag name it unless a queued job's id is there:
+        events logged meanwhile need no job of their own."""
+        return bool(self.redis.set(self.key(shard), job, nx=True))
+
     def clear(self, shard: int, wake_id: str) -> None:
-        """The job `wake_id` has started: the next wake must queue one. A flag that names
-        another job is not this job's to clear."""
+        """The job `wake_id` has let go of the shard, or could not take it: the next wake must
+        queue one. A flag that names another job is not this job's to clear."""
         self._compare_and_delete(keys=[self.key(shard)], args=[wake_id])
 
     def holder(self, shard: int) -> str | None:
@@ -134,3 +139,9 @@ class DrainCoordination:
         self.keys = Keys(settings.key_prefix, settings.shards)
         self.wakes = WakeFlags(redis, self.keys.wake, "drain")
         self.locks = ShardLocks(redis, self.keys.drain_lock, settings.drain_lock_seconds * 1000)
+
+    def held_by_its_flag(self, shard: int) -> bool:
+        """Whether the job the wake flag names holds the shard's lock: a running drain, not a
+        lost wake (once its lock expires, a job killed while holding is a lost wake again)."""
+        flag, lock = self.redis.mget(self.keys.wake(shard), self.keys.drain_lock(shard))
+        return flag is not None and flag == lock

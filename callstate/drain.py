@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from callstate.calls import Applied, LogEntry, apply_batch
+from callstate.coordination import new_wake_id
 from callstate.machine import CallMachine
 from callstate.snapshots import Snapshots
 from callstate.store import Store
@@ -20,20 +20,22 @@ log = logging.getLogger(__name__)
 class Drainer:
     """Applies a shard's new log entries in batches, each committed atomically with its cursor.
 
-    A drain job keeps its shard for up to `slice_ms`, waiting up to `linger_ms` for more entries,
-    so a steady stream of events costs one RQ job per slice instead of one per event; when the
-    slice runs out the job wakes a successor, so other shards get the worker in turn. After a
-    partial batch it waits `window_ms` so the next transaction carries several events.
+    A drain job holds its shard while events keep coming: it waits up to `linger_ms` for more
+    (`XREAD BLOCK`), so a steady stream costs one RQ job, not one per event; after a partial
+    batch it waits `window_ms` so the next transaction carries several events. Every `slice_ms`
+    it hands the shard to a successor job if other jobs wait for a worker (`others_waiting`),
+    and it lets go after `drain_lock_seconds` in any case, well within RQ's job timeout.
 
     With `shards_per_job`, a job also takes shards nobody holds, up to that many, and waits on
     each in a thread of its own (one `XREAD BLOCK` per shard, never one across shards): with
     fewer workers than shards, every shard still has a reader waiting on it, so an event is
-    applied as it arrives instead of after another shard's slice and a new job's start.
+    applied as it arrives, not after another shard's slice and a new job's start.
 
-    No lost wake-up, and at most one queued job per shard: a job clears the shard's wake flag as
-    it starts, so every event logged after that start claims the flag and queues a job, or finds
-    it claimed by a queued job that has not started yet. A job that finds a shard locked leaves
-    it: the holder looks at the log again after it lets go.
+    No lost wake-up, and at most one queued job per shard: the shard's wake flag names the job
+    that is queued for it or holds it, so an event logged meanwhile queues nothing. The job lets
+    go of the lock, then of the flag, then looks at the log once more and wakes a successor for
+    anything logged since its last read. A job that cannot take its own shard lets go of its
+    flag at once: the holder looks again after it lets go.
     """
 
     def __init__(
@@ -47,16 +49,19 @@ class Drainer:
         wake: Callable[[int], object],
         on_records: Callable[[int], object] | None = None,
         shards_per_job: Callable[[], int] | None = None,
+        others_waiting: Callable[[], bool] | None = None,
     ) -> None:
         self.store = store
         self.batch = batch
         self.slice_seconds = slice_ms / 1000
-        self.linger_ms = linger_ms
+        self.linger_seconds = linger_ms / 1000
         self.window_seconds = window_ms / 1000
         self.wake = wake
         # Called after a commit that published records: wakes the shard's forwarder.
         self.on_records = on_records
         self.shards_per_job = shards_per_job
+        self.others_waiting = others_waiting
+        self.longest_hold_seconds = store.settings.drain_lock_seconds
         # The state machine is loaded with one call at a time: each thread has its own.
         self._own = threading.local()
         self._own.machine, self._own.snapshots = machine, Snapshots(store, machine)
@@ -72,40 +77,42 @@ class Drainer:
         return snapshots
 
     def drain(self, shard: int, wake_id: str | None = None) -> int:
-        """Apply what the job's shards log until they are quiet or the slice ends; return how
+        """Apply what the job's shards log until they are quiet or handed over; return how
         many. `wake_id` is this job's id, which the shard's wake flag holds while it is queued."""
-        if wake_id is not None:
+        job = wake_id or new_wake_id()
+        held = self._take_shards(shard, job)
+        if wake_id is not None and shard not in held:
+            # The holder looks at the log again after it lets go, so nothing is left behind.
             self.store.coordination.wakes.clear(shard, wake_id)
-        held = self._take_shards(shard)
         if not held:
-            # The holders look at the log again after they let go, so nothing is left behind.
             return 0
+        until = time.monotonic() + self.longest_hold_seconds
         others: list[Future[int]] = [
-            self._threads().submit(self._drain_held, *taken) for taken in held[1:]
+            self._threads().submit(self._drain_held, taken, job, until) for taken in held[1:]
         ]
         try:
-            applied = self._drain_held(*held[0])
+            applied = self._drain_held(held[0], job, until)
         finally:
-            # Every thread ends within its slice; the first failure fails the job.
+            # Every thread ends by `until`; the first failure fails the job.
             applied_elsewhere = [future.result() for future in others]
         return applied + sum(applied_elsewhere)
 
-    def _take_shards(self, shard: int) -> list[tuple[int, str]]:
+    def _take_shards(self, shard: int, job: str) -> list[int]:
         """Lock the job's own shard if free and, with `shards_per_job`, free ones after it, up
-        to that many in all."""
+        to that many in all; hold the wake flag of each one whose flag no queued job holds."""
         if self.shards_per_job is None:
             wanted, candidates = 1, [shard]
         else:
             shards = self.store.settings.shards
             wanted = self.shards_per_job()
             candidates = [(shard + step) % shards for step in range(shards)]
-        held: list[tuple[int, str]] = []
+        coordination, held = self.store.coordination, list[int]()
         for candidate in candidates:
             if len(held) >= wanted:
                 break
-            token = uuid.uuid4().hex
-            if self.store.coordination.locks.acquire(candidate, token):
-                held.append((candidate, token))
+            if coordination.locks.acquire(candidate, job):
+                coordination.wakes.hold(candidate, job)
+                held.append(candidate)
         return held
 
     def _threads(self) -> ThreadPoolExecutor:
@@ -114,50 +121,60 @@ class Drainer:
             self._pool = ThreadPoolExecutor(self.store.settings.shards, thread_name_prefix="drain")
         return self._pool
 
-    def _drain_held(self, shard: int, token: str) -> int:
-        """Drain a shard this job has locked, slice after slice while the log has a backlog;
-        hand it to a successor job if the slice ended while events kept coming."""
-        applied = 0
-        while True:
-            try:
-                count, quiet = self._drain_slice(shard, token)
-                applied += count
-            finally:
-                self.store.coordination.locks.release(shard, token)
-            if not quiet:
-                self.wake(shard)
-                return applied
-            if not self.store.log.has_backlog(shard):
-                return applied
-            token = uuid.uuid4().hex
-            if not self.store.coordination.locks.acquire(shard, token):
-                return applied
+    def _drain_held(self, shard: int, job: str, until: float) -> int:
+        """Drain a shard this job has locked, then let go of it, and wake a successor if
+        events kept coming or came after the last read."""
+        coordination = self.store.coordination
+        try:
+            applied, quiet = self._drain_while_held(shard, job, until)
+        finally:
+            coordination.locks.release(shard, job)
+            coordination.wakes.clear(shard, job)
+        if not quiet or self.store.log.has_backlog(shard):
+            self.wake(shard)
+        return applied
 
-    def _drain_slice(self, shard: int, token: str) -> tuple[int, bool]:
-        """Apply entries until the log stays quiet; the flag says whether it did before the end."""
-        deadline = time.monotonic() + self.slice_seconds
-        applied = 0
+    def _drain_while_held(self, shard: int, job: str, until: float) -> tuple[int, bool]:
+        """Apply entries until the log stays quiet for the linger (True) or the shard is to be
+        handed over while events keep coming (False)."""
+        applied = in_slice = 0
         cursor = self.store.log.cursor(shard)
+        now = time.monotonic()
+        slice_ends, quiet_at = now + self.slice_seconds, now + self._linger(applied)
         while True:
             entries = self.store.log.read_entries(shard, cursor, self.batch)
             if entries:
-                if not self._commit(shard, token, cursor, entries):
+                if not self._commit(shard, job, cursor, entries):
                     return applied, True
                 cursor = entries[-1].log_id
                 applied += len(entries)
-                if time.monotonic() >= deadline:
-                    return applied, False
-                if len(entries) < self.batch:
-                    self._gather(deadline)
-                continue
-            # A job that holds one shard of several leaves it once idle: lingering there would
-            # only keep the worker from the others. A job that covers shards waits on each.
-            linger_ms = self.linger_ms if applied or self.shards_per_job is not None else 0
-            wait_ms = min(linger_ms, int((deadline - time.monotonic()) * 1000))
-            if wait_ms > 0 and self.store.log.read_entries(shard, cursor, 1, block_ms=wait_ms):
-                self._gather(deadline)
-                continue
-            return applied, True
+                in_slice += len(entries)
+                quiet_at = time.monotonic() + self.linger_seconds
+                if len(entries) < self.batch and time.monotonic() < slice_ends:
+                    self._gather(slice_ends)
+            else:
+                wait_ms = int((min(quiet_at, slice_ends) - time.monotonic()) * 1000)
+                if wait_ms > 0 and self.store.log.read_entries(shard, cursor, 1, wait_ms):
+                    self._gather(slice_ends)
+                    continue
+                if time.monotonic() >= quiet_at:
+                    return applied, True
+            if time.monotonic() >= slice_ends:
+                if not self._keep(shard, job, until):
+                    return applied, not in_slice
+                slice_ends, in_slice = time.monotonic() + self.slice_seconds, 0
+
+    def _linger(self, applied: int) -> float:
+        """How long a shard may stay quiet before the job leaves it. A job of one shard among
+        several leaves an idle shard at once: waiting there would keep the worker from others."""
+        return self.linger_seconds if applied or self.shards_per_job is not None else 0.0
+
+    def _keep(self, shard: int, job: str, until: float) -> bool:
+        """At a slice's end: go on holding the shard unless other jobs wait for a worker or the
+        hold has lasted its longest; renewing the lock, which a quiet slice did not."""
+        if self.others_waiting is None or self.others_waiting() or time.monotonic() >= until:
+            return False
+        return self.store.coordination.locks.renew(shard, job)
 
     def _gather(self, deadline: float) -> None:
         """Let a batch build up: one transaction for the events of the next few milliseconds,

@@ -68,6 +68,7 @@ def configure(settings: Settings, redis: Redis) -> Context:
         wake=lambda shard: wake_drain(store, queue, shard, drain_timeout(settings)),
         on_records=forwarder.wake if forwarder is not None else None,
         shards_per_job=lambda: shards_per_worker(settings, queue),
+        others_waiting=lambda: queue.count > 0,
     )
     _context = Context(
         settings=settings,
@@ -133,6 +134,8 @@ def drain_shard(shard: int, wake_id: str | None = None) -> int:
 
 
 def _rewake_if_lost(store: Store, queue: Queue, shard: int, job_timeout: int) -> bool:
+    if store.coordination.held_by_its_flag(shard):
+        return False
     wake_id = store.coordination.wakes.replace_lost(shard, queue)
     if wake_id is None:
         return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -128,7 +129,8 @@ def test_each_commit_renews_the_drain_lock(
     configured_ms = store.settings.drain_lock_seconds * 1000
     assert store.coordination.locks.acquire(shard, "mine")
     store.redis.pexpire(lock, configured_ms * 100)
-    assert small_drainer(store, machine, 60_000, wake)._drain_slice(shard, "mine") == (1, True)
+    drainer = small_drainer(store, machine, 60_000, wake)
+    assert drainer._drain_while_held(shard, "mine", time.monotonic() + 60) == (1, True)
     assert store.redis.get(lock) == b"mine"
     assert 0 < store.redis.pttl(lock) <= configured_ms
 
@@ -177,7 +179,7 @@ def test_a_lingering_drain_applies_events_logged_while_it_waits(
 
     monkeypatch.setattr(store.log, "read_entries", read_and_log_one_while_blocked)
     assert lingering.drain(shard) == 2
-    assert blocking_reads[0] == 50
+    assert 40 <= blocking_reads[0] <= 50, "the linger, less the time since the last commit"
     assert len(blocking_reads) == 2, "waited again after the late event, then finished"
     assert not store.log.has_backlog(shard)
 

@@ -64,6 +64,8 @@ def test_a_drainer_that_lost_its_lock_cannot_resurrect_a_call_a_snapshot_retired
 
     monkeypatch.setattr(store.docs, "commit", lock_expires_and_maintenance_runs)
     drainer.drain(shard)
+    # It stopped at its refused commit and woke a successor, which applies the entry afresh.
+    drainer.drain(shard, store.coordination.wakes.holder(shard))
     assert raced[0] is not None and raced[0].retired == 1
     assert store.docs.get_doc("c1") is None, "the retired call stays retired"
     assert revisions(store, "c1") == [1], "no revision for an event the log refuses"
@@ -90,6 +92,8 @@ def test_a_drainer_that_lost_its_lock_cannot_undo_a_rebuild(
 
     monkeypatch.setattr(store.docs, "commit", lock_expires_and_a_rebuild_runs)
     drainer.drain(shard)
+    # It stopped at its refused commit and woke a successor, which applies the entry afresh.
+    drainer.drain(shard, store.coordination.wakes.holder(shard))
     assert raced == [True]
     doc = store.docs.get_doc("c2")
     assert doc is not None and set(doc["timeline"]) == {"ringing", "answered"}

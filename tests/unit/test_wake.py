@@ -178,6 +178,7 @@ def test_a_burst_a_successor_and_maintenance_queue_one_job(
     settings: Settings, redis: Redis
 ) -> None:
     w = World(dataclasses.replace(settings, shards=1, drain_slice_ms=0, drain_batch=2), redis)
+    w.context.drainer.others_waiting = lambda: True  # so a used-up slice hands over
     for _ in range(10):
         w.post("burst")
     assert w.queued_drains() == {0: 1}
@@ -194,9 +195,11 @@ def test_a_burst_a_successor_and_maintenance_queue_one_job(
     assert w.queued_drains() == {}
 
 
-def test_the_holder_looks_again_for_an_event_whose_job_found_the_shard_locked(
+def test_an_event_logged_while_a_job_holds_its_shard_is_applied_by_it_or_its_successor(
     settings: Settings, redis: Redis
 ) -> None:
+    """The flag names the holding job, so the event queues nothing; logged after the holder's
+    last read, it is found by the holder's look after letting go, which wakes one successor."""
     w = World(dataclasses.replace(settings, shards=1), redis)
     w.post("race")
     real_release = w.store.coordination.locks.release
@@ -204,16 +207,18 @@ def test_the_holder_looks_again_for_an_event_whose_job_found_the_shard_locked(
 
     def release_after_a_race(shard: int, token: str) -> bool:
         if not raced:
-            # After the holder's last read: an event, and its job, which finds the lock held.
             raced.append(w.sent == 1)
-            w.post("race")
-            assert w.run_one_job()
+            w.post("race")  # after the holder's last read
+            raced.append(w.queued_drains() == {})
         return real_release(shard, token)
 
     w.store.coordination.locks.release = release_after_a_race  # type: ignore[method-assign]
     assert w.run_one_job()
-    assert raced == [True]
-    assert w.store.docs.applied_count() == 2, "the holder applied the event its job could not"
+    assert raced == [True, True], "the event found the flag naming the holder: no job queued"
+    assert w.store.docs.applied_count() == 1
+    assert w.queued_drains() == {0: 1}, "the holder's last look woke one successor"
+    assert w.run_one_job()
+    assert w.store.docs.applied_count() == 2
     assert w.queued_drains() == {}
 
 
@@ -253,12 +258,15 @@ def test_a_job_takes_free_shards_and_looks_again_at_each_after_letting_go(
             if shard != idle and not late:
                 late.append(shard)
                 w.post(CALLS[[w.store.keys.shard_of(c) for c in CALLS].index(shard)])
-                assert w.run_one_job(), "the late event queued a job"
+                assert w.queued_drains() == {}, "the job holds that shard's flag too"
             return real_release(shard, token)
 
         w.store.coordination.locks.release = release_after_a_late_event  # type: ignore[method-assign]
         jobs.enqueue_drain(w.context.queue, idle, 60)
         assert w.run_one_job()
         assert late, "the job took a shard other than its own"
+        assert w.store.docs.applied_count() == 2
+        assert w.queued_drains() == {late[0]: 1}, "its last look at that shard woke a successor"
+        assert w.run_one_job()
         assert w.store.docs.applied_count() == 3
         assert w.queued_drains() == {}

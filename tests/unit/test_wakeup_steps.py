@@ -1,4 +1,4 @@
-"""The drainer's two no-lost-wake-up steps, each at the exact point where it matters."""
+"""The drainer's no-lost-wake-up steps, each at the exact point where it matters."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ def another_worker(store: Store, machine: CallMachine, wake: Callable[[int], Non
     return Drainer(store, machine, batch=7, slice_ms=60_000, linger_ms=0, window_ms=0, wake=wake)
 
 
-def test_an_event_logged_after_a_job_started_queues_a_new_job(
+def test_an_event_logged_while_a_job_holds_its_shard_queues_nothing_and_is_applied(
     store: Store, drainer: Drainer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The job clears its wake flag as it starts: else this event queues nothing, and the flag
-    stands for a job that has already run."""
+    """The flag names the job while it holds the shard: the event needs no job of its own, the
+    holder reads it, and lets go of the flag as it leaves."""
     _, shard, job = store.log.append_event(CALL, body(event(CALL, "ringing", 1)))
     assert job is not None
     claimed_meanwhile: list[str | None] = []
@@ -38,44 +38,53 @@ def test_an_event_logged_after_a_job_started_queues_a_new_job(
         return real_read(shard_, after, count, block_ms)
 
     monkeypatch.setattr(store.log, "read_entries", read_after_an_event_is_logged)
-    drainer.drain(shard, job)
-    [successor] = claimed_meanwhile
-    assert successor is not None, "the event logged after the job started claimed the flag"
-    assert store.coordination.wakes.holder(shard) == successor
+    assert drainer.drain(shard, job) == 2
+    assert claimed_meanwhile == [None], "the flag named the holding job"
+    assert store.coordination.wakes.holder(shard) is None, "let go of as the job left"
 
 
-def test_the_holder_looks_again_for_an_event_whose_own_job_found_the_lock_held(
+def test_the_holder_looks_again_for_an_event_logged_after_its_last_read(
     store: Store,
     drainer: Drainer,
     machine: CallMachine,
-    wake: Callable[[int], None],
+    woken: list[int],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The late event's job left because the shard was locked: only the holder's second look,
-    after it lets go, applies that event."""
+    """The late event found the flag naming the holder and queued nothing: only the holder's
+    look after letting go of lock and flag finds it, and wakes the job that applies it."""
     _, shard, job = store.log.append_event(CALL, body(event(CALL, "ringing", 1)))
     assert job is not None
-    other = another_worker(store, machine, wake)
-    late: list[tuple[str, str | None, int]] = []
+    late: list[tuple[str, str | None]] = []
     real_release = store.coordination.locks.release
 
-    def release_after_a_late_event_and_its_job(shard_: int, token: str) -> bool:
+    def release_after_a_late_event(shard_: int, token: str) -> bool:
         if not late:
             # After the holder's last read, while it still holds the lock.
             assert store.redis.get(store.keys.drain_lock(shard_)) == token.encode()
             log_id, _, late_job = store.log.append_event(CALL, body(event(CALL, "answered", 2)))
-            late.append((log_id, late_job, other.drain(shard_, late_job)))
+            late.append((log_id, late_job))
         return real_release(shard_, token)
 
-    monkeypatch.setattr(store.coordination.locks, "release", release_after_a_late_event_and_its_job)
-    applied = drainer.drain(shard, job)
-    [(late_log_id, late_job, applied_by_late_job)] = late
-    assert late_job is not None, "the late event queued a job: the holder cleared the flag"
-    assert applied_by_late_job == 0, "that job ran, found the shard locked and left"
-    assert store.coordination.wakes.holder(shard) is None, (
-        "no job is queued for the late event any more"
-    )
-    assert applied == 2
+    monkeypatch.setattr(store.coordination.locks, "release", release_after_a_late_event)
+    assert drainer.drain(shard, job) == 1
+    [(late_log_id, late_job)] = late
+    assert late_job is None, "the flag named the holder"
+    assert woken == [shard], "the holder's last look woke a successor"
+    successor = store.coordination.wakes.holder(shard)
+    assert successor is not None
+    assert another_worker(store, machine, lambda shard: None).drain(shard, successor) == 1
     assert store.log.cursor(shard) == late_log_id == store.log.last_log_id(shard)
     doc = store.docs.get_doc(CALL)
     assert doc is not None and doc["status"] == "answered"
+
+
+def test_a_job_that_finds_its_shard_held_lets_go_of_its_flag_at_once(
+    store: Store, drainer: Drainer
+) -> None:
+    """Else the flag would name a job that has left, and no later event would queue one."""
+    _, shard, job = store.log.append_event(CALL, body(event(CALL, "ringing", 1)))
+    assert job is not None and store.coordination.locks.acquire(shard, "a snapshot step")
+    assert drainer.drain(shard, job) == 0
+    assert store.coordination.wakes.holder(shard) is None
+    _, _, next_job = store.log.append_event(CALL, body(event(CALL, "answered", 2)))
+    assert next_job is not None
