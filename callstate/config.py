@@ -51,9 +51,9 @@ class Settings:
     key_prefix: str = "cs"
     drain_batch: int = 500
     drain_lock_seconds: int = 30
-    drain_slice_ms: int = 50
-    drain_linger_ms: int = 20
-    drain_window_ms: int = 10
+    drain_slice_ms: int = 250
+    drain_linger_ms: int = 1000
+    drain_window_ms: int = 2
     stale_after_seconds: int = 4 * 3600
     maintenance_interval_seconds: int = 10
     retention_seconds: int = 7 * 24 * 3600
@@ -154,7 +154,9 @@ class Settings:
                 ),
                 drain_slice_ms=_int(env, "CALLSTATE_DRAIN_SLICE_MS", cls.drain_slice_ms),
                 drain_linger_ms=_int(env, "CALLSTATE_DRAIN_LINGER_MS", cls.drain_linger_ms),
-                drain_window_ms=_int(env, "CALLSTATE_DRAIN_WINDOW_MS", cls.drain_window_ms),
+                drain_window_ms=_int(
+                    env, "CALLSTATE_DRAIN_WINDOW_MS", cls.drain_window_ms, least=0
+                ),
                 stale_after_seconds=_int(
                     env, "CALLSTATE_STALE_AFTER_SECONDS", cls.stale_after_seconds
                 ),
@@ -266,7 +268,7 @@ def _check_webhook_secret(secret: str) -> None:
         raise ValueError(problem) from None
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
+def _int(env: Mapping[str, str], name: str, default: int, least: int = 1) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -274,8 +276,9 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         value = int(raw)
     except ValueError:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+    if value < least:
+        qualifier = "positive" if least == 1 else f"at least {least}"
+        raise ValueError(f"{name} must be {qualifier}, got {value}")
     return value
 
 

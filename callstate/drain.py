@@ -23,8 +23,9 @@ class Drainer:
     A drain job holds its shard while events keep coming: it waits up to `linger_ms` for more
     (`XREAD BLOCK`), so a steady stream costs one RQ job, not one per event; after a partial
     batch it waits `window_ms` so the next transaction carries several events. Every `slice_ms`
-    it hands the shard to a successor job if other jobs wait for a worker (`others_waiting`),
-    and it lets go after `drain_lock_seconds` in any case, well within RQ's job timeout.
+    it hands the shard to a successor job if `hand_over` says so (other jobs wait for a worker,
+    or the worker is stopping), and after `drain_lock_seconds` in any case, well within RQ's job
+    timeout.
 
     With `shards_per_job`, a job also takes shards nobody holds, up to that many, and waits on
     each in a thread of its own (one `XREAD BLOCK` per shard, never one across shards): with
@@ -49,7 +50,7 @@ class Drainer:
         wake: Callable[[int], object],
         on_records: Callable[[int], object] | None = None,
         shards_per_job: Callable[[], int] | None = None,
-        others_waiting: Callable[[], bool] | None = None,
+        hand_over: Callable[[], bool] | None = None,
     ) -> None:
         self.store = store
         self.batch = batch
@@ -60,7 +61,7 @@ class Drainer:
         # Called after a commit that published records: wakes the shard's forwarder.
         self.on_records = on_records
         self.shards_per_job = shards_per_job
-        self.others_waiting = others_waiting
+        self.hand_over = hand_over
         self.longest_hold_seconds = store.settings.drain_lock_seconds
         # The state machine is loaded with one call at a time: each thread has its own.
         self._own = threading.local()
@@ -170,9 +171,9 @@ class Drainer:
         return self.linger_seconds if applied or self.shards_per_job is not None else 0.0
 
     def _keep(self, shard: int, job: str, until: float) -> bool:
-        """At a slice's end: go on holding the shard unless other jobs wait for a worker or the
-        hold has lasted its longest; renewing the lock, which a quiet slice did not."""
-        if self.others_waiting is None or self.others_waiting() or time.monotonic() >= until:
+        """At a slice's end: go on holding the shard unless it is to be handed over or the hold
+        has lasted its longest; renewing the lock, which a quiet slice did not."""
+        if self.hand_over is None or self.hand_over() or time.monotonic() >= until:
             return False
         return self.store.coordination.locks.renew(shard, job)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -49,6 +50,8 @@ class Context:
 
 
 _context: Context | None = None
+# Set when the worker is asked to stop: its drain job hands its shards over at a slice's end.
+_stopping = threading.Event()
 
 
 def configure(settings: Settings, redis: Redis) -> Context:
@@ -68,7 +71,7 @@ def configure(settings: Settings, redis: Redis) -> Context:
         wake=lambda shard: wake_drain(store, queue, shard, drain_timeout(settings)),
         on_records=forwarder.wake if forwarder is not None else None,
         shards_per_job=lambda: shards_per_worker(settings, queue),
-        others_waiting=lambda: queue.count > 0,
+        hand_over=lambda: _stopping.is_set() or queue.count > 0,
     )
     _context = Context(
         settings=settings,
@@ -79,6 +82,11 @@ def configure(settings: Settings, redis: Redis) -> Context:
         forwarder=forwarder,
     )
     return _context
+
+
+def hand_over_shards() -> None:
+    """The worker is stopping (warm shutdown): its drain job leaves at its next slice's end."""
+    _stopping.set()
 
 
 def context() -> Context:

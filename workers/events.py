@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import FrameType
 
 from rq.worker import SimpleWorker
 
@@ -12,12 +13,21 @@ from workers.connect import connect
 log = logging.getLogger("workers.events")  # by name: under `python -m` it is __main__
 
 
+class EventWorker(SimpleWorker):
+    """RQ's in-process worker, whose drain job, on a warm shutdown, hands its shards over at its
+    next slice's end rather than holding them while events keep coming."""
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        jobs.hand_over_shards()
+        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+
+
 def main() -> None:
     settings, redis = connect()
     jobs.configure(settings, redis)
     # Drain jobs last milliseconds, so a fork per job (RQ's default Worker) would cost more than
     # the work; SimpleWorker runs them in this process, keeping one machine and one connection.
-    worker = SimpleWorker(
+    worker = EventWorker(
         [settings.queue_name], connection=redis, worker_ttl=jobs.WORKER_TTL_SECONDS
     )
     log.info("worker %s started on queue %s", worker.name, settings.queue_name)
