@@ -73,6 +73,7 @@ def test_maintenance_wakes_a_shard_whose_wake_up_was_lost(
     ) and job.id == store.coordination.wakes.holder(shard)
     assert jobs.maintain()["woken"] == 0, "its job is queued: one is enough"
     assert context.queue.count == 1
+    assert context.queue.pop_job_id() == job.id  # as a worker takes it
     jobs.drain_shard(*job.args)
     assert store.coordination.wakes.holder(shard) is None and not store.log.has_backlog(shard)
 

@@ -245,7 +245,8 @@ def test_a_job_takes_free_shards_and_looks_again_at_each_after_letting_go(
     event that came to one of them after its last read, and whose own job found it held, is
     applied by the holder's second look, so no job is left queued and nothing waits."""
     with patch.object(drain, "ThreadPoolExecutor", InlineThreads):
-        w = World(dataclasses.replace(settings, shards=3), redis, shards_per_job=3)
+        quick = dataclasses.replace(settings, shards=3, drain_slice_ms=60_000, drain_linger_ms=20)
+        w = World(quick, redis, shards_per_job=3)
         for call_id in CALLS[:2]:
             w.post(call_id)
         idle = w.store.keys.shard_of(CALLS[2])
