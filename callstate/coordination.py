@@ -36,6 +36,30 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+ACQUIRE_UNLESS_WANTED = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+    return 0
+end
+return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+"""
+LOCK_POLL_SECONDS = 0.005
+
+# A job that could not take its shard: if a drain job holds the shard's lock, the flag passes to
+# it (that job lets go of the flag after the lock, then looks at the log again); otherwise, or if
+# the flag no longer names the job, the flag is let go of. One script: the holder cannot let go
+# between the two reads. KEYS: flag, lock; ARGV: the job's id, the drain jobs' id prefix.
+HAND_FLAG_TO_HOLDER = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+    return 0
+end
+local holder = redis.call('GET', KEYS[2])
+if holder and string.sub(holder, 1, string.len(ARGV[2])) == ARGV[2] then
+    redis.call('SET', KEYS[1], holder)
+    return 1
+end
+redis.call('DEL', KEYS[1])
+return 0
+"""
 
 
 # How old a wake flag must be before maintenance takes its job for lost: a claim is followed
@@ -43,7 +67,10 @@ return 0
 LOST_WAKE_GRACE_MS = 5000
 
 
-def new_wake_id(kind: str = "drain") -> str:
+DRAIN_KIND = "drain"
+
+
+def new_wake_id(kind: str = DRAIN_KIND) -> str:
     """The id of the job a wake flag stands for; it carries the time it was made, so
     maintenance can tell a flag whose job was never queued from a fresh one."""
     return f"{kind}-{int(time.time() * 1000)}-{uuid.uuid4().hex[:12]}"
@@ -108,17 +135,53 @@ class WakeFlags:
 
 class ShardLocks:
     """One lock per shard, held by a token for `ttl_ms` and renewed by its holder; whoever holds
-    it is the shard's only worker of its kind."""
+    it is the shard's only worker of its kind. With `wanted`, a waiter (a snapshot step, a
+    trim, a rebuild) marks the lock wanted: drain jobs then hand it over at their next slice's
+    end and do not take it meanwhile."""
 
-    def __init__(self, redis: Redis, key: Callable[[int], str], ttl_ms: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        key: Callable[[int], str],
+        ttl_ms: int,
+        wanted: Callable[[int], str] | None = None,
+    ) -> None:
         self.redis = redis
         self.key = key
         self.ttl_ms = ttl_ms
+        self.wanted_key = wanted
         self._compare_and_delete = redis.register_script(COMPARE_AND_DELETE)
         self._compare_and_pexpire = redis.register_script(COMPARE_AND_PEXPIRE)
+        self._acquire_unless_wanted = redis.register_script(ACQUIRE_UNLESS_WANTED)
 
     def acquire(self, shard: int, token: str) -> bool:
         return bool(self.redis.set(self.key(shard), token, nx=True, px=self.ttl_ms))
+
+    def acquire_unless_wanted(self, shard: int, token: str) -> bool:
+        """What a drain job does: take the lock only if no waiter marked it wanted."""
+        if self.wanted_key is None:
+            return self.acquire(shard, token)
+        keys = [self.key(shard), self.wanted_key(shard)]
+        return bool(self._acquire_unless_wanted(keys=keys, args=[token, self.ttl_ms]))
+
+    def acquire_waiting(self, shard: int, token: str, seconds: float) -> bool:
+        """Take the lock, marking it wanted and polling for up to `seconds`."""
+        deadline = time.monotonic() + seconds
+        wanted = self.wanted_key(shard) if self.wanted_key is not None else None
+        try:
+            while not self.acquire(shard, token):
+                if time.monotonic() >= deadline:
+                    return False
+                if wanted is not None:
+                    self.redis.set(wanted, token, px=max(1, int(seconds * 1000)))
+                time.sleep(LOCK_POLL_SECONDS)
+            return True
+        finally:
+            if wanted is not None:
+                self._compare_and_delete(keys=[wanted], args=[token])
+
+    def is_wanted(self, shard: int) -> bool:
+        return self.wanted_key is not None and bool(self.redis.exists(self.wanted_key(shard)))
 
     def renew(self, shard: int, token: str) -> bool:
         """Extend the lock to its full time if `token` still holds it."""
@@ -137,8 +200,22 @@ class DrainCoordination:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.key_prefix, settings.shards)
-        self.wakes = WakeFlags(redis, self.keys.wake, "drain")
-        self.locks = ShardLocks(redis, self.keys.drain_lock, settings.drain_lock_seconds * 1000)
+        self.wakes = WakeFlags(redis, self.keys.wake, DRAIN_KIND)
+        self.locks = ShardLocks(
+            redis,
+            self.keys.drain_lock,
+            settings.drain_lock_seconds * 1000,
+            wanted=self.keys.drain_lock_wanted,
+        )
+        self._hand_flag_to_holder = redis.register_script(HAND_FLAG_TO_HOLDER)
+
+    def leave_flag(self, shard: int, wake_id: str) -> None:
+        """The job `wake_id` could not take its shard: the drain job that holds it takes over
+        its flag, so events keep needing no job of their own; else the flag is let go of."""
+        self._hand_flag_to_holder(
+            keys=[self.keys.wake(shard), self.keys.drain_lock(shard)],
+            args=[wake_id, f"{DRAIN_KIND}-"],
+        )
 
     def held_by_its_flag(self, shard: int) -> bool:
         """Whether the job the wake flag names holds the shard's lock: a running drain, not a

@@ -35,8 +35,8 @@ class Drainer:
     No lost wake-up, and at most one queued job per shard: the shard's wake flag names the job
     that is queued for it or holds it, so an event logged meanwhile queues nothing. The job lets
     go of the lock, then of the flag, then looks at the log once more and wakes a successor for
-    anything logged since its last read. A job that cannot take its own shard lets go of its
-    flag at once: the holder looks again after it lets go.
+    anything logged since its last read. A job that cannot take its own shard passes its flag
+    to the drain job that holds it, or lets go of it: the holder looks again after it lets go.
     """
 
     def __init__(
@@ -84,7 +84,7 @@ class Drainer:
         held = self._take_shards(shard, job)
         if wake_id is not None and shard not in held:
             # The holder looks at the log again after it lets go, so nothing is left behind.
-            self.store.coordination.wakes.clear(shard, wake_id)
+            self.store.coordination.leave_flag(shard, wake_id)
         if not held:
             return 0
         until = time.monotonic() + self.longest_hold_seconds
@@ -111,7 +111,7 @@ class Drainer:
         for candidate in candidates:
             if len(held) >= wanted:
                 break
-            if coordination.locks.acquire(candidate, job):
+            if coordination.locks.acquire_unless_wanted(candidate, job):
                 coordination.wakes.hold(candidate, job)
                 held.append(candidate)
         return held
@@ -171,9 +171,12 @@ class Drainer:
         return self.linger_seconds if applied or self.shards_per_job is not None else 0.0
 
     def _keep(self, shard: int, job: str, until: float) -> bool:
-        """At a slice's end: go on holding the shard unless it is to be handed over or the hold
-        has lasted its longest; renewing the lock, which a quiet slice did not."""
+        """At a slice's end: go on holding the shard unless it is to be handed over, a snapshot
+        step, trim or rebuild wants it, or the hold has lasted its longest; renewing the lock,
+        which a quiet slice did not."""
         if self.hand_over is None or self.hand_over() or time.monotonic() >= until:
+            return False
+        if self.store.coordination.locks.is_wanted(shard):
             return False
         return self.store.coordination.locks.renew(shard, job)
 

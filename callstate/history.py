@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -45,7 +44,6 @@ PAGE_BUDGET = 10 * WALK_STEP
 TRIM_BATCH = 200
 TRIM_BATCHES = 50
 LOCK_WAIT_SECONDS = 1.0
-LOCK_POLL_SECONDS = 0.01
 
 
 @dataclass(frozen=True)
@@ -328,13 +326,8 @@ class History:
         return len(places)
 
     def _acquire(self, shard: int, token: str) -> bool:
-        """Take the shard's drain lock, waiting a little for a gap between drain slices."""
-        deadline = time.monotonic() + LOCK_WAIT_SECONDS
-        while not self.coordination.locks.acquire(shard, token):
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(LOCK_POLL_SECONDS)
-        return True
+        """Take the shard's drain lock, waiting a little for the drain job to hand it over."""
+        return self.coordination.locks.acquire_waiting(shard, token, LOCK_WAIT_SECONDS)
 
 
 def _upper_bound(until_ms: int | None, after: str | None) -> str:

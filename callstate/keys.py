@@ -28,6 +28,11 @@ class Keys:
     def drain_lock(self, shard: int) -> str:
         return f"{self.prefix}:drain-lock:{shard}"
 
+    def drain_lock_wanted(self, shard: int) -> str:
+        """Set while a snapshot step, a trim or a rebuild waits for the shard's drain lock:
+        drain jobs hand the shard over at their next slice's end and do not take it meanwhile."""
+        return f"{self.prefix}:drain-lock-wanted:{shard}"
+
     def wake(self, shard: int) -> str:
         """The shard's wake flag: set while a drain job for it is queued and not yet started.
         Only whoever sets it queues a job, so a shard never has two queued."""

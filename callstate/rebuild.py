@@ -38,6 +38,11 @@ NEWER_REVISION = "newer_revision"
 LEFT = frozenset({NOT_IN_LOG, HISTORY_TRIMMED, NEWER_REVISION, "snapshot_unreadable"})
 
 
+# Drain jobs hand a wanted shard over at their next slice's end; a snapshot step or a trim may
+# hold it for a few seconds.
+LOCK_WAIT_SECONDS = 10.0
+
+
 @dataclass
 class Report:
     """What a check found: calls compared, calls differing, calls left as stored and why."""
@@ -244,8 +249,9 @@ class HeldShards:
         self._renewer = threading.Thread(target=self._renew, name="rebuild-locks", daemon=True)
 
     def acquire(self) -> None:
+        locks = self.store.coordination.locks
         for shard in range(self.store.settings.shards):
-            if not self.store.coordination.locks.acquire(shard, self.token):
+            if not locks.acquire_waiting(shard, self.token, LOCK_WAIT_SECONDS):
                 raise RuntimeError(f"shard {shard} is being drained; retry when it is idle")
             self.held.append(shard)
         self._renewer.start()

@@ -9,7 +9,6 @@ log is trimmed up to the position, never beyond what the snapshot covers.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,9 +33,9 @@ from callstate.retention import Retention
 from callstate.store import Store
 
 ADVANCE_BATCH = 5000
-# Drainers hand a busy shard over between slices: a snapshot step waits that long for a gap.
+# Drainers hand a shard over at their next slice's end once it is wanted: a snapshot step
+# waits that long for it.
 LOCK_WAIT_SECONDS = 2.0
-LOCK_POLL_SECONDS = 0.005
 # What a snapshot holds, instead of a copy, for a call whose first entries were trimmed by a
 # version before snapshots: the log cannot re-derive it, so a rebuild leaves it as stored.
 HISTORY_TRIMMED = b"history_trimmed"
@@ -164,12 +163,7 @@ class Snapshots:
             self.store.coordination.locks.release(shard, token)
 
     def _acquire(self, shard: int, token: str) -> bool:
-        deadline = time.monotonic() + LOCK_WAIT_SECONDS
-        while not self.store.coordination.locks.acquire(shard, token):
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(LOCK_POLL_SECONDS)
-        return True
+        return self.store.coordination.locks.acquire_waiting(shard, token, LOCK_WAIT_SECONDS)
 
     def _advance(self, shard: int, token: str, before_ms: int) -> Advanced:
         position, cursor = self.position(shard), self.store.log.cursor(shard)

@@ -219,3 +219,20 @@ def test_an_unreadable_call_id_is_logged_as_such(
     with caplog.at_level("ERROR"):
         drainer.drain(0)
     assert "(call unreadable)" in caplog.text
+
+
+def test_a_holder_hands_over_a_wanted_shard_and_no_drain_job_takes_it_meanwhile(
+    store: Store, machine: CallMachine, wake: Callable[[int], None]
+) -> None:
+    """A snapshot step, a trim or a rebuild marks the lock wanted while it waits: the holder
+    stops keeping the shard at its slice's end, and a new drain job does not take it."""
+    holder = Drainer(store, machine, 5, 250, 1000, 0, wake, hand_over=lambda: False)
+    locks = store.coordination.locks
+    assert locks.acquire(0, "drain-1-job")
+    assert holder._keep(0, "drain-1-job", time.monotonic() + 60), "nobody wants it: kept"
+    store.redis.set(store.keys.drain_lock_wanted(0), "a rebuild")
+    assert not holder._keep(0, "drain-1-job", time.monotonic() + 60)
+    assert locks.release(0, "drain-1-job")
+    assert not locks.acquire_unless_wanted(0, "drain-2-job"), "the waiter gets it first"
+    assert locks.acquire_waiting(0, "a rebuild", 1.0)
+    assert not store.redis.exists(store.keys.drain_lock_wanted(0)), "no longer wanted once held"

@@ -88,3 +88,22 @@ def test_a_job_that_finds_its_shard_held_lets_go_of_its_flag_at_once(
     assert store.coordination.wakes.holder(shard) is None
     _, _, next_job = store.log.append_event(CALL, body(event(CALL, "answered", 2)))
     assert next_job is not None
+
+
+def test_a_job_that_finds_its_shard_held_by_a_drain_job_passes_its_flag_to_it(
+    store: Store, drainer: Drainer, machine: CallMachine, woken: list[int]
+) -> None:
+    """Events keep needing no job while a job holds the shard, even one that took it while
+    another job was queued for it; that holder lets go of the flag as it leaves."""
+    _, shard, queued = store.log.append_event(CALL, body(event(CALL, "ringing", 1)))
+    assert queued is not None
+    holder = "drain-1-holder"
+    assert store.coordination.locks.acquire(shard, holder)
+    assert drainer.drain(shard, queued) == 0
+    assert store.coordination.wakes.holder(shard) == holder
+    assert store.coordination.held_by_its_flag(shard), "maintenance takes it for a live drain"
+    _, _, during = store.log.append_event(CALL, body(event(CALL, "answered", 2)))
+    assert during is None, "the flag names the holder"
+    store.coordination.locks.release(shard, holder)
+    store.coordination.wakes.clear(shard, holder)
+    assert store.coordination.wakes.holder(shard) is None
