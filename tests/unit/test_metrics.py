@@ -129,6 +129,22 @@ def test_drain_durations_are_a_histogram_per_shard(
     assert totals["callstate_drain_job_seconds_sum"] == pytest.approx(20.043)
 
 
+def test_apply_lags_are_a_histogram_per_shard_in_the_stored_buckets(
+    client: FlaskClient, store: Store, redis: Redis
+) -> None:
+    """Stored as ms buckets by the commits; exposed in seconds, each bucket's count exact."""
+    key = store.keys.apply_lag(1)
+    redis.hset(key, mapping={"2": 5, "5": 3, "25": 1, "30": 1, "inf": 1, "count": 11})
+    redis.hset(key, "sum_ms", 5 * 2 + 3 * 5 + 25 + 30 + 100_000)
+    samples = [s for s in scrape(client)["callstate_apply_lag_seconds"] if s.labels["shard"] == "1"]
+    buckets = {s.labels["le"]: s.value for s in samples if s.name.endswith("_bucket")}
+    assert (buckets["0.002"], buckets["0.005"], buckets["0.025"], buckets["0.05"]) == (5, 8, 9, 10)
+    assert (buckets["60.0"], buckets["+Inf"]) == (10, 11)
+    totals = {s.name: s.value for s in samples if not s.name.endswith("_bucket")}
+    assert totals["callstate_apply_lag_seconds_count"] == 11
+    assert totals["callstate_apply_lag_seconds_sum"] == pytest.approx(100.08)
+
+
 def test_live_workers_are_counted(client: FlaskClient, redis: Redis, settings: Settings) -> None:
     own = fakeredis.FakeRedis(server=redis.connection_pool.connection_kwargs["server"])
     Worker([settings.queue_name], connection=own).register_birth()  # type: ignore[no-untyped-call]
