@@ -2,9 +2,10 @@
 same run: `python -m bench.webcost [--b-tree DIR] [--a-env K=V] [--b-env K=V] ...`.
 
 A variant is a source tree (its `callstate` and `gunicorn.conf.py`; a `git worktree` of another
-commit, say) and environment variables. Each runs as `Stack.start_web(2)` runs gunicorn, with no
-RQ worker (the web alone: events accumulate in the log), loaded at the maximum rate; its CPU is
-the sum of utime and stime over gunicorn's process group, read from /proc before and after.
+commit, say) and environment variables. Each runs as `Stack.start_web(2)` runs gunicorn, by
+default with no RQ worker (the web alone: events accumulate in the log; `--workers 2` applies
+them beside it, as in production), loaded at the maximum rate; its CPU is the sum of utime and
+stime over gunicorn's process group, read from /proc before and after.
 """
 
 from __future__ import annotations
@@ -17,21 +18,22 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from bench.load import command
+from callstate.config import Settings
 from tests.integration.stack import BIN, REPO, RedisServer, Stack
 
 TICK = os.sysconf("SC_CLK_TCK")
 
 
 class TreeStack(Stack):
-    """A Stack whose processes run from another source tree, which shadows the installed one."""
+    """A Stack whose processes run from another source tree, which shadows the installed one
+    (a variant's own PYTHONPATH follows the tree: a package tried out, say)."""
 
-    def __init__(self, tree: Path, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(self, tree: Path, redis: RedisServer, workdir: Path, env: dict[str, str]) -> None:
+        super().__init__(redis, workdir, env)
         self.tree = tree
-        self.env["PYTHONPATH"] = str(tree)
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = (self.workdir / f"{name}.log").open("ab")
@@ -89,6 +91,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--web", type=int, default=2, help="gunicorn processes")
+    parser.add_argument("--workers", type=int, default=0, help="RQ workers applying beside")
+    parser.add_argument("--shards", type=int, default=Settings.shards)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="webcost-") as tmp:
@@ -102,10 +106,15 @@ def main() -> None:
                 "B": (args.b_tree, env_pairs(args.b_env), "app:app"),
                 "echo": (REPO, {}, "bench.echo_app:app"),
             }
+            shards = {"CALLSTATE_SHARDS": str(args.shards)}
             for name, (tree, env, app) in variants.items():
                 (workdir / name).mkdir()
-                stacks[name] = TreeStack(tree.resolve(), redis, workdir / name, env)
+                stacks[name] = TreeStack(tree.resolve(), redis, workdir / name, shards | env)
                 stacks[name].start_web(args.web, app=app)
+            if args.workers:
+                (workdir / "workers").mkdir()
+                stacks["workers"] = Stack(redis, workdir / "workers", shards)
+                stacks["workers"].start_workers(args.workers)
             order = ["echo"]
             for n in range(args.rounds):
                 order += ["A", "B"] if n % 2 == 0 else ["B", "A"]
