@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -94,6 +95,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="RQ workers applying beside")
     parser.add_argument("--shards", type=int, default=Settings.shards)
     args = parser.parse_args()
+    # Stopped early (SIGTERM), still stop every process started: they run in sessions of their own.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
 
     with tempfile.TemporaryDirectory(prefix="webcost-") as tmp:
         workdir = Path(tmp)
