@@ -67,7 +67,7 @@ class Settings:
     max_clock_skew_seconds: int = 600
     fsync: str = "always"
     log_format: str = "text"
-    # gunicorn's line per request costs ~10% of the webhook's throughput: wanted only sometimes.
+    # gunicorn's line per request cost ~14% of the web's CPU per webhook: wanted only sometimes.
     access_log: bool = False
     max_events_per_call: int = DEFAULT_LIMITS.max_events
     max_call_bytes: int = DEFAULT_LIMITS.max_call_bytes
