@@ -9,14 +9,17 @@ from gunicorn.arbiter import Arbiter
 from gunicorn.workers.base import Worker
 
 from callstate.config import Settings
-from callstate.logs import logging_config
+from callstate.logs import NoAccessLog, logging_config
 
 _settings = Settings.from_env()
 
-# Logging: the service's own lines and gunicorn's, access log included, in LOG_FORMAT. The access
-# log shows the path without its query string (`%(U)s`), which may carry a token or a number.
+# Logging: the service's own lines and gunicorn's in LOG_FORMAT; the access log only with
+# CALLSTATE_ACCESS_LOG=on. It shows the path without its query string (`%(U)s`), which may carry
+# a token or a number.
 logconfig_dict = logging_config(_settings.log_format)
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(M)sms'
+if not _settings.access_log:
+    logger_class = NoAccessLog
 
 # Prometheus multiprocess mode (callstate/metrics.py): each gunicorn process counts its own
 # requests; `/metrics` adds up every process's figures from one directory. prometheus_client

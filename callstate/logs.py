@@ -9,6 +9,7 @@ import logging.config
 import re
 from typing import Any
 
+from gunicorn.glogging import Logger as GunicornLogger
 from pythonjsonlogger.json import JsonFormatter
 
 from callstate.redact import mask_personal
@@ -35,6 +36,14 @@ class HideRequestTargets(logging.Filter):
         record.msg = mask_personal(_QUERY.sub("?…", record.getMessage()))
         record.args = ()
         return True
+
+
+class NoAccessLog(GunicornLogger):  # type: ignore[misc]  # gunicorn has no type hints
+    """gunicorn's logger without the access log (CALLSTATE_ACCESS_LOG off): with a logging
+    config, gunicorn would format a line for every request before any level could drop it."""
+
+    def access(self, *request: object) -> None:
+        return None
 
 
 def make_formatter(log_format: str) -> logging.Formatter:

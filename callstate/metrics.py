@@ -59,6 +59,24 @@ class Instruments:
             registry=own,
         )
         self.registry.register(PipelineCollector(svc.store, svc.queue))
+        # Each route's and status's labelled series, found once: `labels()` checks and locks.
+        self._series: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+
+    def start_timer(self) -> None:
+        g.metrics_started = time.perf_counter()
+
+    def count_request(self, response: Response) -> Response:
+        rule = request.url_rule
+        key = (UNMATCHED if rule is None else rule.rule, response.status_code)
+        series = self._series.get(key) or self._add_series(*key)
+        series[0].inc()
+        series[1].observe(time.perf_counter() - g.metrics_started)
+        return response
+
+    def _add_series(self, endpoint: str, status: int) -> tuple[Counter, Histogram]:
+        series = (self.requests.labels(endpoint, str(status)), self.latency.labels(endpoint))
+        self._series[(endpoint, status)] = series
+        return series
 
 
 def install(app: Flask) -> None:
@@ -67,9 +85,9 @@ def install(app: Flask) -> None:
     svc: Services = app.extensions["callstate"]
     if not svc.settings.metrics:
         return
-    app.extensions["callstate.metrics"] = Instruments(svc)
-    app.before_request(_start_timer)
-    app.after_request(_count_request)
+    instruments = app.extensions["callstate.metrics"] = Instruments(svc)
+    app.before_request(instruments.start_timer)
+    app.after_request(instruments.count_request)
     app.register_blueprint(metrics)
 
 
@@ -81,18 +99,6 @@ def scrape() -> Response:
 def _instruments() -> Instruments:
     found: Instruments = current_app.extensions["callstate.metrics"]
     return found
-
-
-def _start_timer() -> None:
-    g.metrics_started = time.perf_counter()
-
-
-def _count_request(response: Response) -> Response:
-    endpoint = request.url_rule.rule if request.url_rule is not None else UNMATCHED
-    instruments = _instruments()
-    instruments.requests.labels(endpoint, str(response.status_code)).inc()
-    instruments.latency.labels(endpoint).observe(time.perf_counter() - g.metrics_started)
-    return response
 
 
 class PipelineCollector:

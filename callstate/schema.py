@@ -11,6 +11,8 @@ import math
 import re
 from typing import Any
 
+import orjson
+
 CALL_STATUSES = ("created", "started", "ringing", "answered", "agentEnded", "ended")
 # Not a state of the call: a `connect` action that failed (fallback URL, rejected transfer).
 CONNECT_FAILED = "connect_failed"
@@ -87,10 +89,41 @@ def parse_event(raw: bytes, latest_timestamp_ms: int) -> dict[str, Any]:
     `latest_timestamp_ms` is the newest event time believed: the server's clock plus the skew
     allowed, so that one far-future timestamp cannot make every later event of a call look late.
     """
-    payload = decode_body(raw)
-    check_storable(payload, "")
+    payload = _decode_plain(raw)
+    if payload is None:
+        payload = decode_body(raw)
+        check_storable(payload, "")
     validate_event(payload, latest_timestamp_ms)
     return payload
+
+
+def _decode_plain(raw: bytes) -> dict[str, Any] | None:
+    """The body, decoded by orjson, when it is plainly what `decode_body` and `check_storable`
+    accept; None when it may not be, for them to decide and name the problem.
+
+    orjson refuses what they refuse (invalid UTF-8, a byte-order mark, NaN, a lone surrogate)
+    or more (a number beyond a double), but parses an integer beyond 64 bits as a float and
+    nests up to 1024 levels: those are left to the standard library's verdict."""
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return payload if isinstance(payload, dict) and _plain(payload, MAX_DEPTH - 1) else None
+
+
+def _plain(container: dict[str, Any] | list[Any], depth_left: int) -> bool:
+    """Whether a value orjson decoded nests no deeper than allowed and holds no integer beyond
+    ±(2^53-1) nor a float that large (maybe an integer orjson could not hold)."""
+    for value in container.values() if isinstance(container, dict) else container:
+        kind = type(value)
+        if kind is str or kind is bool or value is None:
+            continue
+        if kind is int or kind is float:
+            if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+                return False
+        elif depth_left == 0 or not _plain(value, depth_left - 1):
+            return False
+    return True
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:

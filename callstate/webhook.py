@@ -64,7 +64,15 @@ def receive_event() -> tuple[Response, int]:
         log_id,
         extra={"call_id": call_id, "shard": shard, "log_id": log_id},
     )
-    return jsonify({"status": "stored", "call_id": call_id, "log_id": log_id}), 200
+    return stored(call_id, log_id), 200
+
+
+def stored(call_id: str, log_id: str) -> Response:
+    """The answer to a logged event, as `jsonify` writes it: formatted, not encoded, as neither
+    id can hold a character JSON must escape (a call id matches CALL_ID_PATTERN; a log id is
+    two integers)."""
+    body = f'{{"call_id":"{call_id}","log_id":"{log_id}","status":"stored"}}\n'
+    return Response(body, mimetype="application/json")
 
 
 def _checked_payload(settings: Settings, raw: bytes) -> tuple[dict[str, Any], int | None]:

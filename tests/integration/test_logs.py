@@ -21,6 +21,7 @@ NUMBERS = ("84899199866", "84909985668")
 def test_json_logs_name_the_ids_and_never_a_phone_number(make_stack: MakeStack) -> None:
     stack = make_stack(
         LOG_FORMAT="json",
+        CALLSTATE_ACCESS_LOG="on",
         CALLSTATE_MAINTENANCE_INTERVAL_SECONDS="1",
         CALLSTATE_STALE_AFTER_SECONDS="1",
     )
@@ -67,6 +68,19 @@ def test_json_logs_name_the_ids_and_never_a_phone_number(make_stack: MakeStack) 
     access = [line["message"] for line in lines["web"] if line["logger"] == "gunicorn.access"]
     assert '"GET /calls" 200' in " ".join(access), access
     assert access_paths(lines["web"]) >= {"/webhooks/stringee", "/calls", "/calls/logged-1/record"}
+
+
+def test_the_access_log_is_off_unless_asked_for(make_stack: MakeStack) -> None:
+    stack = make_stack(LOG_FORMAT="json")
+    stack.start_web(1)
+    assert stack.post(event("quiet-1", "ringing", 1)).ok
+    assert stack.get("/calls?active=true").ok
+    stack.stop()
+    lines = [json.loads(line) for line in (stack.workdir / "web.log").read_text().splitlines()]
+    assert [line["message"] for line in lines if line["logger"] == "gunicorn.error"], (
+        "gunicorn logs"
+    )
+    assert access_paths(lines) == set()
 
 
 def set_aside(stack: Stack, log_id: str) -> bool:

@@ -71,3 +71,10 @@ def test_fsync_policy_defaults_to_always_and_is_checked() -> None:
     assert Settings.from_env({"CALLSTATE_FSYNC": "everysec"}).fsync == "everysec"
     with pytest.raises(ValueError, match="CALLSTATE_FSYNC"):
         Settings.from_env({"CALLSTATE_FSYNC": "no"})
+
+
+def test_the_access_log_is_off_unless_switched_on() -> None:
+    assert not Settings.from_env({}).access_log
+    assert Settings.from_env({"CALLSTATE_ACCESS_LOG": "on"}).access_log
+    with pytest.raises(ValueError, match="CALLSTATE_ACCESS_LOG"):
+        Settings.from_env({"CALLSTATE_ACCESS_LOG": "1"})

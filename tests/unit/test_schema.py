@@ -6,13 +6,18 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from callstate.schema import (
     MAX_DEPTH,
     MAX_DURATION_SECONDS,
     MAX_SAFE_INTEGER,
     PayloadError,
+    check_storable,
+    decode_body,
     parse_event,
+    validate_event,
 )
 from tests.factories import body, event, example
 
@@ -209,3 +214,78 @@ def test_timestamp_beyond_the_allowed_skew_is_422() -> None:
 )
 def test_every_real_shape_that_names_a_call_is_accepted(raw: bytes) -> None:
     assert parse(raw)["call_id"] == "c-1"
+
+
+def strict_verdict(raw: bytes) -> Any:
+    """What the standard library's path alone decides: the payload, or the refusal's terms."""
+    try:
+        payload = decode_body(raw)
+        check_storable(payload, "")
+        validate_event(payload, LATEST_MS)
+    except PayloadError as exc:
+        return (exc.status, exc.error, exc.field, exc.message)
+    return payload
+
+
+def verdict(raw: bytes) -> Any:
+    try:
+        return parse(raw)
+    except PayloadError as exc:
+        return (exc.status, exc.error, exc.field, exc.message)
+
+
+def nested_body(depth: int) -> str:
+    return '{"call_id":"c-1","x":' + "[" * (depth - 1) + "]" * (depth - 1) + "}"
+
+
+# Where orjson and the standard library part: integers beyond 64 bits (orjson: a float), nesting
+# (orjson: up to 1024), lone surrogates, NaN, a byte-order mark, numbers beyond a double.
+EDGES = [
+    '{"call_id":"c-1","x":18446744073709551616}',
+    '{"call_id":"c-1","x":-9223372036854775809}',
+    '{"call_id":"c-1","duration":100000000000000000000000}',
+    '{"call_id":"c-1","x":9007199254740992}',
+    '{"call_id":"c-1","x":-9007199254740991}',
+    '{"call_id":"c-1","x":1.5e308}',
+    '{"call_id":"c-1","x":1e400}',
+    '{"call_id":"c-1","x":NaN}',
+    '{"call_id":"c-1","x":"\\ud800"}',
+    '{"call_id":"c-1","\\udc00":1}',
+    '{"call_id":"c-1","x":"\\ud83d\\ude00"}',
+    '{"call_id":"c-1","call_id":"c-2"}',
+    '{"call_id":"c-1","x":[{"y":[1,2,{"z":null}]}]}',
+    "\ufeff" + '{"call_id":"c-1"}',
+    "[]",
+    nested_body(MAX_DEPTH),
+    nested_body(MAX_DEPTH + 1),
+    nested_body(1100),
+]
+
+
+@pytest.mark.parametrize("text", EDGES)
+def test_the_fast_parser_decides_as_the_standard_library(text: str) -> None:
+    assert verdict(text.encode("utf-8", "surrogatepass")) == strict_verdict(
+        text.encode("utf-8", "surrogatepass")
+    )
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.text(st.characters(codec=None), max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    extra=st.dictionaries(st.text(max_size=4), JSON_VALUES, max_size=4), depth=st.integers(0, 20)
+)
+def test_any_body_gets_the_standard_librarys_verdict(extra: dict[str, Any], depth: int) -> None:
+    payload = {"call_id": "c-1", "call_status": "ringing", **extra}
+    raw = json.dumps(payload).encode()
+    raw = raw[:-1] + f',"deep":{"[" * depth}{"]" * depth}}}'.encode()
+    assert verdict(raw) == strict_verdict(raw)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
+from flask import jsonify
 from flask.testing import FlaskClient
 from redis import Redis
 from rq import Queue
@@ -68,6 +69,17 @@ def stored_state(redis: Redis) -> dict[bytes, Any]:
         else:
             state[key] = kind
     return state
+
+
+def test_the_stored_answer_is_what_jsonify_would_send(
+    client: FlaskClient, post: Callable[..., Any]
+) -> None:
+    response = post(event("c.1:x@y_z-9", "ringing", 1))
+    log_id = json_of(response)["log_id"]
+    with client.application.app_context():
+        expected = jsonify({"status": "stored", "call_id": "c.1:x@y_z-9", "log_id": log_id})
+    assert (response.status_code, response.content_type) == (200, expected.content_type)
+    assert response.get_data() == expected.get_data()
 
 
 def test_webhook_logs_the_raw_event_and_queues_one_drain(
