@@ -53,7 +53,7 @@ class Settings:
     drain_lock_seconds: int = 30
     drain_slice_ms: int = 250
     drain_linger_ms: int = 1000
-    drain_window_ms: int = 2
+    drain_window_ms: int = 0
     stale_after_seconds: int = 4 * 3600
     maintenance_interval_seconds: int = 10
     retention_seconds: int = 7 * 24 * 3600

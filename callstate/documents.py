@@ -10,6 +10,7 @@ from typing import Any, cast
 from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import WatchError
+from redis.typing import EncodableT
 
 from callstate.boardview import RESET_HINT, queue_board_update
 from callstate.calldoc import Record
@@ -19,8 +20,32 @@ from callstate.config import Settings
 from callstate.connection import text
 from callstate.history import History
 from callstate.keys import Keys
-from callstate.lag import queue_apply_lag
+from callstate.lag import COUNT_APPLY_LAG, entry_millis
 from callstate.retention import Retention
+
+# A batch's commit, run alone: its writes run only if the shard's cursor is still where the
+# batch started and its drain lock still holds the drainer's token, so a drainer that lost its
+# lock, or whose batch someone else applied, writes nothing; the apply lag of every entry is
+# counted at the same moment. KEYS: cursor, lock, apply-lag hash. ARGV: the expected cursor (""
+# for none), the token, the number of entry times and the times, then each write as its
+# number of arguments and its arguments.
+COMMIT = (
+    COUNT_APPLY_LAG
+    + """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then
+  return 0
+end
+local entries = tonumber(ARGV[3])
+count_apply_lag(KEYS[3], {unpack(ARGV, 4, 3 + entries)})
+local i = 4 + entries
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return 1
+"""
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +62,7 @@ class Documents:
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
+        self._commit = redis.register_script(COMMIT)
         self.settings = settings
         self.keys = Keys(settings.key_prefix, settings.shards)
         self.retention = Retention.of(settings)
@@ -104,43 +130,38 @@ class Documents:
         cursor_key, lock_key = self.keys.cursor(shard), self.keys.drain_lock(shard)
         recorded = {call_id: before.record for call_id, before in prior.items()}
         replaced = self.history.previous(applied.records, recorded)
-        with self.redis.pipeline() as pipe:
-            try:
-                pipe.watch(cursor_key, lock_key)  # type: ignore[no-untyped-call]
-                current, holder = pipe.mget(cursor_key, lock_key)
-                if (text(current) if current else None) != expected_cursor or holder is None:
-                    return False
-                if text(holder) != token:
-                    return False
-                pipe.multi()
-                for call_id, doc in applied.docs.items():
-                    before = prior[call_id]
-                    self.write_doc(pipe, doc, applied.packed[call_id], before.indexes)
-                    self._count_active(pipe, shard, before.active_status, doc)
-                packed: dict[tuple[str, int], bytes] = {}
-                for record in applied.records:
-                    published = dumps(record)
-                    pipe.xadd(
-                        self.keys.records(),
-                        {"call_id": record["call_id"], "record": published},
-                        maxlen=self.settings.records_stream_maxlen,
-                        approximate=True,
-                    )
-                    # Packed once for the history and the outbox: a quarter of the bytes.
-                    packed[record["call_id"], record["revision"]] = pack(published.encode())
-                    self._owe_delivery(pipe, shard, record, packed)
-                self.history.queue_records(pipe, applied.records, replaced, packed)
-                pipe.set(cursor_key, log_ids[-1])
-                self._count_batch(pipe, shard, log_ids, applied)
-                for call_id, (tombstone, reopened_ms) in applied.reopened.items():
-                    keep_until = self.retention.tombstone_expires_after(reopened_ms)
-                    pipe.set(self.keys.tombstone(call_id), tombstone.text(), pxat=keep_until)
-                queue_board_update(pipe, self.keys, shard, applied, expected_cursor)
-                pipe.pexpire(lock_key, self.settings.drain_lock_seconds * 1000)
-                pipe.execute()
-                return True
-            except WatchError:
-                return False
+        # Queued here, run by the commit script: one round trip, and no WATCH to set up.
+        writes = self.redis.pipeline(transaction=False)
+        for call_id, doc in applied.docs.items():
+            before = prior[call_id]
+            self.write_doc(writes, doc, applied.packed[call_id], before.indexes)
+            self._count_active(writes, shard, before.active_status, doc)
+        packed: dict[tuple[str, int], bytes] = {}
+        for record in applied.records:
+            published = dumps(record)
+            writes.xadd(
+                self.keys.records(),
+                {"call_id": record["call_id"], "record": published},
+                maxlen=self.settings.records_stream_maxlen,
+                approximate=True,
+            )
+            # Packed once for the history and the outbox: a quarter of the bytes.
+            packed[record["call_id"], record["revision"]] = pack(published.encode())
+            self._owe_delivery(writes, shard, record, packed)
+        self.history.queue_records(writes, applied.records, replaced, packed)
+        writes.set(cursor_key, log_ids[-1])
+        self._count_batch(writes, shard, log_ids, applied)
+        for call_id, (tombstone, reopened_ms) in applied.reopened.items():
+            keep_until = self.retention.tombstone_expires_after(reopened_ms)
+            writes.set(self.keys.tombstone(call_id), tombstone.text(), pxat=keep_until)
+        queue_board_update(writes, self.keys, shard, applied, expected_cursor)
+        writes.pexpire(lock_key, self.settings.drain_lock_seconds * 1000)
+        millis = entry_millis(log_ids)
+        committed = self._commit(
+            keys=[cursor_key, lock_key, self.keys.apply_lag(shard)],
+            args=[expected_cursor or "", token, len(millis), *millis, *_flattened(writes)],
+        )
+        return bool(committed)
 
     def _owe_delivery(
         self, pipe: Pipeline, shard: int, record: Record, packed: dict[tuple[str, int], bytes]
@@ -162,7 +183,6 @@ class Documents:
         self, pipe: Pipeline, shard: int, log_ids: list[str], applied: Applied
     ) -> None:
         pipe.incrby(self.keys.applied_counter(shard), len(log_ids))
-        queue_apply_lag(pipe, self.keys, shard, log_ids)
         for verdict, count in applied.verdicts.items():
             pipe.hincrby(self.keys.verdicts(shard), verdict, count)
         if applied.records:
@@ -282,3 +302,11 @@ class Documents:
 def _text_field(container: Any, name: str) -> str | None:
     value = container.get(name) if isinstance(container, dict) else None
     return value if isinstance(value, str) else None
+
+
+def _flattened(writes: Pipeline) -> list[EncodableT]:
+    """The commands queued on `writes`, each as its number of arguments and its arguments."""
+    flat: list[EncodableT] = []
+    for args, _ in writes.command_stack:
+        flat += [len(args), *args]
+    return flat

@@ -143,7 +143,7 @@ class Drainer:
         now = time.monotonic()
         slice_ends, quiet_at = now + self.slice_seconds, now + self._linger(applied)
         while True:
-            entries = self.store.log.read_entries(shard, cursor, self.batch)
+            entries = self._next_batch(shard, cursor, min(quiet_at, slice_ends))
             if entries:
                 if not self._commit(shard, job, cursor, entries):
                     return applied, True
@@ -151,19 +151,23 @@ class Drainer:
                 applied += len(entries)
                 in_slice += len(entries)
                 quiet_at = time.monotonic() + self.linger_seconds
-                if len(entries) < self.batch and time.monotonic() < slice_ends:
-                    self._gather(slice_ends)
-            else:
-                wait_ms = int((min(quiet_at, slice_ends) - time.monotonic()) * 1000)
-                if wait_ms > 0 and self.store.log.read_entries(shard, cursor, 1, wait_ms):
-                    self._gather(slice_ends)
-                    continue
-                if time.monotonic() >= quiet_at:
-                    return applied, True
+            elif time.monotonic() >= quiet_at:
+                return applied, True
             if time.monotonic() >= slice_ends:
                 if not self._keep(shard, job, until):
                     return applied, not in_slice
                 slice_ends, in_slice = time.monotonic() + self.slice_seconds, 0
+
+    def _next_batch(self, shard: int, cursor: str | None, wait_until: float) -> list[LogEntry]:
+        """Up to a batch of entries after `cursor`, waiting until `wait_until` for the first (one
+        blocking read returns at once what is there). With a window, a partial batch is read
+        again after it, so one transaction carries what arrived meanwhile."""
+        wait_ms = int((wait_until - time.monotonic()) * 1000)
+        entries = self.store.log.read_entries(shard, cursor, self.batch, max(0, wait_ms))
+        if entries and len(entries) < self.batch and self.window_seconds:
+            time.sleep(self.window_seconds)
+            entries = self.store.log.read_entries(shard, cursor, self.batch)
+        return entries
 
     def _linger(self, applied: int) -> float:
         """How long a shard may stay quiet before the job leaves it. A job of one shard among
@@ -179,11 +183,6 @@ class Drainer:
         if self.store.coordination.locks.is_wanted(shard):
             return False
         return self.store.coordination.locks.renew(shard, job)
-
-    def _gather(self, deadline: float) -> None:
-        """Let a batch build up: one transaction for the events of the next few milliseconds,
-        instead of one per event, for at most `window_ms` of extra lag."""
-        time.sleep(max(0.0, min(self.window_seconds, deadline - time.monotonic())))
 
     def _commit(self, shard: int, token: str, cursor: str | None, entries: list[LogEntry]) -> bool:
         call_ids = sorted({entry.call_id for entry in entries})

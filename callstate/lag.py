@@ -6,40 +6,39 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
-from redis.client import Pipeline
-
 from callstate import streamids
 from callstate.connection import text
-from callstate.keys import Keys
 
-# Run inside the commit's transaction, so Redis' clock is read as the batch is applied: each
-# entry's lag is that time less its id's (the append's) time. ARGV: the entries' milliseconds.
-# The field is the lag's bucket, its upper bound in ms: exact to the millisecond up to 100 ms,
-# where the targets are, coarser above, and few; plus a count and a sum.
+# A function of the commit's script (callstate/documents.py), so Redis' clock is read as the
+# batch is applied: each entry's lag is that time less its id's (the append's) time. `millis`:
+# the entries' milliseconds. The field is the lag's bucket, its upper bound in ms: exact to the
+# millisecond up to 100 ms, where the targets are, coarser above, and few; plus count and sum.
 COUNT_APPLY_LAG = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local buckets, total = {}, 0
-for i = 1, #ARGV do
-  local lag = math.max(0, now - tonumber(ARGV[i]))
-  local bucket = 'inf'
-  if lag <= 100 then bucket = lag
-  elseif lag <= 1000 then bucket = math.ceil(lag / 10) * 10
-  elseif lag <= 10000 then bucket = math.ceil(lag / 100) * 100
-  elseif lag <= 60000 then bucket = math.ceil(lag / 1000) * 1000 end
-  buckets[bucket] = (buckets[bucket] or 0) + 1
-  total = total + lag
+local function count_apply_lag(key, millis)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local buckets, total = {}, 0
+  for i = 1, #millis do
+    local lag = math.max(0, now - tonumber(millis[i]))
+    local bucket = 'inf'
+    if lag <= 100 then bucket = lag
+    elseif lag <= 1000 then bucket = math.ceil(lag / 10) * 10
+    elseif lag <= 10000 then bucket = math.ceil(lag / 100) * 100
+    elseif lag <= 60000 then bucket = math.ceil(lag / 1000) * 1000 end
+    buckets[bucket] = (buckets[bucket] or 0) + 1
+    total = total + lag
+  end
+  for bucket, n in pairs(buckets) do redis.call('HINCRBY', key, bucket, n) end
+  redis.call('HINCRBY', key, 'count', #millis)
+  redis.call('HINCRBY', key, 'sum_ms', total)
 end
-for bucket, n in pairs(buckets) do redis.call('HINCRBY', KEYS[1], bucket, n) end
-redis.call('HINCRBY', KEYS[1], 'count', #ARGV)
-redis.call('HINCRBY', KEYS[1], 'sum_ms', total)
 """
 NOT_BUCKETS = ("count", "sum_ms")
 
 
-def queue_apply_lag(pipe: Pipeline, keys: Keys, shard: int, log_ids: Iterable[str]) -> None:
-    """Count the batch's lags in the shard's histogram, in the commit's transaction."""
-    pipe.eval(COUNT_APPLY_LAG, 1, keys.apply_lag(shard), *map(streamids.millis, log_ids))
+def entry_millis(log_ids: Iterable[str]) -> list[int]:
+    """The entries' append times, as `count_apply_lag` takes them."""
+    return [streamids.millis(log_id) for log_id in log_ids]
 
 
 def lag_counts(raw: Mapping[bytes, bytes]) -> dict[float, int]:
