@@ -8,13 +8,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from callstate.calls import Applied, LogEntry, apply_batch
+from callstate.calls import Applied, Doc, LogEntry, Tombstone, apply_batch
+from callstate.codec import unpack_doc
 from callstate.coordination import new_wake_id
 from callstate.machine import CallMachine
 from callstate.snapshots import Snapshots
 from callstate.store import Store
 
 log = logging.getLogger(__name__)
+# Documents a hold keeps as it wrote them (a few MB at most), instead of reading them back.
+WRITTEN_KEPT = 10_000
 
 
 class Drainer:
@@ -140,12 +143,14 @@ class Drainer:
         handed over while events keep coming (False)."""
         applied = in_slice = 0
         cursor = self.store.log.cursor(shard)
+        # What this hold committed: while the lock holds, nobody else writes these documents.
+        written: dict[str, bytes] = {}
         now = time.monotonic()
         slice_ends, quiet_at = now + self.slice_seconds, now + self._linger(applied)
         while True:
             entries = self._next_batch(shard, cursor, min(quiet_at, slice_ends))
             if entries:
-                if not self._commit(shard, job, cursor, entries):
+                if not self._commit(shard, job, cursor, entries, written):
                     return applied, True
                 cursor = entries[-1].log_id
                 applied += len(entries)
@@ -184,9 +189,16 @@ class Drainer:
             return False
         return self.store.coordination.locks.renew(shard, job)
 
-    def _commit(self, shard: int, token: str, cursor: str | None, entries: list[LogEntry]) -> bool:
+    def _commit(
+        self,
+        shard: int,
+        token: str,
+        cursor: str | None,
+        entries: list[LogEntry],
+        written: dict[str, bytes],
+    ) -> bool:
         call_ids = sorted({entry.call_id for entry in entries})
-        docs, tombstones = self.snapshots.docs_and_tombstones(call_ids)
+        docs, tombstones = self._docs_and_tombstones(call_ids, written)
         prior = {call_id: self.store.docs.prior(doc) for call_id, doc in docs.items()}
         applied = apply_batch(
             docs,
@@ -205,6 +217,7 @@ class Drainer:
                 extra={"shard": shard},
             )
         else:
+            self._remember(written, applied)
             if applied.records and self.on_records is not None:
                 self.on_records(shard)
             if applied.unprocessable:
@@ -217,6 +230,24 @@ class Drainer:
                     extra={"shard": shard},
                 )
         return committed
+
+    def _docs_and_tombstones(
+        self, call_ids: list[str], written: dict[str, bytes]
+    ) -> tuple[dict[str, Doc | None], dict[str, Tombstone]]:
+        """The calls' documents: those this hold wrote as it wrote them (a round trip saved per
+        batch of calls already seen), the others with their tombstones from Redis."""
+        unknown = [call_id for call_id in call_ids if call_id not in written]
+        docs, tombstones = self.snapshots.docs_and_tombstones(unknown) if unknown else ({}, {})
+        known = {
+            call_id: unpack_doc(written[call_id]) for call_id in call_ids if call_id in written
+        }
+        return {**docs, **known}, tombstones
+
+    def _remember(self, written: dict[str, bytes], applied: Applied) -> None:
+        """Keep what a commit wrote, as stored; forget it all past WRITTEN_KEPT calls."""
+        if len(written) + len(applied.packed) > WRITTEN_KEPT:
+            written.clear()
+        written.update(applied.packed)
 
     def _report_unprocessable(self, shard: int, applied: Applied) -> None:
         """Log and quarantine what was set aside: ids and error classes, never payload text."""

@@ -211,7 +211,9 @@ def test_a_drainer_that_lost_its_lock_commits_nothing_during_a_rebuild(
         if not attempts:
             _, shard, _ = store.log.append_event("c8", body(ended("c8", 200, "USER_END_CALL", 5)))
             entries = store.log.read_entries(shard, store.log.cursor(shard), 10)
-            attempts.append(lost_lock._commit(shard, "expired", store.log.cursor(shard), entries))
+            attempts.append(
+                lost_lock._commit(shard, "expired", store.log.cursor(shard), entries, {})
+            )
         return derived
 
     monkeypatch.setattr(rebuild_module, "derive_shard", derive_then_let_a_drainer_commit)
