@@ -120,7 +120,7 @@ class Documents:
         prior: dict[str, Prior],
     ) -> bool:
         """Write a batch's documents, indexes, records, counters and the new cursor (the last of
-        `log_ids`, the batch's entries) in one transaction, so the counters are exact.
+        `log_ids`, the batch's entries) in one script, run alone, so the counters are exact.
 
         The transaction only runs if the cursor is still `expected_cursor` and the shard's drain
         lock still holds `token`: a drainer that lost its lock while it worked commits nothing,
