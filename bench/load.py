@@ -126,13 +126,14 @@ class Load:
         next_at = time.monotonic() + rng.random() * interval
         pool: list[tuple[PlannedCall, int]] = []
         started_calls = 0
+        # Calls of the last hour, as the provider stamps them: records far older than their
+        # retention would be trimmed (under each shard's drain lock) at every maintenance run.
+        first_ms = int(time.time() * 1000) - 3_600_000
         while True:
             if time.monotonic() < self.deadline:
                 while len(pool) < args.calls_per_thread:
                     call_id = f"{args.prefix}-{thread}-{started_calls}"
-                    pool.append(
-                        (plan_call(call_id, rng, 1_700_000_000_000 + started_calls * 100), 0)
-                    )
+                    pool.append((plan_call(call_id, rng, first_ms + started_calls * 100), 0))
                     started_calls += 1
             if not pool:
                 return

@@ -43,6 +43,9 @@ PAGE_BUDGET = 10 * WALK_STEP
 # shard and run, more than a busy day brings.
 TRIM_BATCH = 200
 TRIM_BATCHES = 50
+# A shard's records are trimmed once the oldest is this much past the retention, all that are
+# past it then: its drain lock is taken about once an hour, not at every maintenance run.
+TRIM_SLACK_MS = 3_600_000
 LOCK_WAIT_SECONDS = 1.0
 
 
@@ -272,14 +275,16 @@ class History:
         return found
 
     def trim(self, now_ms: int) -> int:
-        """Drop the records that ended before the retention, every shard, in bounded batches
-        each under the shard's drain lock; return how many. A shard whose lock stays taken
-        is left for the next run."""
+        """Drop the records that ended before the retention, every shard whose oldest is an
+        hour past it, in bounded batches each under the shard's drain lock; return how many. A
+        shard whose lock stays taken is left for the next run."""
         before_ms = now_ms - self.settings.record_retention_days * DAY_MS
         if before_ms <= 0:
             return 0
         removed = 0
         for shard in range(self.settings.shards):
+            if not self._ended_before(shard, before_ms - TRIM_SLACK_MS):
+                continue
             for _ in range(TRIM_BATCHES):
                 count = self._trim_batch(shard, before_ms)
                 removed += max(count, 0)
@@ -287,12 +292,15 @@ class History:
                     break
         return removed
 
+    def _ended_before(self, shard: int, before_ms: int) -> bool:
+        end_key = self.keys.history_by_end(shard)
+        return bool(self.redis.zrangebylex(end_key, "-", f"({_end_text(before_ms)}:", 0, 1))
+
     def _trim_batch(self, shard: int, before_ms: int) -> int:
         """One batch of the shard's oldest records, removed with every index entry in one
         transaction fenced on the shard's drain lock: no commit runs in between to write a
         revision the batch would drop. -1 if the lock could not be had."""
-        end_key = self.keys.history_by_end(shard)
-        if not self.redis.zrangebylex(end_key, "-", f"({_end_text(before_ms)}:", 0, 1):
+        if not self._ended_before(shard, before_ms):
             return 0  # nothing to drop: the drainers keep the lock
         token = uuid.uuid4().hex
         if not self._acquire(shard, token):

@@ -22,7 +22,7 @@ from callstate.calldoc import Record
 from callstate.calls import Doc
 from callstate.config import Settings
 from callstate.drain import Drainer
-from callstate.history import DAY_MS, Filters, History, member
+from callstate.history import DAY_MS, TRIM_SLACK_MS, Filters, History, member
 from callstate.history_api import decode_cursor, encode_cursor
 from callstate.machine import CallMachine
 from callstate.rebuild import rebuild
@@ -231,6 +231,21 @@ def test_retention_drops_old_records_with_every_index_entry(store: Store) -> Non
         )
     }
     assert store.history.trim(now) == 0
+
+
+def test_a_shard_is_trimmed_once_its_oldest_record_is_an_hour_past_retention(
+    store: Store,
+) -> None:
+    """So the trim takes a shard's drain lock about once an hour, not at every maintenance run;
+    then every record past the retention goes, not only the hour-old ones."""
+    retention_ms = store.settings.record_retention_days * DAY_MS
+    now = DAY0 + 100 * DAY_MS
+    call_ids = [f"due-{n}" for n in range(40)]
+    one_shard = [c for c in call_ids if store.keys.shard_of(c) == 0][:2]
+    late, later = one_shard
+    put(store, record(late, now - retention_ms - 1000), record(later, now - retention_ms - 2000))
+    assert store.history.trim(now) == 0, "past the retention by seconds: not yet"
+    assert store.history.trim(now + TRIM_SLACK_MS) == 2
 
 
 def test_maintenance_drops_the_records_past_retention(settings: Settings, redis: Redis) -> None:
