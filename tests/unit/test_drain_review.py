@@ -1,0 +1,84 @@
+"""Review of the shard holds (issue 12): interleavings and inputs that break a promise, each the
+smallest reproduction found."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from callstate.calls import Applied
+from callstate.drain import Drainer
+from callstate.machine import CallMachine
+from callstate.store import Store
+from tests.factories import body, event
+
+CALL = "review-hold-1"
+
+
+def holder_of_other_shards(
+    store: Store, machine: CallMachine, wake: Callable[[int], None]
+) -> Drainer:
+    return Drainer(store, machine, batch=7, slice_ms=60_000, linger_ms=0, window_ms=0, wake=wake)
+
+
+def test_a_job_that_finds_its_shard_held_wakes_for_what_the_holder_left_as_it_let_go(
+    store: Store,
+    drainer: Drainer,
+    machine: CallMachine,
+    wake: Callable[[int], None],
+    woken: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """J is queued (the flag names J); H, a job that took J's shard as a free one, holds its
+    lock. J fails to take the shard; before J passes its flag on, H lets go: lock, flag (not
+    H's: a no-op), last look, whose wake finds the flag naming J and queues nothing. Then J,
+    finding no holder, deletes the flag. The event logged after H's last read has no job: it
+    waits for maintenance, with no crash anywhere."""
+    _, shard, queued = store.log.append_event(CALL, body(event(CALL, "ringing", 1)))
+    assert queued is not None
+    holder_job = "drain-1-holder"
+    holder = holder_of_other_shards(store, machine, wake)
+    assert holder._take_shards(shard, holder_job) == [shard]
+    assert store.coordination.wakes.holder(shard) == queued, "the queued job's flag stays"
+
+    late: list[str | None] = []
+    real_release = store.coordination.locks.release
+
+    def release_after_a_late_event(shard_: int, token: str) -> bool:
+        if token == holder_job and not late:
+            _, _, late_job = store.log.append_event(CALL, body(event(CALL, "answered", 2)))
+            late.append(late_job)
+        return real_release(shard_, token)
+
+    real_leave = store.coordination.leave_flag
+
+    def holder_lets_go_first(shard_: int, wake_id: str) -> None:
+        # H ends its hold (its last read, then its let-go steps) between J's failed take and
+        # J's passing of the flag.
+        holder._drain_held(shard_, holder_job, time.monotonic() + 5)
+        real_leave(shard_, wake_id)
+
+    monkeypatch.setattr(store.coordination.locks, "release", release_after_a_late_event)
+    monkeypatch.setattr(store.coordination, "leave_flag", holder_lets_go_first)
+    assert drainer.drain(shard, queued) == 0
+    assert late == [None], "the late event found the flag naming J and queued nothing"
+    assert store.log.has_backlog(shard), "the late event is not applied"
+    assert woken == [shard] or store.coordination.wakes.holder(shard) is not None, (
+        "no job is queued for the late event and the flag is free: a lost wake-up"
+    )
+
+
+def test_a_batch_as_large_as_the_settings_allow_commits(store: Store) -> None:
+    """CALLSTATE_DRAIN_BATCH has no upper bound, and a MULTI/EXEC took any batch; the commit
+    script unpacks the entries' times into one Lua call, which Redis' Lua refuses past ~8,000
+    values ("too many results to unpack"): every such batch fails, and the shard with it. The
+    same limit hits any one queued write past ~8,000 arguments (the history's HSET of a batch
+    publishing 4,000 records)."""
+    shard, entries, token = 0, 8_000, "drain-1-big"
+    log_ids = [f"{1_795_000_000_000 + n}-0" for n in range(entries)]
+    assert store.coordination.locks.acquire(shard, token)
+    committed = store.docs.commit(shard, token, None, log_ids, Applied(), {})
+    assert committed
+    assert store.log.cursor(shard) == log_ids[-1]
