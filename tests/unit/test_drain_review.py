@@ -7,8 +7,9 @@ import time
 from collections.abc import Callable
 
 import pytest
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from callstate.calls import Applied
+from callstate.calls import Applied, LogEntry
 from callstate.drain import Drainer
 from callstate.machine import CallMachine
 from callstate.store import Store
@@ -82,3 +83,35 @@ def test_a_batch_as_large_as_the_settings_allow_commits(store: Store) -> None:
     committed = store.docs.commit(shard, token, None, log_ids, Applied(), {})
     assert committed
     assert store.log.cursor(shard) == log_ids[-1]
+
+
+def test_a_hold_that_fails_on_a_redis_timeout_leaves_no_event_behind(
+    store: Store, drainer: Drainer, woken: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the flag names the holder, an event logged queues nothing: the holder's last look
+    is its only wake-up. A hold that ends by an exception (here a 5 s socket timeout on one
+    read, which the client does not retry) lets go of lock and flag in its `finally` but skips
+    the look: the event waits for maintenance. Before the holds, the job let go of its flag as
+    it started, and the event queued a job of its own."""
+    _, shard, job = store.log.append_event(CALL, body(event(CALL, "ringing", 1)))
+    assert job is not None
+    late: list[str | None] = []
+    real_read = store.log.read_entries
+
+    def read_then_time_out(
+        shard_: int, after: str | None, count: int, block_ms: int = 0
+    ) -> list[LogEntry]:
+        if after is None:
+            return real_read(shard_, after, count, block_ms)
+        _, _, late_job = store.log.append_event(CALL, body(event(CALL, "answered", 2)))
+        late.append(late_job)
+        raise RedisTimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(store.log, "read_entries", read_then_time_out)
+    with pytest.raises(RedisTimeoutError):
+        drainer.drain(shard, job)
+    assert late == [None], "the late event found the flag naming the holder"
+    assert store.log.has_backlog(shard)
+    assert woken == [shard] or store.coordination.wakes.holder(shard) is not None, (
+        "no job is queued for the late event and the flag is free: a lost wake-up"
+    )
