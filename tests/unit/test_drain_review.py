@@ -3,6 +3,7 @@ smallest reproduction found."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -115,3 +116,40 @@ def test_a_hold_that_fails_on_a_redis_timeout_leaves_no_event_behind(
     assert woken == [shard] or store.coordination.wakes.holder(shard) is not None, (
         "no job is queued for the late event and the flag is free: a lost wake-up"
     )
+
+
+def test_a_job_whose_thread_fails_ends_only_after_its_other_threads_let_go(
+    store: Store, machine: CallMachine, wake: Callable[[int], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`drain` collects its threads with `[future.result() for future in others]`: the first
+    failure raises out of it before the threads after it have ended. RQ then takes the job for
+    over (and the worker runs its next job, or exits) while a thread of it still holds a shard
+    and its flag, against the docstring's "every thread ends by `until`"."""
+    release = threading.Event()
+    real_read = store.log.read_entries
+
+    def read(shard: int, after: str | None, count: int, block_ms: int = 0) -> list[LogEntry]:
+        if shard == 1:
+            raise RuntimeError("a bug in one thread")
+        if shard == 2:
+            release.wait(5)
+        return real_read(shard, after, count, block_ms)
+
+    monkeypatch.setattr(store.log, "read_entries", read)
+    three = Drainer(
+        store,
+        machine,
+        batch=7,
+        slice_ms=60_000,
+        linger_ms=0,
+        window_ms=0,
+        wake=wake,
+        shards_per_job=lambda: 3,
+    )
+    try:
+        with pytest.raises(RuntimeError):
+            three.drain(0)
+        still_held = store.redis.get(store.keys.drain_lock(2))
+    finally:
+        release.set()
+    assert still_held is None, "the job ended while one of its threads still held shard 2"
