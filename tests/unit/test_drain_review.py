@@ -3,18 +3,26 @@ smallest reproduction found."""
 
 from __future__ import annotations
 
+import dataclasses
+import random
 import threading
 import time
 from collections.abc import Callable
+from typing import cast
 
+import fakeredis
 import pytest
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT, FieldT
 
 from callstate.calls import Applied, LogEntry
+from callstate.config import Settings
+from callstate.connection import StreamRows
 from callstate.drain import Drainer
+from callstate.eventlog import event_fields
 from callstate.machine import CallMachine
 from callstate.store import Store
-from tests.factories import body, event
+from tests.factories import body, ended, event
 
 CALL = "review-hold-1"
 
@@ -153,3 +161,58 @@ def test_a_job_whose_thread_fails_ends_only_after_its_other_threads_let_go(
     finally:
         release.set()
     assert still_held is None, "the job ended while one of its threads still held shard 2"
+
+
+STATUSES = ("created", "started", "ringing", "answered", "agentEnded", "ended", "ringing")
+
+
+def drained_store(
+    machine: CallMachine,
+    settings: Settings,
+    logged: list[tuple[str, dict[FieldT, EncodableT]]],
+    keep_written: bool,
+) -> tuple[object, ...]:
+    redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    store = Store(redis, dataclasses.replace(settings, shards=1))
+    for log_id, fields in logged:
+        redis.xadd(store.keys.log(0), fields, id=log_id)
+    hold = Drainer(
+        store, machine, batch=2, slice_ms=60_000, linger_ms=0, window_ms=0, wake=lambda _: None
+    )
+    if not keep_written:
+        hold._remember = lambda written, applied: None  # type: ignore[method-assign]
+    applied = hold.drain(0)
+    docs = {key: redis.get(key) for key in sorted(redis.keys(store.keys.call("*")))}
+    # The records' own entry ids are the commit's time: only their fields compare.
+    records = [fields for _, fields in cast(StreamRows, redis.xrange(store.keys.records()))]
+    return (
+        applied,
+        docs,
+        records,
+        redis.hgetall(store.keys.history(0)),
+        redis.hgetall(store.keys.verdicts(0)),
+    )
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_hold_that_keeps_what_it_wrote_leaves_the_store_as_one_that_reads_it_back(
+    machine: CallMachine, settings: Settings, seed: int
+) -> None:
+    """What held: batches of two over three calls (accepted, duplicate, late, ended, set-aside
+    entries), drained by one hold with and without its `written` documents, store the same."""
+    rnd = random.Random(seed)
+    logged: list[tuple[str, dict[FieldT, EncodableT]]] = []
+    for n in range(rnd.randint(1, 14)):
+        call = f"review-cache-{rnd.randint(0, 2)}"
+        ts = 1_515_859_261_000 + rnd.randint(0, 20) * 1000
+        roll = rnd.random()
+        if roll < 0.1:
+            fields: dict[FieldT, EncodableT] = {"call_id": call, "event": b"not packed"}
+        elif roll < 0.3:
+            fields = event_fields(call, body(ended(call, ts, "486 Busy Here", rnd.randint(0, 5))))
+        else:
+            fields = event_fields(call, body(event(call, rnd.choice(STATUSES), ts)))
+        logged.append((f"{1_795_000_000_000 + n}-0", fields))
+    assert drained_store(machine, settings, logged, True) == drained_store(
+        machine, settings, logged, False
+    )
