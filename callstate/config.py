@@ -18,6 +18,14 @@ LOG_FORMATS = ("text", "json")
 SWITCH = ("on", "off")
 
 
+# A batch's commit is one Lua script, and Redis' Lua passes at most ~8,000 arguments to one
+# command: the largest write of a batch (the history's HSET, two per record) stays far below.
+MAX_DRAIN_BATCH = 2000
+# A drain job's blocking read waits at most a slice: it must end before the client's socket
+# timeout (callstate/connection.py, 5 s).
+MAX_DRAIN_SLICE_MS = 4000
+
+
 @dataclass(frozen=True)
 class Limits:
     """How large one call may grow: journaled events, bytes received, record revisions."""
@@ -150,11 +158,15 @@ class Settings:
                 shards=_int(env, "CALLSTATE_SHARDS", cls.shards),
                 queue_name=env.get("CALLSTATE_QUEUE", cls.queue_name),
                 key_prefix=env.get("CALLSTATE_KEY_PREFIX", cls.key_prefix),
-                drain_batch=_int(env, "CALLSTATE_DRAIN_BATCH", cls.drain_batch),
+                drain_batch=_int(
+                    env, "CALLSTATE_DRAIN_BATCH", cls.drain_batch, most=MAX_DRAIN_BATCH
+                ),
                 drain_lock_seconds=_int(
                     env, "CALLSTATE_DRAIN_LOCK_SECONDS", cls.drain_lock_seconds
                 ),
-                drain_slice_ms=_int(env, "CALLSTATE_DRAIN_SLICE_MS", cls.drain_slice_ms),
+                drain_slice_ms=_int(
+                    env, "CALLSTATE_DRAIN_SLICE_MS", cls.drain_slice_ms, most=MAX_DRAIN_SLICE_MS
+                ),
                 drain_linger_ms=_int(env, "CALLSTATE_DRAIN_LINGER_MS", cls.drain_linger_ms),
                 drain_window_ms=_int(
                     env, "CALLSTATE_DRAIN_WINDOW_MS", cls.drain_window_ms, least=0
@@ -271,7 +283,9 @@ def _check_webhook_secret(secret: str) -> None:
         raise ValueError(problem) from None
 
 
-def _int(env: Mapping[str, str], name: str, default: int, least: int = 1) -> int:
+def _int(
+    env: Mapping[str, str], name: str, default: int, least: int = 1, most: int | None = None
+) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -282,6 +296,8 @@ def _int(env: Mapping[str, str], name: str, default: int, least: int = 1) -> int
     if value < least:
         qualifier = "positive" if least == 1 else f"at least {least}"
         raise ValueError(f"{name} must be {qualifier}, got {value}")
+    if most is not None and value > most:
+        raise ValueError(f"{name} must be at most {most}, got {value}")
     return value
 
 

@@ -43,24 +43,28 @@ end
 return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
 """
 LOCK_POLL_SECONDS = 0.005
+LOCK_FREE = 2
 
 # A job that could not take its shard: if a drain job holds the shard's lock, the flag passes to
 # it (that job lets go of the flag after the lock, then looks at the log again); otherwise, or if
 # the flag no longer names the job, the flag is let go of. One script: the holder cannot let go
 # between the two reads. KEYS: flag, lock; ARGV: the job's id, the drain jobs' id prefix.
+# Returns 1 when the flag passed to the holder, 2 when nobody holds the lock any more (the
+# holder let go meanwhile: its last look may have found the flag naming this job), else 0.
 HAND_FLAG_TO_HOLDER = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-    return 0
-end
 local holder = redis.call('GET', KEYS[2])
-if holder and string.sub(holder, 1, string.len(ARGV[2])) == ARGV[2] then
-    redis.call('SET', KEYS[1], holder)
-    return 1
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    if holder and string.sub(holder, 1, string.len(ARGV[2])) == ARGV[2] then
+        redis.call('SET', KEYS[1], holder)
+        return 1
+    end
+    redis.call('DEL', KEYS[1])
 end
-redis.call('DEL', KEYS[1])
+if not holder then
+    return 2
+end
 return 0
 """
-
 
 # How old a wake flag must be before maintenance takes its job for lost: a claim is followed
 # by its enqueue within milliseconds.
@@ -209,13 +213,15 @@ class DrainCoordination:
         )
         self._hand_flag_to_holder = redis.register_script(HAND_FLAG_TO_HOLDER)
 
-    def leave_flag(self, shard: int, wake_id: str) -> None:
+    def leave_flag(self, shard: int, wake_id: str) -> bool:
         """The job `wake_id` could not take its shard: the drain job that holds it takes over
-        its flag, so events keep needing no job of their own; else the flag is let go of."""
-        self._hand_flag_to_holder(
+        its flag, so events keep needing no job of their own; else the flag is let go of. True
+        when nobody holds the lock any more: the caller must look at the log itself."""
+        left = self._hand_flag_to_holder(
             keys=[self.keys.wake(shard), self.keys.drain_lock(shard)],
             args=[wake_id, f"{DRAIN_KIND}-"],
         )
+        return int(left) == LOCK_FREE
 
     def held_by_its_flag(self, shard: int) -> bool:
         """Whether the job the wake flag names holds the shard's lock: a running drain, not a

@@ -36,7 +36,7 @@ if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] or redis.call('GET', KEYS[2]) ~
   return 0
 end
 local entries = tonumber(ARGV[3])
-count_apply_lag(KEYS[3], {unpack(ARGV, 4, 3 + entries)})
+count_apply_lag(KEYS[3], ARGV, 4, 3 + entries)
 local i = 4 + entries
 while i <= #ARGV do
   local n = tonumber(ARGV[i])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+
+from redis.exceptions import RedisError
 
 from callstate.calls import Applied, Doc, LogEntry, Tombstone, apply_batch
 from callstate.codec import unpack_doc
@@ -26,9 +29,9 @@ class Drainer:
     A drain job holds its shard while events keep coming: it waits up to `linger_ms` for more
     (`XREAD BLOCK`), so a steady stream costs one RQ job, not one per event; after a partial
     batch it waits `window_ms` so the next transaction carries several events. Every `slice_ms`
-    it hands the shard to a successor job if `hand_over` says so (other jobs wait for a worker,
-    or the worker is stopping), and after `drain_lock_seconds` in any case, well within RQ's job
-    timeout.
+    it hands the shard to a successor job if another job has waited a whole slice for a worker
+    (`others_waiting`), a waiter wants the lock, or its worker is `stopping`; and after
+    `drain_lock_seconds` in any case, well within RQ's job timeout.
 
     With `shards_per_job`, a job also takes shards nobody holds, up to that many, and waits on
     each in a thread of its own (one `XREAD BLOCK` per shard, never one across shards): with
@@ -53,7 +56,8 @@ class Drainer:
         wake: Callable[[int], object],
         on_records: Callable[[int], object] | None = None,
         shards_per_job: Callable[[], int] | None = None,
-        hand_over: Callable[[], bool] | None = None,
+        others_waiting: Callable[[], bool] | None = None,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store = store
         self.batch = batch
@@ -64,7 +68,8 @@ class Drainer:
         # Called after a commit that published records: wakes the shard's forwarder.
         self.on_records = on_records
         self.shards_per_job = shards_per_job
-        self.hand_over = hand_over
+        self.others_waiting = others_waiting
+        self.stopping = stopping
         self.longest_hold_seconds = store.settings.drain_lock_seconds
         # The state machine is loaded with one call at a time: each thread has its own.
         self._own = threading.local()
@@ -84,10 +89,12 @@ class Drainer:
         """Apply what the job's shards log until they are quiet or handed over; return how
         many. `wake_id` is this job's id, which the shard's wake flag holds while it is queued."""
         job = wake_id or new_wake_id()
-        held = self._take_shards(shard, job)
-        if wake_id is not None and shard not in held:
-            # The holder looks at the log again after it lets go, so nothing is left behind.
-            self.store.coordination.leave_flag(shard, wake_id)
+        held: list[int] = []
+        try:
+            held = self._take_shards(shard, job)
+        finally:
+            if wake_id is not None and shard not in held:
+                self._leave_untaken(shard, wake_id)
         if not held:
             return 0
         until = time.monotonic() + self.longest_hold_seconds
@@ -97,9 +104,17 @@ class Drainer:
         try:
             applied = self._drain_held(held[0], job, until)
         finally:
-            # Every thread ends by `until`; the first failure fails the job.
-            applied_elsewhere = [future.result() for future in others]
-        return applied + sum(applied_elsewhere)
+            # Every thread ends by `until`; the job ends after all of them, failed by the first
+            # failure.
+            wait(others)
+        return applied + sum(future.result() for future in others)
+
+    def _leave_untaken(self, shard: int, wake_id: str) -> None:
+        """The job could not take its own shard: its flag passes to the drain job holding it,
+        which looks at the log after it lets go. If the holder let go meanwhile, its last look
+        may have found the flag naming this job: this job looks instead."""
+        if self.store.coordination.leave_flag(shard, wake_id) and self.store.log.has_backlog(shard):
+            self.wake(shard)
 
     def _take_shards(self, shard: int, job: str) -> list[int]:
         """Lock the job's own shard if free and, with `shards_per_job`, free ones after it, up
@@ -131,9 +146,15 @@ class Drainer:
         coordination = self.store.coordination
         try:
             applied, quiet = self._drain_while_held(shard, job, until)
-        finally:
-            coordination.locks.release(shard, job)
-            coordination.wakes.clear(shard, job)
+        except BaseException:
+            # The flag stays: events logged meanwhile queued nothing, and maintenance wakes
+            # the shard once the flag's job is neither queued nor holding it (as after a
+            # crash), rather than at once into the same failure.
+            with contextlib.suppress(RedisError):
+                coordination.locks.release(shard, job)
+            raise
+        coordination.locks.release(shard, job)
+        coordination.wakes.clear(shard, job)
         if not quiet or self.store.log.has_backlog(shard):
             self.wake(shard)
         return applied
@@ -142,6 +163,7 @@ class Drainer:
         """Apply entries until the log stays quiet for the linger (True) or the shard is to be
         handed over while events keep coming (False)."""
         applied = in_slice = 0
+        waited = False
         cursor = self.store.log.cursor(shard)
         # What this hold committed: while the lock holds, nobody else writes these documents.
         written: dict[str, bytes] = {}
@@ -159,9 +181,12 @@ class Drainer:
             elif time.monotonic() >= quiet_at:
                 return applied, True
             if time.monotonic() >= slice_ends:
-                if not self._keep(shard, job, until):
+                # A job queued for a worker that is idle is taken at once: one still queued
+                # a slice later has no worker but this one's.
+                waiting = self.others_waiting is not None and self.others_waiting()
+                if (waiting and waited) or not self._keep(shard, job, until):
                     return applied, not in_slice
-                slice_ends, in_slice = time.monotonic() + self.slice_seconds, 0
+                slice_ends, in_slice, waited = time.monotonic() + self.slice_seconds, 0, waiting
 
     def _next_batch(self, shard: int, cursor: str | None, wait_until: float) -> list[LogEntry]:
         """Up to a batch of entries after `cursor`, waiting until `wait_until` for the first (one
@@ -180,10 +205,10 @@ class Drainer:
         return self.linger_seconds if applied or self.shards_per_job is not None else 0.0
 
     def _keep(self, shard: int, job: str, until: float) -> bool:
-        """At a slice's end: go on holding the shard unless it is to be handed over, a snapshot
+        """At a slice's end: go on holding the shard unless its worker is stopping, a snapshot
         step, trim or rebuild wants it, or the hold has lasted its longest; renewing the lock,
-        which a quiet slice did not."""
-        if self.hand_over is None or self.hand_over() or time.monotonic() >= until:
+        which a quiet slice did not. A drainer without `others_waiting` never goes on."""
+        if self.others_waiting is None or self.stopping() or time.monotonic() >= until:
             return False
         if self.store.coordination.locks.is_wanted(shard):
             return False

@@ -71,7 +71,8 @@ def configure(settings: Settings, redis: Redis) -> Context:
         wake=lambda shard: wake_drain(store, queue, shard, drain_timeout(settings)),
         on_records=forwarder.wake if forwarder is not None else None,
         shards_per_job=lambda: shards_per_worker(settings, queue),
-        hand_over=lambda: _stopping.is_set() or queue.count > 0,
+        others_waiting=lambda: queue.count > 0,
+        stopping=_stopping.is_set,
     )
     _context = Context(
         settings=settings,

@@ -10,16 +10,17 @@ from callstate import streamids
 from callstate.connection import text
 
 # A function of the commit's script (callstate/documents.py), so Redis' clock is read as the
-# batch is applied: each entry's lag is that time less its id's (the append's) time. `millis`:
-# the entries' milliseconds. The field is the lag's bucket, its upper bound in ms: exact to the
-# millisecond up to 100 ms, where the targets are, coarser above, and few; plus count and sum.
+# batch is applied: each entry's lag is that time less its id's (the append's) time. The
+# entries' milliseconds are `args[first..last]`. The field is the lag's bucket, its upper bound
+# in ms: exact to the ms up to 100 ms, where the targets are, coarser above, and few; plus count
+# and sum.
 COUNT_APPLY_LAG = """
-local function count_apply_lag(key, millis)
+local function count_apply_lag(key, args, first, last)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local buckets, total = {}, 0
-  for i = 1, #millis do
-    local lag = math.max(0, now - tonumber(millis[i]))
+  for i = first, last do
+    local lag = math.max(0, now - tonumber(args[i]))
     local bucket = 'inf'
     if lag <= 100 then bucket = lag
     elseif lag <= 1000 then bucket = math.ceil(lag / 10) * 10
@@ -29,7 +30,7 @@ local function count_apply_lag(key, millis)
     total = total + lag
   end
   for bucket, n in pairs(buckets) do redis.call('HINCRBY', key, bucket, n) end
-  redis.call('HINCRBY', key, 'count', #millis)
+  redis.call('HINCRBY', key, 'count', last - first + 1)
   redis.call('HINCRBY', key, 'sum_ms', total)
 end
 """

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from redis.exceptions import ResponseError
 
-from callstate.config import Settings
+from callstate.config import MAX_DRAIN_BATCH, Settings
 from callstate.drain import Drainer
 from callstate.eventlog import event_fields
 from callstate.machine import CallMachine
@@ -15,19 +15,17 @@ from callstate.store import Store
 from tests.factories import body, ended
 from tests.integration.stack import RedisServer
 
-# Each publishes a record: the history's HSET of the batch then takes 2 + 2 x 4,001 arguments,
-# past what Redis' Lua `unpack` gives one call (~8,000).
-CALLS = 4_001
+# Each publishes a record: the history's HSET of the batch then takes 2 + 2 x 2,000 arguments,
+# the most a batch the settings allow can ask of one command (Redis' Lua passes ~8,000).
+CALLS = MAX_DRAIN_BATCH
 
 
 def test_a_batch_publishing_thousands_of_records_commits_whole_or_not_at_all(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    """With CALLSTATE_DRAIN_BATCH=4001 (accepted), a backlog of that many ended calls: the script
-    runs the documents' SETs and the records' XADDs, then fails on the history's HSET, and a
-    Lua error does not undo what ran. The records are published, the cursor has not moved: the
-    next job applies the batch again (effects twice: duplicates counted, the history never
-    written). MULTI/EXEC had no such limit."""
+    """The largest batch the settings allow, every call ending: a commit script that failed on
+    its largest write (the history's HSET) would leave what ran before it written, the cursor
+    unmoved, and the next job would apply the batch again. It commits whole."""
     settings = Settings(
         redis_url=redis_server.url, embedded_redis=False, var_dir=tmp_path, shards=1
     )

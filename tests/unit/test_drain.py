@@ -226,7 +226,7 @@ def test_a_holder_hands_over_a_wanted_shard_and_no_drain_job_takes_it_meanwhile(
 ) -> None:
     """A snapshot step, a trim or a rebuild marks the lock wanted while it waits: the holder
     stops keeping the shard at its slice's end, and a new drain job does not take it."""
-    holder = Drainer(store, machine, 5, 250, 1000, 0, wake, hand_over=lambda: False)
+    holder = Drainer(store, machine, 5, 250, 1000, 0, wake, others_waiting=lambda: False)
     locks = store.coordination.locks
     assert locks.acquire(0, "drain-1-job")
     assert holder._keep(0, "drain-1-job", time.monotonic() + 60), "nobody wants it: kept"
@@ -236,3 +236,21 @@ def test_a_holder_hands_over_a_wanted_shard_and_no_drain_job_takes_it_meanwhile(
     assert not locks.acquire_unless_wanted(0, "drain-2-job"), "the waiter gets it first"
     assert locks.acquire_waiting(0, "a rebuild", 1.0)
     assert not store.redis.exists(store.keys.drain_lock_wanted(0)), "no longer wanted once held"
+
+
+def test_a_holder_hands_over_to_a_job_only_once_it_has_waited_a_whole_slice(
+    store: Store, machine: CallMachine, wake: Callable[[int], None]
+) -> None:
+    """A job queued while a worker is idle is taken at once; one still queued a slice later
+    has no worker but the holder's, which then lets go."""
+    asked: list[bool] = []
+
+    def another_job_waits() -> bool:
+        asked.append(True)
+        return True
+
+    shard = log_events(store, "c-1", 1)
+    holder = Drainer(store, machine, 5, 1, 1000, 0, wake, others_waiting=another_job_waits)
+    assert store.coordination.locks.acquire(shard, "drain-1-job")
+    assert holder._drain_while_held(shard, "drain-1-job", time.monotonic() + 60) == (1, True)
+    assert len(asked) == 2, "kept through the first slice's end, handed over at the second"

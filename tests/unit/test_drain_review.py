@@ -16,7 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
 from callstate.calls import Applied, LogEntry
-from callstate.config import Settings
+from callstate.config import MAX_DRAIN_BATCH, Settings
 from callstate.connection import StreamRows
 from callstate.drain import Drainer
 from callstate.eventlog import event_fields
@@ -64,11 +64,11 @@ def test_a_job_that_finds_its_shard_held_wakes_for_what_the_holder_left_as_it_le
 
     real_leave = store.coordination.leave_flag
 
-    def holder_lets_go_first(shard_: int, wake_id: str) -> None:
+    def holder_lets_go_first(shard_: int, wake_id: str) -> bool:
         # H ends its hold (its last read, then its let-go steps) between J's failed take and
         # J's passing of the flag.
         holder._drain_held(shard_, holder_job, time.monotonic() + 5)
-        real_leave(shard_, wake_id)
+        return real_leave(shard_, wake_id)
 
     monkeypatch.setattr(store.coordination.locks, "release", release_after_a_late_event)
     monkeypatch.setattr(store.coordination, "leave_flag", holder_lets_go_first)
@@ -81,17 +81,17 @@ def test_a_job_that_finds_its_shard_held_wakes_for_what_the_holder_left_as_it_le
 
 
 def test_a_batch_as_large_as_the_settings_allow_commits(store: Store) -> None:
-    """CALLSTATE_DRAIN_BATCH has no upper bound, and a MULTI/EXEC took any batch; the commit
-    script unpacks the entries' times into one Lua call, which Redis' Lua refuses past ~8,000
-    values ("too many results to unpack"): every such batch fails, and the shard with it. The
-    same limit hits any one queued write past ~8,000 arguments (the history's HSET of a batch
-    publishing 4,000 records)."""
-    shard, entries, token = 0, 8_000, "drain-1-big"
-    log_ids = [f"{1_795_000_000_000 + n}-0" for n in range(entries)]
+    """The commit script reads the entries' times in a loop, not by unpacking them into one
+    Lua call (which Redis' Lua refuses past ~8,000 values), and the settings cap the batch so
+    that no write of it comes near that many arguments."""
+    shard, token = 0, "drain-1-big"
+    log_ids = [f"{1_795_000_000_000 + n}-0" for n in range(MAX_DRAIN_BATCH)]
     assert store.coordination.locks.acquire(shard, token)
     committed = store.docs.commit(shard, token, None, log_ids, Applied(), {})
     assert committed
     assert store.log.cursor(shard) == log_ids[-1]
+    with pytest.raises(ValueError, match="CALLSTATE_DRAIN_BATCH must be at most 2000"):
+        Settings.from_env({"CALLSTATE_DRAIN_BATCH": str(MAX_DRAIN_BATCH + 1)})
 
 
 def test_a_hold_that_fails_on_a_redis_timeout_leaves_no_event_behind(

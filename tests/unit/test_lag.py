@@ -38,7 +38,7 @@ def server_ms(redis: Redis) -> int:
 def test_each_lag_is_counted_in_its_bucket_with_count_and_sum(redis: Redis) -> None:
     started = time.monotonic()
     now = server_ms(redis)
-    script = lag.COUNT_APPLY_LAG + "count_apply_lag(KEYS[1], ARGV)"
+    script = lag.COUNT_APPLY_LAG + "count_apply_lag(KEYS[1], ARGV, 1, #ARGV)"
     redis.eval(script, 1, "h", *(now - ms for ms in LAGS_MS))
     late_by = math.ceil((time.monotonic() - started) * 1000)
     stored = cast(dict[bytes, bytes], redis.hgetall("h"))

@@ -178,7 +178,7 @@ def test_a_burst_a_successor_and_maintenance_queue_one_job(
     settings: Settings, redis: Redis
 ) -> None:
     w = World(dataclasses.replace(settings, shards=1, drain_slice_ms=0, drain_batch=2), redis)
-    w.context.drainer.hand_over = lambda: True  # so a used-up slice hands over
+    w.context.drainer.stopping = lambda: True  # so a used-up slice hands over
     for _ in range(10):
         w.post("burst")
     assert w.queued_drains() == {0: 1}
