@@ -4,9 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
-WORKERS ?= 2
+WORKERS ?= 4
 G ?= 2
-W ?= 2
+W ?= 4
 
 .PHONY: run test lint chromium bench faults mutation
 

@@ -62,7 +62,7 @@ LAG_SHARES = {"p50": 0.5, "p99": 0.99}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--web", type=int, default=2, help="gunicorn processes (G)")
-    parser.add_argument("--workers", type=int, default=2, help="RQ worker processes (W)")
+    parser.add_argument("--workers", type=int, default=4, help="RQ worker processes (W)")
     parser.add_argument("--shards", type=int, default=Settings.shards, help="event-log shards")
     parser.add_argument(
         "--fsync", choices=FSYNC_POLICIES, default=Settings.fsync, help="the embedded Redis's"
@@ -618,14 +618,16 @@ def _on_off(compared: dict[str, Any], unit: str) -> str:
 
 
 @contextlib.contextmanager
-def bench_on_redis(args: argparse.Namespace, prefix: str) -> Iterator[Bench]:
-    """A bench over the embedded Redis server (or REDIS_URL's) in a new work directory; its
-    processes and server stopped on leaving."""
+def bench_on_redis(
+    args: argparse.Namespace, prefix: str, env: dict[str, str] | None = None
+) -> Iterator[Bench]:
+    """A bench over the embedded Redis server (or REDIS_URL's) in a new work directory, its
+    processes run with `env` added; processes and server stopped on leaving."""
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
     url = os.environ.get("REDIS_URL")
     redis = ExternalRedis(url) if url else RedisServer(workdir / "redis", args.fsync)
     redis.start()
-    stack = Stack(redis, workdir, {"CALLSTATE_SHARDS": str(args.shards)})
+    stack = Stack(redis, workdir, {"CALLSTATE_SHARDS": str(args.shards), **(env or {})})
     try:
         yield Bench(args, stack, workdir)
     finally:

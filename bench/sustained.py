@@ -26,7 +26,7 @@ REPO = Path(__file__).parents[1]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--web", type=int, default=2, help="gunicorn processes")
-    parser.add_argument("--workers", type=int, default=2, help="RQ worker processes")
+    parser.add_argument("--workers", type=int, default=4, help="RQ worker processes")
     parser.add_argument("--shards", type=int, default=Settings.shards)
     parser.add_argument("--fsync", choices=FSYNC_POLICIES, default=Settings.fsync)
     parser.add_argument("--threads", type=int, default=16, help="load-generator threads")
