@@ -125,7 +125,8 @@ class Drainer:
             shards = self.store.settings.shards
             wanted = self.shards_per_job()
             candidates = [(shard + step) % shards for step in range(shards)]
-        coordination, held = self.store.coordination, list[int]()
+        coordination = self.store.coordination
+        held: list[int] = []
         for candidate in candidates:
             if len(held) >= wanted:
                 break
