@@ -52,8 +52,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         argv = command(bench.stack.web_url, out, args.minutes * 60, rate, "sustained", args.threads)
         load = subprocess.Popen([*argv, "--probe-share", "0"], cwd=REPO, env=bench.stack.env)
         windows, before, started = [], bench.lag_histogram(), time.monotonic()
+        ends = started + args.minutes * 60
         while load.poll() is None:
-            time.sleep(min(args.window, max(0.5, started + args.minutes * 60 - time.monotonic())))
+            if time.monotonic() >= ends:
+                load.wait()  # its last events, then the last window
+            else:
+                time.sleep(min(args.window, ends - time.monotonic()))
             now = bench.lag_histogram()
             window = lag_summary(now, before)
             window |= {"at_s": round(time.monotonic() - started), "queued_jobs": bench.queue.count}
