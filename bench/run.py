@@ -39,6 +39,7 @@ from callstate.codec import dumps, pack_doc
 from callstate.config import DEFAULT_LIMITS, FSYNC_POLICIES, Settings
 from callstate.connection import StreamRows
 from callstate.eventlog import event_fields
+from callstate.figures import added_up
 from callstate.jobs import enqueue_drain
 from callstate.machine import CallMachine
 from callstate.store import Store
@@ -206,7 +207,7 @@ class Bench:
         pipe = self.redis.pipeline(transaction=False)
         for shard in range(self.settings.shards):
             pipe.hgetall(self.store.keys.apply_lag(shard))
-        return lag.added(map(lag.lag_counts, pipe.execute()))
+        return added_up(map(lag.lag_counts, pipe.execute()))
 
     def cpu_meter(self) -> CpuMeter:
         workers = [p.pid for name, p in self.stack.processes.items() if name.startswith("worker")]

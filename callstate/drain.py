@@ -169,7 +169,7 @@ class Drainer:
         # What this hold committed: while the lock holds, nobody else writes these documents.
         written: dict[str, bytes] = {}
         now = time.monotonic()
-        slice_ends, quiet_at = now + self.slice_seconds, now + self._linger(applied)
+        slice_ends, quiet_at = now + self.slice_seconds, now + self._first_linger()
         while True:
             entries = self._next_batch(shard, cursor, min(quiet_at, slice_ends))
             if entries:
@@ -200,10 +200,11 @@ class Drainer:
             entries = self.store.log.read_entries(shard, cursor, self.batch)
         return entries
 
-    def _linger(self, applied: int) -> float:
-        """How long a shard may stay quiet before the job leaves it. A job of one shard among
-        several leaves an idle shard at once: waiting there would keep the worker from others."""
-        return self.linger_seconds if applied or self.shards_per_job is not None else 0.0
+    def _first_linger(self) -> float:
+        """How long a shard may stay quiet before the job applied anything there (after, the
+        linger). A job of one shard among several leaves an idle shard at once: waiting there
+        would keep the worker from the others."""
+        return self.linger_seconds if self.shards_per_job is not None else 0.0
 
     def _keep(self, shard: int, job: str, until: float) -> bool:
         """At a slice's end: go on holding the shard unless its worker is stopping, a snapshot

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import astuple, dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from redis import Redis
 from redis.client import Pipeline
@@ -28,14 +28,16 @@ local applied = tonumber(redis.call('GET', KEYS[3]) or '0')
 redis.call('SET', KEYS[4], applied + waiting)
 return waiting
 """
-# Drain jobs last a slice (50 ms by default) or less; the tail shows a stalled shard.
-# Replies per shard in read_figures: counters, verdicts, active, drain seconds, and forwarding's.
+# Replies per shard in read_figures: counters, verdicts, active, drain seconds, apply lag, and
+# forwarding's.
 FORWARDING_READS = 4
 PER_SHARD = 5 + FORWARDING_READS
 DRAIN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Apply lag's buckets fall on the bounds of the stored histogram's (callstate/lag.py), so each
 # count is exact; 5 ms and 25 ms are the targets at half load.
 LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5, 10, 30, 60)
+
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -109,11 +111,11 @@ class Figures:
 
     @property
     def verdicts(self) -> dict[str, int]:
-        return _added_up(shard.verdicts for shard in self.shards)
+        return added_up(shard.verdicts for shard in self.shards)
 
     @property
     def active(self) -> dict[str, int]:
-        return _added_up(shard.active for shard in self.shards)
+        return added_up(shard.active for shard in self.shards)
 
     @property
     def active_total(self) -> int:
@@ -276,10 +278,10 @@ def _backlogs(store: Store, now_ms: int, counters: list[list[bytes | None]]) -> 
     return backlogs
 
 
-def _added_up(counts: Iterable[dict[str, int]]) -> dict[str, int]:
-    """Counts summed over shards; unlike `Counter`'s `+`, a count at or below zero is kept, so a
-    drifted counter shows instead of vanishing."""
-    total: dict[str, int] = {}
+def added_up(counts: Iterable[Mapping[K, int]]) -> dict[K, int]:
+    """Counts summed over shards (or readings); unlike `Counter`'s `+`, a count at or below zero
+    is kept, so a drifted counter shows instead of vanishing."""
+    total: dict[K, int] = {}
     for shard_counts in counts:
         for name, count in shard_counts.items():
             total[name] = total.get(name, 0) + count

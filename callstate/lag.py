@@ -52,15 +52,6 @@ def lag_counts(raw: Mapping[bytes, bytes]) -> dict[float, int]:
     return counts
 
 
-def added(histograms: Iterable[Mapping[float, int]]) -> dict[float, int]:
-    """Several shards' (or one shard's deltas') counts, added up bucket by bucket."""
-    total: dict[float, int] = {}
-    for histogram in histograms:
-        for bound, count in histogram.items():
-            total[bound] = total.get(bound, 0) + count
-    return total
-
-
 def percentile_ms(counts: Mapping[float, int], share: float) -> float | None:
     """The upper bound of the bucket holding the `share` quantile (exact below 100 ms)."""
     events = sum(counts.values())

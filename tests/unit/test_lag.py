@@ -74,4 +74,3 @@ def test_percentiles_are_the_upper_bound_of_the_bucket_holding_them() -> None:
     assert lag.percentile_ms(counts, 0.99) == 30.0
     assert lag.percentile_ms(counts, 1.0) == math.inf
     assert lag.percentile_ms({}, 0.5) is None
-    assert lag.added([{1.0: 2}, {1.0: 3, 5.0: 1}]) == {1.0: 5, 5.0: 1}
