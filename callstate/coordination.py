@@ -170,16 +170,15 @@ class ShardLocks:
 
     def acquire_waiting(self, shard: int, token: str, seconds: float) -> bool:
         """Take the lock, marking it wanted and polling for up to `seconds`."""
-        if self.acquire(shard, token):
-            return True
         deadline = time.monotonic() + seconds
         wanted = self.wanted_key(shard) if self.wanted_key is not None else None
-        if wanted is not None:
-            self.redis.set(wanted, token, px=max(1, int(seconds * 1000)))
+        marked = False
         try:
             while not self.acquire(shard, token):
                 if time.monotonic() >= deadline:
                     return False
+                if wanted is not None and not marked:
+                    marked = bool(self.redis.set(wanted, token, px=max(1, int(seconds * 1000))))
                 time.sleep(LOCK_POLL_SECONDS)
             return True
         finally:
