@@ -24,6 +24,9 @@ MAX_DRAIN_BATCH = 2000
 # A drain job's blocking read waits at most a slice: it must end before the client's socket
 # timeout (callstate/connection.py, 5 s).
 MAX_DRAIN_SLICE_MS = 4000
+# WAIT blocks the webhook's Redis command: its timeout must end before the client's socket
+# timeout (connection.REDIS_TIMEOUT_SECONDS) would, which would answer 503 without the reason.
+MAX_REPLICA_ACK_TIMEOUT_MS = 4000
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,9 @@ class Settings:
     board_stream_seconds: int = 60
     max_clock_skew_seconds: int = 600
     fsync: str = "always"
+    # Replicas that must confirm an event before the webhook acknowledges it (Redis WAIT).
+    replica_acks: int = 0
+    replica_ack_timeout_ms: int = 1000
     log_format: str = "text"
     # gunicorn's line per request cost ~14% of the web's CPU per webhook: wanted only sometimes.
     access_log: bool = False
@@ -196,6 +202,13 @@ class Settings:
                     env, "CALLSTATE_MAX_CLOCK_SKEW_SECONDS", cls.max_clock_skew_seconds
                 ),
                 fsync=_choice(env, "CALLSTATE_FSYNC", FSYNC_POLICIES, cls.fsync),
+                replica_acks=_int(env, "CALLSTATE_REPLICA_ACKS", cls.replica_acks, least=0),
+                replica_ack_timeout_ms=_int(
+                    env,
+                    "CALLSTATE_REPLICA_ACK_TIMEOUT_MS",
+                    cls.replica_ack_timeout_ms,
+                    most=MAX_REPLICA_ACK_TIMEOUT_MS,
+                ),
                 log_format=_choice(env, "LOG_FORMAT", LOG_FORMATS, cls.log_format),
                 access_log=_choice(env, "CALLSTATE_ACCESS_LOG", SWITCH, "off") == "on",
                 max_events_per_call=_int(

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 from redis import Redis
+from redis.exceptions import NoScriptError
 from redis.typing import EncodableT, FieldT
 
 from callstate import streamids
@@ -28,6 +29,15 @@ return {id, claimed and 1 or 0}
 """
 
 
+class NotReplicatedError(Exception):
+    """An event is logged on the primary, but fewer replicas than required confirmed it in time:
+    a failover now could lose it, so it is not acknowledged (the sender delivers it again)."""
+
+    def __init__(self, log_id: str, shard: int, wake_id: str | None, replicas: int) -> None:
+        super().__init__(f"{log_id} reached {replicas} replicas")
+        self.log_id, self.shard, self.wake_id, self.replicas = log_id, shard, wake_id, replicas
+
+
 class EventLog:
     """Appends to and reads from the shards' event logs."""
 
@@ -42,8 +52,9 @@ class EventLog:
     ) -> tuple[str, int, str | None]:
         """Log a raw event (with the project whose own secret signed it, if one did); return
         its log id, its shard, and the wake id it claimed the flag for, if it did: the caller
-        then queues the drain job of that id."""
-        return self._append(call_id, event_fields(call_id, raw, signer))
+        then queues the drain job of that id. With `replica_acks`, raise NotReplicatedError unless
+        that many replicas confirm the event within the timeout (Redis WAIT)."""
+        return self._append(call_id, event_fields(call_id, raw, signer), self.settings.replica_acks)
 
     def append_sweep(self, call_id: str, stale_before_ms: int) -> tuple[str, int, str | None]:
         """Log a request to close a call that has been silent since before `stale_before_ms`;
@@ -51,14 +62,36 @@ class EventLog:
         return self._append(call_id, {"call_id": call_id, "sweep_before_ms": stale_before_ms})
 
     def _append(
-        self, call_id: str, fields: dict[FieldT, EncodableT]
+        self, call_id: str, fields: dict[FieldT, EncodableT], replicas: int = 0
     ) -> tuple[str, int, str | None]:
         shard, wake_id = self.keys.shard_of(call_id), new_wake_id()
-        log_id, claimed = self._append_event(
-            keys=[self.keys.log(shard), self.keys.wake(shard), self.keys.logged_counter(shard)],
-            args=[wake_id, *(x for pair in fields.items() for x in pair)],
-        )
-        return text(log_id), shard, wake_id if claimed else None
+        keys = [self.keys.log(shard), self.keys.wake(shard), self.keys.logged_counter(shard)]
+        args: list[EncodableT] = [wake_id, *(x for pair in fields.items() for x in pair)]
+        if replicas:
+            (log_id, claimed), acks = self._append_and_wait(keys, args, replicas)
+        else:
+            (log_id, claimed), acks = self._append_event(keys=keys, args=args), 0
+        claimed_id = wake_id if claimed else None
+        if acks < replicas:
+            raise NotReplicatedError(text(log_id), shard, claimed_id, acks)
+        return text(log_id), shard, claimed_id
+
+    def _append_and_wait(
+        self, keys: list[str], args: list[EncodableT], replicas: int
+    ) -> tuple[Any, int]:
+        """The append script's reply and how many replicas confirmed it: both commands in one
+        round trip on one connection, as WAIT counts the writes of the connection it is sent on."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for _ in range(2):
+                pipe.evalsha(self._append_event.sha, len(keys), *keys, *args)
+                pipe.wait(replicas, self.settings.replica_ack_timeout_ms)
+                try:
+                    reply, acks = pipe.execute()
+                    return reply, int(acks)
+                except NoScriptError:
+                    # A restarted or failed-over server has lost its scripts: nothing ran.
+                    self._append_event.sha = self.redis.script_load(APPEND_EVENT)
+        raise NoScriptError("the append script could not be loaded")
 
     def read_entries(
         self, shard: int, after: str | None, count: int, block_ms: int = 0

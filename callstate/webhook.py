@@ -8,9 +8,11 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 from redis.exceptions import RedisError
+from rq import Queue
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from callstate.config import Settings
+from callstate.eventlog import NotReplicatedError
 from callstate.http import error, services
 from callstate.jobs import drain_timeout, enqueue_drain
 from callstate.redact import mask_personal
@@ -39,24 +41,16 @@ def receive_event() -> tuple[Response, int]:
     call_id = payload["call_id"]
     try:
         log_id, shard, wake_id = svc.store.log.append_event(call_id, raw, signer)
+    except NotReplicatedError as exc:
+        _wake(svc.queue, svc.settings, exc.shard, exc.wake_id, exc.log_id, call_id)
+        return _refuse_unreplicated(svc.settings, exc, call_id)
     except RedisError as exc:
         log.warning("event for call %s not stored: %s", call_id, exc, extra={"call_id": call_id})
         # A timed-out append may still have run: the retry is then applied as a duplicate.
         return error(
             503, "unavailable", "the event store did not confirm the event; deliver it again"
         )
-    if wake_id is not None:
-        try:
-            enqueue_drain(svc.queue, shard, drain_timeout(svc.settings), wake_id)
-        except RedisError as exc:
-            # The event is logged; maintenance wakes any shard left with a backlog.
-            log.warning(
-                "event %s stored but drain of shard %s not queued: %s",
-                log_id,
-                shard,
-                exc,
-                extra={"call_id": call_id, "shard": shard, "log_id": log_id},
-            )
+    _wake(svc.queue, svc.settings, shard, wake_id, log_id, call_id)
     log.debug(
         "stored %s for call %s as %s",
         payload.get("call_status"),
@@ -73,6 +67,48 @@ def stored(call_id: str, log_id: str) -> Response:
     two integers)."""
     body = f'{{"call_id":"{call_id}","log_id":"{log_id}","status":"stored"}}\n'
     return Response(body, mimetype="application/json")
+
+
+def _wake(
+    queue: Queue, settings: Settings, shard: int, wake_id: str | None, log_id: str, call_id: str
+) -> None:
+    """Queue the drain job whose wake id the append claimed, if it claimed one."""
+    if wake_id is None:
+        return
+    try:
+        enqueue_drain(queue, shard, drain_timeout(settings), wake_id)
+    except RedisError as exc:
+        # The event is logged; maintenance wakes any shard left with a backlog.
+        log.warning(
+            "event %s stored but drain of shard %s not queued: %s",
+            log_id,
+            shard,
+            exc,
+            extra={"call_id": call_id, "shard": shard, "log_id": log_id},
+        )
+
+
+def _refuse_unreplicated(
+    settings: Settings, exc: NotReplicatedError, call_id: str
+) -> tuple[Response, int]:
+    """503 for an event logged on the primary that too few replicas confirmed: it is applied
+    all the same, and the sender's retry is then applied as a duplicate."""
+    log.warning(
+        "event %s for call %s confirmed by %d of %d replicas in %d ms; not acknowledged",
+        exc.log_id,
+        call_id,
+        exc.replicas,
+        settings.replica_acks,
+        settings.replica_ack_timeout_ms,
+        extra={"call_id": call_id, "shard": exc.shard, "log_id": exc.log_id},
+    )
+    return error(
+        503,
+        "not_replicated",
+        f"the event was stored but {exc.replicas} of the {settings.replica_acks} replicas "
+        f"required confirmed it within {settings.replica_ack_timeout_ms} ms; deliver it again",
+        log_id=exc.log_id,
+    )
 
 
 def _checked_payload(settings: Settings, raw: bytes) -> tuple[dict[str, Any], int | None]:

