@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "redis":
         return run_redis(settings)
     try:
-        store = Store(connect(settings.redis_url), settings)
+        store = Store(connect(settings), settings)
     except ValueError:  # the message would repeat the URL, and a URL may carry a password
         print("callstate: REDIS_URL is not a Redis URL (redis://host:port/db)", file=sys.stderr)
         return UNAVAILABLE
@@ -585,9 +585,10 @@ def _wake_left_shards(store: Store) -> None:
 
 
 def run_redis(settings: Settings) -> int:
-    """Become the embedded Redis server; with REDIS_URL set, stay idle so a Procfile keeps going."""
+    """Become the embedded Redis server; with REDIS_URL or REDIS_SENTINELS set, stay idle so a
+    Procfile keeps going."""
     if not settings.embedded_redis:
-        print("REDIS_URL is set: using that server, not starting the embedded one", flush=True)
+        print("REDIS_URL or REDIS_SENTINELS is set: not starting the embedded Redis", flush=True)
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
         return OK
     settings.var_dir.mkdir(parents=True, exist_ok=True)
@@ -688,6 +689,8 @@ def _not_found(call_id: str, *, as_json: bool) -> int:
 
 def _where(settings: Settings) -> str:
     """The server's address without the password a REDIS_URL may carry."""
+    if settings.sentinels:
+        return f"{settings.sentinel_master} (sentinels {','.join(settings.sentinels)})"
     url = urlparse(settings.redis_url)
     return f"{url.hostname}:{url.port}" if url.hostname else url.path
 

@@ -49,6 +49,9 @@ class Settings:
     redis_url: str
     embedded_redis: bool
     var_dir: Path
+    # Sentinel (`host:port` each) and the name they watch the primary under, instead of a URL.
+    sentinels: tuple[str, ...] = ()
+    sentinel_master: str | None = None
     signing_secret: str | None = None
     signing_secret_previous: str | None = None
     project_secrets: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
@@ -145,11 +148,16 @@ class Settings:
         var_dir = Path(env.get("CALLSTATE_VAR_DIR", "var")).resolve()
         url = env.get("REDIS_URL", "")
         embedded_port = _int(env, "CALLSTATE_REDIS_PORT", EMBEDDED_REDIS_PORT)
+        sentinels, sentinel_master = _sentinels(env)
+        if sentinels and url:
+            raise ValueError("set REDIS_URL or REDIS_SENTINELS, not both")
         return _checked(
             cls(
                 redis_url=url or f"redis://127.0.0.1:{embedded_port}/0",
-                embedded_redis=not url,
+                embedded_redis=not url and not sentinels,
                 var_dir=var_dir,
+                sentinels=sentinels,
+                sentinel_master=sentinel_master,
                 signing_secret=env.get("STRINGEE_SIGNING_SECRET") or None,
                 signing_secret_previous=env.get("STRINGEE_SIGNING_SECRET_PREVIOUS") or None,
                 project_secrets=_project_secrets(env.get("STRINGEE_SIGNING_SECRETS", "")),
@@ -260,6 +268,19 @@ def _forwarding(env: Mapping[str, str]) -> dict[str, Any]:
             env, "CALLSTATE_RECORD_RETRY_TOTAL_SECONDS", defaults.record_retry_total_seconds
         ),
     }
+
+
+def _sentinels(env: Mapping[str, str]) -> tuple[tuple[str, ...], str | None]:
+    """REDIS_SENTINELS as `host:port` items, checked, and the REDIS_SENTINEL_MASTER they need."""
+    items = tuple(_items(env.get("REDIS_SENTINELS", "")))
+    for item in items:
+        host, _, port = item.rpartition(":")
+        if not host or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"REDIS_SENTINELS must be host:port items, got {item!r}")
+    master = env.get("REDIS_SENTINEL_MASTER") or None
+    if items and master is None:
+        raise ValueError("REDIS_SENTINELS is set: REDIS_SENTINEL_MASTER too")
+    return items, master
 
 
 def _webhook_url(raw: str) -> str:

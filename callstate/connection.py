@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from redis import Redis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from callstate.config import Settings
 
 REDIS_TIMEOUT_SECONDS = 5
+# A sentinel answers from memory: one that takes longer is down, ask the next.
+SENTINEL_TIMEOUT_SECONDS = 0.5
 # redis-py types replies as bytes-or-str (it cannot know decode_responses); RQ needs bytes.
 StreamRows = list[tuple[bytes, dict[bytes, bytes]]]
 
@@ -16,14 +23,45 @@ def text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
-def connect(url: str) -> Redis:
+def connect(settings: Settings) -> Redis:
+    """The data Redis: REDIS_URL's server, or the primary that REDIS_SENTINELS name (redis-py's
+    own Sentinel client, which finds the new primary after a failover)."""
+    if not settings.sentinels:
+        return connect_url(settings.redis_url)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        [_host_port(item) for item in settings.sentinels],
+        # No retry against a sentinel: the client asks the next one instead.
+        sentinel_kwargs={
+            "socket_timeout": SENTINEL_TIMEOUT_SECONDS,
+            "socket_connect_timeout": SENTINEL_TIMEOUT_SECONDS,
+            "retry": Retry(NoBackoff(), retries=0),
+        },
+        **_fail_fast(),
+    )
+    assert settings.sentinel_master is not None  # config requires it with sentinels
+    return cast(Redis, sentinel.master_for(settings.sentinel_master))  # type: ignore[no-untyped-call]
+
+
+def connect_url(url: str) -> Redis:
+    return Redis.from_url(url, **_fail_fast())
+
+
+def _fail_fast() -> dict[str, Any]:
     """A client that fails fast: redis-py's default retries back off for seconds, and a webhook
     that cannot store an event must answer 503 before the provider gives up on it.
 
-    One immediate retry on a broken connection (a restarted server), none on a timeout: a
-    command that timed out may have run, and an append run twice would log the event twice.
+    One immediate retry on a broken connection (a restarted server, a primary that failed over),
+    none on a timeout: a command that timed out may have run, and an append run twice would log
+    the event twice.
     """
     retry = Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,))
-    return Redis.from_url(
-        url, socket_timeout=REDIS_TIMEOUT_SECONDS, socket_connect_timeout=2, retry=retry
-    )
+    return {
+        "socket_timeout": REDIS_TIMEOUT_SECONDS,
+        "socket_connect_timeout": 2,
+        "retry": retry,
+    }
+
+
+def _host_port(item: str) -> tuple[str, int]:
+    host, _, port = item.rpartition(":")
+    return host, int(port)

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None, redis: Redis | None = None) -> Flask:
     """Application factory: settings from the environment unless given, one Redis client."""
     settings = settings or Settings.from_env()
-    redis = redis or connect(settings.redis_url)
+    redis = redis or connect(settings)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["callstate"] = Services(

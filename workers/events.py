@@ -8,7 +8,7 @@ from types import FrameType
 from rq.worker import SimpleWorker
 
 from callstate import jobs
-from workers.connect import connect
+from workers.connect import connect, work_through_failovers
 
 log = logging.getLogger("workers.events")  # by name: under `python -m` it is __main__
 
@@ -25,14 +25,18 @@ class EventWorker(SimpleWorker):
 def main() -> None:
     settings, redis = connect()
     jobs.configure(settings, redis)
+
     # Drain jobs last milliseconds, so a fork per job (RQ's default Worker) would cost more than
     # the work; SimpleWorker runs them in this process, keeping one machine and one connection.
-    worker = EventWorker(
-        [settings.queue_name], connection=redis, worker_ttl=jobs.WORKER_TTL_SECONDS
-    )
-    log.info("worker %s started on queue %s", worker.name, settings.queue_name)
+    def new_worker() -> EventWorker:
+        worker = EventWorker(
+            [settings.queue_name], connection=redis, worker_ttl=jobs.WORKER_TTL_SECONDS
+        )
+        log.info("worker %s started on queue %s", worker.name, settings.queue_name)
+        return worker
+
     # RQ's own lines for every job (`Job OK`, `Result discarded`) are INFO: keep its warnings.
-    worker.work(logging_level="WARNING")
+    work_through_failovers(new_worker, redis, logging_level="WARNING")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 from rq.worker import SimpleWorker
 
 from callstate import forwarding, jobs
-from workers.connect import connect
+from workers.connect import connect, work_through_failovers
 
 log = logging.getLogger("workers.records")  # by name: under `python -m` it is __main__
 # Below the event workers' CPU priority: on a busy machine forwarding yields to applying events,
@@ -41,17 +41,21 @@ def main(argv: list[str] | None = None) -> None:
     settings, redis = connect()
     forwarding.configure(settings, redis)
     queue = settings.record_retry_queue_name if args else settings.record_queue_name
+
     # SimpleWorker: forward jobs send over this process's kept-alive connections. RQ's scheduler
     # runs here too: a failed delivery's next attempt is a scheduled job.
-    worker = SimpleWorker([queue], connection=redis, worker_ttl=jobs.WORKER_TTL_SECONDS)
-    log.info(
-        "records worker %s started on queue %s: forwarding to %d receivers",
-        worker.name,
-        queue,
-        len(settings.record_webhook_urls),
-    )
+    def new_worker() -> SimpleWorker:
+        worker = SimpleWorker([queue], connection=redis, worker_ttl=jobs.WORKER_TTL_SECONDS)
+        log.info(
+            "records worker %s started on queue %s: forwarding to %d receivers",
+            worker.name,
+            queue,
+            len(settings.record_webhook_urls),
+        )
+        return worker
+
     # RQ's own lines for every job (`Job OK`, `Result discarded`) are INFO: keep its warnings.
-    worker.work(logging_level="WARNING", with_scheduler=True)
+    work_through_failovers(new_worker, redis, logging_level="WARNING", with_scheduler=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import requests
 from redis import Redis
@@ -129,12 +129,20 @@ class ExternalRedis:
         return Redis.from_url(self.url)
 
 
+class Server(Protocol):
+    """Where the stack's Redis is: a URL (empty when the environment says otherwise), a client."""
+
+    url: str
+
+    def client(self) -> Redis: ...
+
+    def stop(self) -> None: ...
+
+
 class Stack:
     """The service as it runs in production, one process per role, talking over loopback."""
 
-    def __init__(
-        self, redis: RedisServer | ExternalRedis, workdir: Path, env: dict[str, str]
-    ) -> None:
+    def __init__(self, redis: Server, workdir: Path, env: dict[str, str]) -> None:
         self.redis = redis
         self.workdir = workdir
         self.env = {

@@ -92,3 +92,21 @@ def test_replica_acks_are_off_by_default_and_their_timeout_ends_before_the_socke
         Settings.from_env({"CALLSTATE_REPLICA_ACK_TIMEOUT_MS": "5000"})
     with pytest.raises(ValueError, match="CALLSTATE_REPLICA_ACK_TIMEOUT_MS must be positive"):
         Settings.from_env({"CALLSTATE_REPLICA_ACK_TIMEOUT_MS": "0"})
+
+
+def test_sentinels_replace_the_url_and_need_the_primary_s_name() -> None:
+    settings = Settings.from_env(
+        {"REDIS_SENTINELS": "10.0.0.1:26379, sentinel-b:26380", "REDIS_SENTINEL_MASTER": "cs"}
+    )
+    assert settings.sentinels == ("10.0.0.1:26379", "sentinel-b:26380")
+    assert (settings.sentinel_master, settings.embedded_redis) == ("cs", False)
+    assert Settings.from_env({}).embedded_redis
+    with pytest.raises(ValueError, match="REDIS_SENTINEL_MASTER too"):
+        Settings.from_env({"REDIS_SENTINELS": "a:26379"})
+    with pytest.raises(ValueError, match="not both"):
+        Settings.from_env(
+            {"REDIS_SENTINELS": "a:1", "REDIS_SENTINEL_MASTER": "cs", "REDIS_URL": "redis://a/0"}
+        )
+    for bad in ("a", "a:", ":26379", "a:port", "a:70000"):
+        with pytest.raises(ValueError, match="REDIS_SENTINELS must be host:port"):
+            Settings.from_env({"REDIS_SENTINELS": bad, "REDIS_SENTINEL_MASTER": "cs"})
