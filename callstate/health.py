@@ -1,5 +1,6 @@
 """Health checks for a load balancer or an orchestrator: `/healthz` (the process is up) and
-`/readyz` (Redis answers, a worker is alive, no shard is falling behind)."""
+`/readyz` (Redis answers, a worker is alive, no shard is falling behind, and with
+CALLSTATE_REPLICA_ACKS enough replicas are connected)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from datetime import timedelta
 from typing import Any, cast
 
 from flask import Blueprint, Response, jsonify
+from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, Worker
 from rq.utils import now, utcparse
@@ -30,8 +32,10 @@ def healthz() -> tuple[Response, int]:
 @health.get("/readyz")
 def readyz() -> tuple[Response, int]:
     """Five round trips at most, whatever the number of shards and workers: PING, the
-    queue's worker set, their heartbeats (one pipeline), the backlog (two)."""
+    queue's worker set, their heartbeats (one pipeline), the backlog (two); and INFO with
+    replica acknowledgements."""
     svc = services()
+    required = svc.settings.replica_acks
     try:
         svc.store.redis.ping()
         checks = {
@@ -41,12 +45,15 @@ def readyz() -> tuple[Response, int]:
                 shard_backlogs(svc.store), svc.settings.ready_max_lag_seconds
             ),
         }
+        if required:
+            checks["replicas"] = _replicas_check(svc.store.redis, required)
     except RedisError as exc:
         unavailable = {"ok": False, "error": "redis unavailable"}
         checks = {
             "redis": {"ok": False, "error": str(exc)},
             "workers": unavailable,
             "backlog": unavailable,
+            **({"replicas": unavailable} if required else {}),
         }
     failing = [name for name, check in checks.items() if not check["ok"]]
     body = {"status": "unready" if failing else "ready", "failing": failing, "checks": checks}
@@ -75,6 +82,12 @@ def live_workers(queue: Queue) -> int:
 
 def _workers_check(live: int) -> dict[str, Any]:
     return {"ok": live > 0, "live": live}
+
+
+def _replicas_check(redis: Redis, required: int) -> dict[str, Any]:
+    """With fewer replicas connected than CALLSTATE_REPLICA_ACKS, every event gets a 503."""
+    connected = int(redis.info("replication").get("connected_slaves", 0))
+    return {"ok": connected >= required, "connected": connected, "required": required}
 
 
 def _backlog_check(backlogs: list[Backlog], max_lag_seconds: int) -> dict[str, Any]:

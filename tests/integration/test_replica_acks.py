@@ -73,6 +73,17 @@ def test_an_event_is_acknowledged_once_a_replica_has_it(
         "the delivery again to be counted a duplicate",
     )["counts"]
     assert (counts["accepted"], counts["rejected"]) == (2, 0)
+    ready = stack.get("/readyz").json()["checks"]["replicas"]
+    assert ready == {"ok": True, "connected": 1, "required": 1}
+
+    # A replica gone (not hung): the primary sees it at once, and so does readiness.
+    replica.stop()
+    wait_until(lambda: stack.get("/readyz").status_code == 503, 20, "readyz to fail")
+    unready = stack.get("/readyz").json()
+    assert unready["failing"] == ["replicas"], unready
+    assert unready["checks"]["replicas"] == {"ok": False, "connected": 0, "required": 1}
+    answer = stack.post(event("rep-1", "ended", 3_000))
+    assert (answer.status_code, answer.json()["error"]) == (503, "not_replicated")
 
 
 def test_without_replica_acks_a_hung_replica_does_not_hold_the_webhook(
