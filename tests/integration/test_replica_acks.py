@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from openapi_schema_validator import OAS31Validator
 
+from callstate.apidoc import openapi_document
 from tests.factories import event
 from tests.integration.stack import RedisServer, Stack, wait_until
 
@@ -82,6 +84,9 @@ def test_an_event_is_acknowledged_once_a_replica_has_it(
     unready = stack.get("/readyz").json()
     assert unready["failing"] == ["replicas"], unready
     assert unready["checks"]["replicas"] == {"ok": False, "connected": 0, "required": 1}
+    components = openapi_document()["components"]
+    readiness = {"$ref": "#/components/schemas/Readiness", "components": components}
+    OAS31Validator(readiness).validate(unready)
     answer = stack.post(event("rep-1", "ended", 3_000))
     assert (answer.status_code, answer.json()["error"]) == (503, "not_replicated")
 
