@@ -6,14 +6,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from openapi_schema_validator import OAS31Validator
 
 from callstate.apidoc import openapi_document
+from callstate.connection import StreamRows, text
 from tests.factories import event
-from tests.integration.stack import RedisServer, Stack, wait_until
+from tests.integration.stack import RedisServer, Stack, free_port, wait_until
 
 MakeStack = Callable[..., Stack]
 TIMEOUT_MS = 300
@@ -99,3 +100,36 @@ def test_without_replica_acks_a_hung_replica_does_not_hold_the_webhook(
     replica.pause()
     answer = stack.post(event("rep-2", "created", 1_000))
     assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize("replica_acks", [0, 1])
+def test_a_failover_loses_only_events_that_were_not_acknowledged(
+    make_stack: MakeStack, redis_server: RedisServer, replica: RedisServer, replica_acks: int
+) -> None:
+    """The replica cut off from the primary (a partition), events posted, the primary lost and
+    the replica promoted: without acknowledgements from replicas, events answered 200 are gone;
+    with them, every event answered 200 is on the new primary (the others got 503)."""
+    stack = make_stack(
+        CALLSTATE_REPLICA_ACKS=str(replica_acks),
+        CALLSTATE_REPLICA_ACK_TIMEOUT_MS=str(TIMEOUT_MS),
+    )
+    stack.start_web(1)
+    replica.client().replicaof("127.0.0.1", free_port())  # follows a primary that is not there
+    wait_until(lambda: not replica.replicating(), 20, "the replica to lose its primary")
+    answers = [stack.post(event(f"cut-{n}", "created", 1_000)) for n in range(5)]
+    acknowledged = [answer.json()["log_id"] for answer in answers if answer.status_code == 200]
+    redis_server.kill()
+    promoted = replica.client()
+    promoted.replicaof("NO", "ONE")
+
+    kept = {
+        text(log_id)
+        for shard in range(stack.keys.shards)
+        for log_id, _ in cast(StreamRows, promoted.xrange(stack.keys.log(shard)))
+    }
+    lost = [log_id for log_id in acknowledged if log_id not in kept]
+    if replica_acks:
+        assert (acknowledged, lost) == ([], [])
+        assert {answer.json()["error"] for answer in answers} == {"not_replicated"}
+    else:
+        assert len(acknowledged) == 5 and lost == acknowledged
