@@ -271,16 +271,28 @@ def _forwarding(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _sentinels(env: Mapping[str, str]) -> tuple[tuple[str, ...], str | None]:
-    """REDIS_SENTINELS as `host:port` items, checked, and the REDIS_SENTINEL_MASTER they need."""
+    """REDIS_SENTINELS as `host:port` items (`[v6 address]:port` too), checked, and the
+    REDIS_SENTINEL_MASTER that goes with them: one without the other is a mistake, not a
+    reason to fall back to the embedded Redis."""
     items = tuple(_items(env.get("REDIS_SENTINELS", "")))
     for item in items:
-        host, _, port = item.rpartition(":")
+        host, port = sentinel_address(item)
         if not host or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
             raise ValueError(f"REDIS_SENTINELS must be host:port items, got {item!r}")
     master = env.get("REDIS_SENTINEL_MASTER") or None
     if items and master is None:
         raise ValueError("REDIS_SENTINELS is set: REDIS_SENTINEL_MASTER too")
+    if master is not None and not items:
+        raise ValueError("REDIS_SENTINEL_MASTER is set: REDIS_SENTINELS too (host:port,...)")
     return items, master
+
+
+def sentinel_address(item: str) -> tuple[str, str]:
+    """A REDIS_SENTINELS item's host (an IPv6 address without its brackets) and port."""
+    host, _, port = item.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port
 
 
 def _webhook_url(raw: str) -> str:

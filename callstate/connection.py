@@ -10,7 +10,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from callstate.config import Settings
+from callstate.config import Settings, sentinel_address
 
 REDIS_TIMEOUT_SECONDS = 5
 # A sentinel answers from memory: one that takes longer is down, ask the next.
@@ -63,5 +63,5 @@ def _fail_fast() -> dict[str, Any]:
 
 
 def _host_port(item: str) -> tuple[str, int]:
-    host, _, port = item.rpartition(":")
+    host, port = sentinel_address(item)
     return host, int(port)

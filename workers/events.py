@@ -5,21 +5,20 @@ from __future__ import annotations
 import logging
 from types import FrameType
 
-from rq.worker import SimpleWorker
-
 from callstate import jobs
-from workers.connect import connect, work_through_failovers
+from workers.connect import connect
+from workers.failover import StoppableWorker, work_through_failovers
 
 log = logging.getLogger("workers.events")  # by name: under `python -m` it is __main__
 
 
-class EventWorker(SimpleWorker):
+class EventWorker(StoppableWorker):
     """RQ's in-process worker, whose drain job, on a warm shutdown, hands its shards over at its
     next slice's end rather than holding them while events keep coming."""
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         jobs.hand_over_shards()
-        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+        super().request_stop(signum, frame)
 
 
 def main() -> None:

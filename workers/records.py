@@ -10,10 +10,9 @@ import os
 import sys
 from pathlib import Path
 
-from rq.worker import SimpleWorker
-
 from callstate import forwarding, jobs
-from workers.connect import connect, work_through_failovers
+from workers.connect import connect
+from workers.failover import StoppableWorker, work_through_failovers
 
 log = logging.getLogger("workers.records")  # by name: under `python -m` it is __main__
 # Below the event workers' CPU priority: on a busy machine forwarding yields to applying events,
@@ -44,8 +43,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # SimpleWorker: forward jobs send over this process's kept-alive connections. RQ's scheduler
     # runs here too: a failed delivery's next attempt is a scheduled job.
-    def new_worker() -> SimpleWorker:
-        worker = SimpleWorker([queue], connection=redis, worker_ttl=jobs.WORKER_TTL_SECONDS)
+    def new_worker() -> StoppableWorker:
+        worker = StoppableWorker([queue], connection=redis, worker_ttl=jobs.WORKER_TTL_SECONDS)
         log.info(
             "records worker %s started on queue %s: forwarding to %d receivers",
             worker.name,
