@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.worker import SimpleWorker
 
@@ -79,3 +80,23 @@ def test_a_worker_asked_to_stop_while_redis_is_down_stops(redis: Redis) -> None:
     worker: the warm shutdown asked for is forgotten."""
     started = run(redis, StoppedWhileRedisDownWorker)
     assert len(started) == 1, "a worker asked to stop was replaced by a new one"
+
+
+class LostRedisWorker(SimpleWorker):
+    """Redis fails under a job (RQ: "found an unhandled exception, quitting...") and again under
+    the teardown, which then never reaches `unsubscribe()`."""
+
+    def dequeue_job_and_maintain_ttl(self, timeout: Any, max_idle_time: Any = None) -> Any:
+        raise ResponseError("READONLY You can't write against a read only replica.")
+
+    def register_death(self) -> None:
+        raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+
+def test_a_replaced_worker_leaves_no_thread_behind(redis: Redis) -> None:
+    """RQ's pubsub thread of the worker that lost Redis keeps running (it retries every 2 s,
+    logging "could not connect" under the dead worker's name, as in test_sentinel's logs): one
+    more thread and connection per worker process at every failover."""
+    lost, _ = run(redis, LostRedisWorker)
+    assert lost.pubsub_thread is not None
+    assert not lost.pubsub_thread.is_alive(), "the lost worker's pubsub thread still runs"
