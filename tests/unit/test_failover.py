@@ -1,5 +1,5 @@
-"""workers/connect.py `work_through_failovers` against RQ's own worker loop (fakeredis): the two
-ways a Redis failure ends RQ's loop that the wrapper reads wrongly."""
+"""workers/failover.py `work_through_failovers` against RQ's own worker loop (fakeredis): a stop
+asked for ends the process, a loop ended by Redis starts a new worker, leaving nothing behind."""
 
 from __future__ import annotations
 
@@ -12,9 +12,15 @@ from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from rq.worker import SimpleWorker
 
-from workers.connect import work_through_failovers
+from workers import failover
+from workers.failover import StoppableWorker, work_through_failovers
+
+
+@pytest.fixture(autouse=True)
+def no_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pause between two workers keeps a real process from a busy loop; here it is waste."""
+    monkeypatch.setattr(failover, "RESTART_PAUSE_SECONDS", 0.0)
 
 
 @pytest.fixture(autouse=True)
@@ -26,14 +32,14 @@ def keep_signal_handlers() -> Iterator[None]:
         signal.signal(signum, handler)
 
 
-class StopAskedWorker(SimpleWorker):
+class StopAskedWorker(StoppableWorker):
     """SIGTERM while idle, as a process manager sends it: RQ's own handler runs."""
 
     def dequeue_job_and_maintain_ttl(self, timeout: Any, max_idle_time: Any = None) -> Any:
-        self.request_stop(signal.SIGTERM, None)  # type: ignore[no-untyped-call]
+        self.request_stop(signal.SIGTERM, None)
 
 
-class HungPrimaryWorker(SimpleWorker):
+class HungPrimaryWorker(StoppableWorker):
     """Its blocking dequeue ends in a socket timeout, as on a primary that hangs (SIGSTOP, a
     network partition: no reset, no refusal) while the sentinels promote a replica; the worker's
     own teardown then reaches the new primary."""
@@ -50,12 +56,12 @@ class StoppedWhileRedisDownWorker(StopAskedWorker):
         raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
 
-def run(redis: Redis, *worker_classes: type[SimpleWorker]) -> list[SimpleWorker]:
+def run(redis: Redis, *worker_classes: type[StoppableWorker]) -> list[StoppableWorker]:
     """Run `work_through_failovers` with workers of these classes in turn (then StopAskedWorker
     ones); the workers it started."""
-    started: list[SimpleWorker] = []
+    started: list[StoppableWorker] = []
 
-    def new_worker() -> SimpleWorker:
+    def new_worker() -> StoppableWorker:
         worker_class = (
             worker_classes[len(started)] if len(started) < len(worker_classes) else StopAskedWorker
         )
@@ -82,7 +88,7 @@ def test_a_worker_asked_to_stop_while_redis_is_down_stops(redis: Redis) -> None:
     assert len(started) == 1, "a worker asked to stop was replaced by a new one"
 
 
-class LostRedisWorker(SimpleWorker):
+class LostRedisWorker(StoppableWorker):
     """Redis fails under a job (RQ: "found an unhandled exception, quitting...") and again under
     the teardown, which then never reaches `unsubscribe()`."""
 
