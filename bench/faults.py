@@ -6,6 +6,10 @@ does. During the load, one fault after another; after each, every acknowledged e
 applied exactly once, every call must match the traffic's reference model, nothing may be
 quarantined, and `callstate rebuild --check` must find nothing to change. The soak then runs the
 same load with no fault and reports the exact apply lag and RQ's queue minute by minute.
+
+With `--sentinel` the stack runs on a primary, two replicas and three sentinels, with
+CALLSTATE_REPLICA_ACKS=2 (every replica: what the guarantee needs, README), and the fault
+`primary_failover` kills the primary for good: Sentinel promotes a replica.
 """
 
 from __future__ import annotations
@@ -41,9 +45,11 @@ from callstate.connection import StreamRows
 from callstate.figures import read_figures
 from callstate.jobs import DRAIN_JOB
 from callstate.store import Store
+from tests.integration.ha import SentinelSet
 from tests.integration.stack import RedisServer, Stack, wait_until
 
 FAULTS = ("worker_kills", "web_kill", "redis_kill", "redis_hang", "redis_full")
+SENTINEL_FAULTS = ("primary_failover",)
 WORKERS = ("worker-0", "worker-1")
 ENV = {
     "CALLSTATE_SHARDS": "4",
@@ -60,11 +66,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--full-seconds", type=float, default=5.0, help="Redis at maxmemory")
     parser.add_argument("--soak-seconds", type=float, default=600.0, help="0: no soak")
     parser.add_argument("--calibration-seconds", type=float, default=10.0)
-    parser.add_argument("--faults", default=",".join(FAULTS), help="comma-separated subset")
+    parser.add_argument("--faults", default=None, help="comma-separated subset")
+    parser.add_argument(
+        "--sentinel", action="store_true", help="on Sentinel: the fault primary_failover"
+    )
     parser.add_argument("--threads", type=int, default=16, help="load-generator threads")
     parser.add_argument("--quick", action="store_true", help="a few seconds per fault (CI)")
     parser.add_argument("--out", type=Path, default=None, help="result file (JSON)")
     args = parser.parse_args(argv)
+    args.faults = args.faults or ",".join(SENTINEL_FAULTS if args.sentinel else FAULTS)
     if args.quick:
         args.phase_seconds, args.hang_seconds, args.full_seconds = 5.0, 3.0, 2.0
         args.soak_seconds, args.calibration_seconds, args.threads = 6.0, 3.0, 4
@@ -148,6 +158,8 @@ class Faults:
             self.redis_server.kill()
             time.sleep(1.0)
             self.redis_server.start()
+        elif name == "primary_failover":
+            self.redis_server.kill()
         elif name == "redis_hang":
             process = self.redis_server.process
             assert process is not None
@@ -343,22 +355,32 @@ def _children(pid: int) -> list[int]:
 
 
 @contextmanager
-def running_stack(workdir: Path) -> Iterator[tuple[Stack, RedisServer, Supervisor]]:
-    redis_server = RedisServer(workdir / "redis")
-    redis_server.start()
-    stack = Stack(redis_server, workdir, ENV)
+def running_stack(
+    workdir: Path, sentinel: bool = False
+) -> Iterator[tuple[Stack, RedisServer, Supervisor]]:
+    """The stack and the Redis its faults hit: the one server, or on Sentinel the primary."""
+    server: RedisServer | SentinelSet
+    if sentinel:
+        server = SentinelSet(workdir / "ha")
+        primary, env = server.primary, {**ENV, **server.env}
+        env["CALLSTATE_REPLICA_ACKS"] = str(len(server.replicas))
+    else:
+        server = primary = RedisServer(workdir / "redis")
+        env = ENV
+    server.start()
+    stack = Stack(server, workdir, env)
     stack.start_web(2)
     stack.start_workers(len(WORKERS))
     stack.start_scheduler()
     supervisor = Supervisor(stack, ("web", *WORKERS, "scheduler"))
     supervisor.thread.start()
     try:
-        yield stack, redis_server, supervisor
+        yield stack, primary, supervisor
     finally:
         supervisor.stopped.set()
         supervisor.thread.join()
         stack.stop()
-        redis_server.stop()
+        server.stop()
 
 
 def table(figures: dict[str, Any]) -> str:
@@ -428,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="callstate-faults-"))
     figures: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "faults": []}
-    with running_stack(workdir) as (stack, redis_server, supervisor):
+    with running_stack(workdir, args.sentinel) as (stack, redis_server, supervisor):
         faults = Faults(args, stack, redis_server)
         rate = faults.max_rate() / 2
         figures["rate"] = rate
@@ -439,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
             figures["soak"] = faults.soak(rate)
         figures["process_restarts"] = supervisor.restarts
     print(table(figures))
-    out = write_figures("faults-quick" if args.quick else "faults", figures, args.out)
+    kind = "faults-sentinel" if args.sentinel else "faults"
+    out = write_figures(f"{kind}-quick" if args.quick else kind, figures, args.out)
     print(f"figures written to {out}; logs in {workdir}")
     return 1 if failed(figures) else 0
 
