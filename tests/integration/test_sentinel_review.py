@@ -75,8 +75,9 @@ def test_a_forced_failover_keeps_every_event_acknowledged_by_every_replica(
     reconfigure it. With CALLSTATE_REPLICA_ACKS=1 that replica's `WAIT` acknowledgement
     confirmed events the promoted one never got: ~500 of ~800 acknowledged events were on no
     server at the end (review of 365ad2e, 3 runs of 3; 470 of 767 again with this test set to
-    1). Waiting for every replica, the promoted one included, keeps them all: what the README
-    says the guarantee needs."""
+    1). Waiting for every replica, the promoted one included, keeps them all; the price (the
+    README's trade-off) is that the one replica left after it can never confirm, so every event
+    then gets a 503 until a replica is added back."""
     stack = Stack(
         sentinels,
         tmp_path,
