@@ -36,7 +36,9 @@ class Drainer:
     With `shards_per_job`, a job also takes shards nobody holds, up to that many, and waits on
     each in a thread of its own (one `XREAD BLOCK` per shard, never one across shards): with
     fewer workers than shards, every shard still has a reader waiting on it, so an event is
-    applied as it arrives, not after another shard's slice and a new job's start.
+    applied as it arrives, not after another shard's slice and a new job's start. When more
+    workers run than when it started, the job hands the shards beyond its new share over at
+    their slices' end, so workers that start under load get shards within a slice.
 
     No lost wake-up, and at most one queued job per shard: the shard's wake flag names the job
     that is queued for it or holds it, so an event logged meanwhile queues nothing. The job lets
@@ -75,6 +77,10 @@ class Drainer:
         self._own = threading.local()
         self._own.machine, self._own.snapshots = machine, Snapshots(store, machine)
         self._pool: ThreadPoolExecutor | None = None
+        # The shards the running job holds (a worker runs one job at a time), for its share.
+        self._held: set[int] = set()
+        self._own_held: int | None = None
+        self._held_lock = threading.Lock()
 
     @property
     def snapshots(self) -> Snapshots:
@@ -97,6 +103,8 @@ class Drainer:
                 self._leave_untaken(shard, wake_id)
         if not held:
             return 0
+        with self._held_lock:
+            self._held, self._own_held = set(held), held[0]
         until = time.monotonic() + self.longest_hold_seconds
         others: list[Future[int]] = [
             self._threads().submit(self._drain_held, taken, job, until) for taken in held[1:]
@@ -154,6 +162,8 @@ class Drainer:
             with contextlib.suppress(RedisError):
                 coordination.locks.release(shard, job)
             raise
+        finally:
+            self._forget_held(shard)
         coordination.locks.release(shard, job)
         coordination.wakes.clear(shard, job)
         if not quiet or self.store.log.has_backlog(shard):
@@ -185,7 +195,11 @@ class Drainer:
                 # A job queued for a worker that is idle is taken at once: one still queued
                 # a slice later has no worker but this one's.
                 waiting = self.others_waiting is not None and self.others_waiting()
-                if (waiting and waited) or not self._keep(shard, job, until):
+                if (
+                    (waiting and waited)
+                    or self._beyond_share(shard)
+                    or not self._keep(shard, job, until)
+                ):
                     return applied, not in_slice
                 slice_ends, in_slice, waited = time.monotonic() + self.slice_seconds, 0, waiting
 
@@ -205,6 +219,23 @@ class Drainer:
         linger). A job of one shard among several leaves an idle shard at once: waiting there
         would keep the worker from the others."""
         return self.linger_seconds if self.shards_per_job is not None else 0.0
+
+    def _beyond_share(self, shard: int) -> bool:
+        """At a slice's end: whether this shard, not the job's own, is one more than the job's
+        share now that more workers run (they started after it, under load); if so, it is no
+        longer counted as held, so of several threads only as many let go as the share says."""
+        if self.shards_per_job is None or shard == self._own_held:
+            return False
+        share = self.shards_per_job()
+        with self._held_lock:
+            if len(self._held) <= share:
+                return False
+            self._held.discard(shard)
+            return True
+
+    def _forget_held(self, shard: int) -> None:
+        with self._held_lock:
+            self._held.discard(shard)
 
     def _keep(self, shard: int, job: str, until: float) -> bool:
         """At a slice's end: go on holding the shard unless its worker is stopping, a snapshot

@@ -83,8 +83,8 @@ def test_events_of_a_call_apply_in_order_across_several_workers(make_stack: Make
     stack = make_stack()
     stack.start_web()
     stack.start_workers(4)
-    # A drain job takes its share of the shards by the workers registered when it starts: with
-    # one registered, one job would hold them all while events keep coming (README, limits).
+    # Every worker registered first: this test is about order across workers, not about how a
+    # job hands shards to workers that start after it (tests/unit/test_drain.py).
     wait_until(lambda: len(_rq_workers(stack)) == 4, 30, "every worker to register")
     calls = traffic(120, "order")
     acked = post_interleaved(stack, calls, threads=8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -254,3 +255,56 @@ def test_a_holder_hands_over_to_a_job_only_once_it_has_waited_a_whole_slice(
     assert store.coordination.locks.acquire(shard, "drain-1-job")
     assert holder._drain_while_held(shard, "drain-1-job", time.monotonic() + 60) == (1, True)
     assert len(asked) == 2, "kept through the first slice's end, handed over at the second"
+
+
+def test_a_job_hands_the_shards_beyond_its_share_over_when_more_workers_run(
+    store: Store, machine: CallMachine, wake: Callable[[int], None], woken: list[int]
+) -> None:
+    """A job that started with every shard (one worker registered) keeps its own and lets go of
+    the others at their slices' end once the share drops (more workers started), waking a
+    successor for those that had events; it does not wait for its linger or longest hold."""
+    share = [store.settings.shards]
+    job = Drainer(
+        store,
+        machine,
+        batch=7,
+        slice_ms=50,
+        linger_ms=30_000,
+        window_ms=0,
+        wake=wake,
+        shards_per_job=lambda: share[0],
+        others_waiting=lambda: False,
+    )
+    locks = store.coordination.locks
+    shards = range(store.settings.shards)
+
+    def held(shard: int) -> bool:
+        return bool(store.redis.exists(store.keys.drain_lock(shard)))
+
+    running = threading.Thread(target=job.drain, args=(0,))
+    running.start()
+    try:
+        wait_for(lambda: all(held(shard) for shard in shards), "every shard held")
+        ids = (f"share-{n}" for n in range(1000))
+        one_per_shard = {store.keys.shard_of(call_id): call_id for call_id in ids}
+        for shard in shards:
+            log_events(store, one_per_shard[shard], 1)
+        share[0] = 2
+        wait_for(lambda: sum(1 for shard in shards if held(shard)) == 2, "two shards let go")
+        assert held(0), "the job let go of its own shard"
+        held_on = [shard for shard in shards if held(shard)]
+        let_go = sorted(set(shards) - set(held_on))
+        wait_for(lambda: sorted(woken) == let_go, "successors for the shards let go")
+    finally:
+        # Ends the hold: a waiter that wants a shard gets it at the holder's slice's end.
+        for shard in shards:
+            locks.acquire_waiting(shard, "test", 5)
+        running.join(timeout=10)
+    assert not running.is_alive()
+
+
+def wait_for(check: Callable[[], object], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
