@@ -14,6 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 import requests
 from redis import Redis
+from redis.exceptions import RedisError
 
 from callstate.config import Settings
 from callstate.keys import Keys
@@ -83,8 +84,12 @@ class RedisServer:
             wait_until(self.replicating, 20, f"replica {self.port} to sync")
 
     def replicating(self) -> bool:
-        """Whether this replica's link to its primary is up (the initial sync done)."""
-        return self.client().info("replication").get("master_link_status") == "up"
+        """Whether this replica's link to its primary is up (the initial sync done); not while
+        the server drops its clients, as Sentinel has it do when it changes the server's role."""
+        try:
+            return self.client().info("replication").get("master_link_status") == "up"
+        except RedisError:
+            return False
 
     def pause(self) -> None:
         """SIGSTOP: the server hangs, its connections stay open."""
