@@ -223,7 +223,8 @@ class Drainer:
     def _beyond_share(self, shard: int) -> bool:
         """At a slice's end: whether this shard, not the job's own, is one more than the job's
         share now that more workers run (they started after it, under load); if so, it is no
-        longer counted as held, so of several threads only as many let go as the share says."""
+        longer counted as held, so threads deciding at once do not all let go (one leaving for
+        another reason counts until it is gone, so the job may end one short of its share)."""
         if self.shards_per_job is None or shard == self._own_held:
             return False
         share = self.shards_per_job()
