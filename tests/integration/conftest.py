@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.ha import SentinelSet
 from tests.integration.stack import RedisServer, Stack
 from tests.record_contract import assert_stream_fits
 
@@ -39,3 +40,14 @@ def make_stack(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[.
     for stack in stacks:
         stack.stop()
         print(stack.logs())
+
+
+@pytest.fixture
+def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
+    """A primary, two replicas and three sentinels watching it, stopped after the test."""
+    ha = SentinelSet(tmp_path / "ha")
+    try:
+        ha.start()
+        yield ha
+    finally:
+        ha.stop()

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
 
 from tests.factories import body, scenario
@@ -20,16 +18,6 @@ from tests.integration.stack import Stack, wait_until
 CALLS = 90
 POSTERS = 3
 RETRY_FOR_SECONDS = 60
-
-
-@pytest.fixture
-def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
-    ha = SentinelSet(tmp_path / "ha")
-    try:
-        ha.start()
-        yield ha
-    finally:
-        ha.stop()
 
 
 class Poster:

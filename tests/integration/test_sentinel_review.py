@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
-import pytest
 import requests
 from redis import Redis
 from redis.exceptions import RedisError
@@ -18,16 +17,6 @@ from callstate.connection import StreamRows, text
 from tests.factories import body, event
 from tests.integration.ha import MASTER, SentinelSet
 from tests.integration.stack import RedisServer, Stack, wait_until
-
-
-@pytest.fixture
-def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
-    ha = SentinelSet(tmp_path / "ha")
-    try:
-        ha.start()
-        yield ha
-    finally:
-        ha.stop()
 
 
 def connected_replicas(server: RedisServer) -> int:
