@@ -8,7 +8,7 @@ WORKERS ?= 4
 G ?= 2
 W ?= 4
 
-.PHONY: run test lint chromium bench faults mutation
+.PHONY: run test test-ha lint chromium bench faults mutation
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,11 @@ lint: $(BIN)/.installed
 # several start servers and load them.
 test: lint chromium
 	$(BIN)/pytest -q -n 2 tests/unit
-	$(BIN)/pytest -q tests/integration
+	$(BIN)/pytest -q -m "not ha" tests/integration
+
+# Past one Redis: replicas and sentinels started by the tests (about a minute); CI runs it too.
+test-ha: $(BIN)/.installed
+	$(BIN)/pytest -q -m ha tests/integration
 
 # The board's browser test drives Debian's Chromium (Playwright's own download needs the
 # internet): installed here when missing and we are root, as on CI; otherwise the test skips,

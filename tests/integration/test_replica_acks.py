@@ -19,6 +19,8 @@ from tests.integration.stack import RedisServer, Stack, free_port, wait_until
 MakeStack = Callable[..., Stack]
 TIMEOUT_MS = 300
 
+pytestmark = pytest.mark.ha  # `make test-ha`: Redis replicas and sentinels
+
 
 @pytest.fixture
 def replica(redis_server: RedisServer, tmp_path: Path) -> Iterator[RedisServer]:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 from tests.factories import body, scenario
@@ -18,6 +19,8 @@ from tests.integration.stack import Stack, wait_until
 CALLS = 90
 POSTERS = 3
 RETRY_FOR_SECONDS = 60
+
+pytestmark = pytest.mark.ha  # `make test-ha`: Redis replicas and sentinels
 
 
 class Poster:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
+import pytest
 import requests
 from redis import Redis
 from redis.exceptions import RedisError
@@ -17,6 +18,8 @@ from callstate.connection import StreamRows, text
 from tests.factories import body, event
 from tests.integration.ha import MASTER, SentinelSet
 from tests.integration.stack import RedisServer, Stack, wait_until
+
+pytestmark = pytest.mark.ha  # `make test-ha`: Redis replicas and sentinels
 
 
 def connected_replicas(server: RedisServer) -> int:
