@@ -25,8 +25,9 @@ def main() -> None:
     settings, redis = connect()
     jobs.configure(settings, redis)
 
-    # Drain jobs last milliseconds, so a fork per job (RQ's default Worker) would cost more than
-    # the work; SimpleWorker runs them in this process, keeping one machine and one connection.
+    # SimpleWorker runs drain jobs in this process, not in a fork per job (RQ's default Worker):
+    # a job keeps this process's state machines, connection and threads, and a fork would cost
+    # more than a short job's work.
     def new_worker() -> EventWorker:
         worker = EventWorker(
             [settings.queue_name], connection=redis, worker_ttl=jobs.WORKER_TTL_SECONDS
