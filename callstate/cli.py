@@ -24,7 +24,7 @@ from rq import Queue
 
 from callstate import streamids
 from callstate.config import Settings
-from callstate.connection import StreamRows, connect, text
+from callstate.connection import StreamRows, connect, connect_queue, text
 from callstate.doctor import examine
 from callstate.export import csv_lines, jsonl_lines
 from callstate.figures import Figures, ShardFigures, read_figures
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "redis":
         return run_redis(settings)
     try:
-        store = Store(connect(settings), settings)
+        redis = connect(settings)
+        store = Store(redis, settings, connect_queue(settings, redis))
     except ValueError:  # the message would repeat the URL, and a URL may carry a password
         print("callstate: REDIS_URL is not a Redis URL (redis://host:port/db)", file=sys.stderr)
         return UNAVAILABLE
@@ -243,7 +244,7 @@ def add_records_redeliver(
 
 
 def redeliver_records(store: Store, args: argparse.Namespace) -> int:
-    queued, kept = Forwarder(store.redis, store.settings).redeliver()
+    queued, kept = Forwarder(store.redis, store.settings, store.queue_redis).redeliver()
     if args.json:
         _print_json({"queued": queued, "kept": kept})
         return OK
@@ -578,7 +579,7 @@ def _print_report(report: Report, *, check_only: bool) -> None:
 def _wake_left_shards(store: Store) -> None:
     """Drain jobs that found a shard locked by the rebuild left it to the rebuild: wake them."""
     settings = store.settings
-    queue = Queue(settings.queue_name, connection=store.redis)
+    queue = Queue(settings.queue_name, connection=store.queue_redis)
     for shard in range(settings.shards):
         if store.log.has_backlog(shard):
             wake_drain(store, queue, shard, drain_timeout(settings))

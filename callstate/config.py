@@ -52,6 +52,10 @@ class Settings:
     # Sentinel (`host:port` each) and the name they watch the primary under, instead of a URL.
     sentinels: tuple[str, ...] = ()
     sentinel_master: str | None = None
+    # RQ's queues on a Redis of their own (a URL, or a primary the same sentinels watch); unset,
+    # they share the data Redis.
+    queue_url: str | None = None
+    queue_sentinel_master: str | None = None
     signing_secret: str | None = None
     signing_secret_previous: str | None = None
     project_secrets: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
@@ -151,6 +155,7 @@ class Settings:
         sentinels, sentinel_master = _sentinels(env)
         if sentinels and url:
             raise ValueError("set REDIS_URL or REDIS_SENTINELS, not both")
+        queue_url, queue_master = _queue_server(env, sentinels)
         return _checked(
             cls(
                 redis_url=url or f"redis://127.0.0.1:{embedded_port}/0",
@@ -158,6 +163,8 @@ class Settings:
                 var_dir=var_dir,
                 sentinels=sentinels,
                 sentinel_master=sentinel_master,
+                queue_url=queue_url,
+                queue_sentinel_master=queue_master,
                 signing_secret=env.get("STRINGEE_SIGNING_SECRET") or None,
                 signing_secret_previous=env.get("STRINGEE_SIGNING_SECRET_PREVIOUS") or None,
                 project_secrets=_project_secrets(env.get("STRINGEE_SIGNING_SECRETS", "")),
@@ -285,6 +292,22 @@ def _sentinels(env: Mapping[str, str]) -> tuple[tuple[str, ...], str | None]:
     if master is not None and not items:
         raise ValueError("REDIS_SENTINEL_MASTER is set: REDIS_SENTINELS too (host:port,...)")
     return items, master
+
+
+def _queue_server(
+    env: Mapping[str, str], sentinels: tuple[str, ...]
+) -> tuple[str | None, str | None]:
+    """CALLSTATE_QUEUE_URL or CALLSTATE_QUEUE_SENTINEL_MASTER (a primary that REDIS_SENTINELS
+    watch too), at most one of them."""
+    url = env.get("CALLSTATE_QUEUE_URL") or None
+    master = env.get("CALLSTATE_QUEUE_SENTINEL_MASTER") or None
+    if url is not None and master is not None:
+        raise ValueError("set CALLSTATE_QUEUE_URL or CALLSTATE_QUEUE_SENTINEL_MASTER, not both")
+    if master is not None and not sentinels:
+        raise ValueError("CALLSTATE_QUEUE_SENTINEL_MASTER is set: REDIS_SENTINELS too")
+    if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("CALLSTATE_QUEUE_URL must be a redis://, rediss:// or unix:// URL")
+    return url, master
 
 
 def sentinel_address(item: str) -> tuple[str, str]:

@@ -28,6 +28,21 @@ def connect(settings: Settings) -> Redis:
     own Sentinel client, which finds the new primary after a failover)."""
     if not settings.sentinels:
         return connect_url(settings.redis_url)
+    assert settings.sentinel_master is not None  # config requires it with sentinels
+    return _primary(settings, settings.sentinel_master)
+
+
+def connect_queue(settings: Settings, data: Redis) -> Redis:
+    """The Redis of RQ's queues: CALLSTATE_QUEUE_URL's server, the primary the sentinels watch as
+    CALLSTATE_QUEUE_SENTINEL_MASTER, or else `data` itself."""
+    if settings.queue_url is not None:
+        return connect_url(settings.queue_url)
+    if settings.queue_sentinel_master is not None:
+        return _primary(settings, settings.queue_sentinel_master)
+    return data
+
+
+def _primary(settings: Settings, master: str) -> Redis:
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         [_host_port(item) for item in settings.sentinels],
         # No retry against a sentinel: the client asks the next one instead.
@@ -38,8 +53,7 @@ def connect(settings: Settings) -> Redis:
         },
         **_fail_fast(),
     )
-    assert settings.sentinel_master is not None  # config requires it with sentinels
-    return cast(Redis, sentinel.master_for(settings.sentinel_master))  # type: ignore[no-untyped-call]
+    return cast(Redis, sentinel.master_for(master))  # type: ignore[no-untyped-call]
 
 
 def connect_url(url: str) -> Redis:

@@ -10,7 +10,6 @@ from dataclasses import astuple, dataclass
 from typing import Any, TypeVar, cast
 
 from redis import Redis
-from redis.client import Pipeline
 
 from callstate import streamids
 from callstate.connection import StreamRows, text
@@ -28,10 +27,10 @@ local applied = tonumber(redis.call('GET', KEYS[3]) or '0')
 redis.call('SET', KEYS[4], applied + waiting)
 return waiting
 """
-# Replies per shard in read_figures: counters, verdicts, active, drain seconds, apply lag, and
-# forwarding's.
-FORWARDING_READS = 4
-PER_SHARD = 5 + FORWARDING_READS
+# Replies per shard in read_figures: counters, verdicts, active, drain seconds, apply lag, the
+# outbox; and from the queue's Redis, the delivery jobs' figures.
+PER_SHARD = 6
+DELIVERY_READS = 3
 DRAIN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Apply lag's buckets fall on the bounds of the stored histogram's (callstate/lag.py), so each
 # count is exact; 5 ms and 25 ms are the targets at half load.
@@ -178,8 +177,10 @@ def shard_backlogs(store: Store) -> list[Backlog]:
 
 
 def read_figures(store: Store) -> Figures:
-    """Every figure of every shard: three round trips whatever the number of shards."""
+    """Every figure of every shard: four round trips whatever the number of shards (one to the
+    queue's Redis, where the delivery jobs' figures are)."""
     keys, shards = store.keys, range(store.settings.shards)
+    deliveries = _read_deliveries(store)
     pipe = store.redis.pipeline(transaction=False)
     pipe.time()
     pipe.get(keys.quarantined_counter())
@@ -195,7 +196,7 @@ def read_figures(store: Store) -> Figures:
         pipe.hgetall(keys.active_statuses(shard))
         pipe.hgetall(keys.drain_seconds(shard))
         pipe.hgetall(keys.apply_lag(shard))
-        _read_forwarding(pipe, keys, shard)
+        pipe.xlen(keys.outbox(shard))
     now, quarantined, quarantine_size, *rows = pipe.execute()
     counters = [cast(list[bytes | None], rows[PER_SHARD * shard]) for shard in shards]
     backlogs = _backlogs(store, _millis(now), counters)
@@ -214,7 +215,7 @@ def read_figures(store: Store) -> Figures:
                 },
                 drain_seconds=_histogram(rows[PER_SHARD * shard + 3]),
                 apply_lag=_lag_histogram(rows[PER_SHARD * shard + 4]),
-                forwarding=_forwarding(rows[PER_SHARD * shard + 5 : PER_SHARD * (shard + 1)]),
+                forwarding=_forwarding(rows[PER_SHARD * shard + 5], deliveries[shard]),
             )
             for shard in shards
         ],
@@ -224,32 +225,34 @@ def read_figures(store: Store) -> Figures:
 
 
 def read_forwarding(store: Store) -> Forwarding | None:
-    """Forwarding's figures over every shard in one round trip, for the board; None while off."""
+    """Forwarding's figures over every shard in two round trips, for the board; None while off."""
     if not store.settings.forwarding:
         return None
+    deliveries = _read_deliveries(store)
     pipe = store.redis.pipeline(transaction=False)
     for shard in range(store.settings.shards):
-        _read_forwarding(pipe, store.keys, shard)
-    replies = pipe.execute()
+        pipe.xlen(store.keys.outbox(shard))
+    outboxes = pipe.execute()
     return sum(
-        (
-            _forwarding(replies[n : n + FORWARDING_READS])
-            for n in range(0, len(replies), FORWARDING_READS)
-        ),
+        (_forwarding(outbox, rows) for outbox, rows in zip(outboxes, deliveries, strict=True)),
         Forwarding(),
     )
 
 
-def _read_forwarding(pipe: Pipeline, keys: Keys, shard: int) -> None:
-    """Queue the reads of a shard's forwarding figures (FORWARDING_READS replies)."""
-    pipe.hgetall(keys.forward_counters(shard))
-    pipe.llen(keys.dead_letters(shard))
-    pipe.xlen(keys.outbox(shard))
-    pipe.hlen(keys.forward_pending(shard))
+def _read_deliveries(store: Store) -> list[list[Any]]:
+    """Each shard's delivery-job figures (DELIVERY_READS replies), which live with RQ's jobs."""
+    keys = store.keys
+    pipe = store.queue_redis.pipeline(transaction=False)
+    for shard in range(store.settings.shards):
+        pipe.hgetall(keys.forward_counters(shard))
+        pipe.llen(keys.dead_letters(shard))
+        pipe.hlen(keys.forward_pending(shard))
+    replies = pipe.execute()
+    return [replies[n : n + DELIVERY_READS] for n in range(0, len(replies), DELIVERY_READS)]
 
 
-def _forwarding(replies: list[Any]) -> Forwarding:
-    counts, dead_letters, outbox, retrying = replies
+def _forwarding(outbox: int, deliveries: list[Any]) -> Forwarding:
+    counts, dead_letters, retrying = deliveries
     found = _counts(counts)
     return Forwarding(
         delivered=found.get("delivered", 0),

@@ -9,6 +9,10 @@ process, over kept-alive connections; only a delivery that fails becomes an RQ j
 put in the shard's dead-letter list. While a call has such a job for a receiver, the call's later
 revisions for that receiver are queued as jobs that depend on it (RQ's `Dependency`), so a
 receiver never gets revision N+1 before N was delivered or dead-lettered.
+
+The outboxes, forward wake flags and locks are data, next to the commits that fill them; what
+tracks delivery jobs (pending deliveries, each call's chain, the counters, the dead letters) lives
+with RQ's jobs on the queue's Redis, because its transactions WATCH job keys and queue jobs.
 """
 
 from __future__ import annotations
@@ -119,12 +123,13 @@ class Forwarder:
     """A deployment's record forwarding: the outboxes, their forward jobs, the delivery jobs
     and the dead letters."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: Redis, settings: Settings, queue_redis: Redis | None = None) -> None:
         self.redis = redis
+        self.queue_redis = queue_redis or redis
         self.settings = settings
         self.keys = Keys(settings.key_prefix, settings.shards)
-        self.queue = Queue(settings.record_queue_name, connection=redis)
-        self.retry_queue = Queue(settings.record_retry_queue_name, connection=redis)
+        self.queue = Queue(settings.record_queue_name, connection=self.queue_redis)
+        self.retry_queue = Queue(settings.record_retry_queue_name, connection=self.queue_redis)
         self.wakes = WakeFlags(redis, self.keys.forward_wake, "forward")
         self.destinations = {d.id: d for d in map(Destination, settings.record_webhook_urls)}
         self.schedule = retry_schedule(
@@ -134,7 +139,7 @@ class Forwarder:
             self.destinations
         )
         self.locks = ShardLocks(redis, self.keys.forward_lock, self.lock_seconds * 1000)
-        self._finish = redis.register_script(FINISH)
+        self._finish = self.queue_redis.register_script(FINISH)
         self._sender: Sender | None = None
         # Receivers that failed a send of this process's, until when (monotonic): the next
         # forward jobs queue their revisions instead of each waiting for a timeout again.
@@ -272,7 +277,7 @@ class Forwarder:
         """One attempt of a delivery job, `retries` after its first; `tried` steps of the
         schedule were behind it when it was queued. A Retry returned asks RQ for the next
         attempt (returned, not raised: RQ logs a raised exception's traceback at ERROR)."""
-        raw = self.redis.hget(self.keys.forward_pending(shard), job_id)
+        raw = self.queue_redis.hget(self.keys.forward_pending(shard), job_id)
         if raw is None:  # already delivered: a job RQ ran again after its worker died
             return None
         pending = Pending.loads(cast(bytes, raw))
@@ -299,7 +304,7 @@ class Forwarder:
     def give_up(self, shard: int, job_id: str, problem: str) -> None:
         """End a delivery job that RQ failed (it raised, outlived its timeout or its worker
         died, with no retry left) as a dead letter, unless it had ended already."""
-        raw = self.redis.hget(self.keys.forward_pending(shard), job_id)
+        raw = self.queue_redis.hget(self.keys.forward_pending(shard), job_id)
         if raw is not None:
             self._end(shard, job_id, Pending.loads(cast(bytes, raw)), "dead_lettered", problem)
 
@@ -328,7 +333,7 @@ class Forwarder:
         )
 
     def count(self, shard: int, name: str, amount: int = 1) -> None:
-        self.redis.hincrby(self.keys.forward_counters(shard), name, amount)
+        self.queue_redis.hincrby(self.keys.forward_counters(shard), name, amount)
 
     def warn(
         self,
@@ -369,7 +374,7 @@ class Forwarder:
 
     def _dead_letters(self, shard: int) -> Iterator[str]:
         """Oldest first; a snapshot, each letter checked again as it is taken."""
-        letters = cast(list[bytes], self.redis.lrange(self.keys.dead_letters(shard), 0, -1))
+        letters = cast(list[bytes], self.queue_redis.lrange(self.keys.dead_letters(shard), 0, -1))
         yield from (text(raw) for raw in reversed(letters))
 
     def _redeliver_one(self, shard: int, raw: str, letter: dict[str, Any]) -> int:
@@ -378,7 +383,7 @@ class Forwarder:
         )
         key = self.keys.dead_letters(shard)
         while True:
-            with self.redis.pipeline() as pipe:
+            with self.queue_redis.pipeline() as pipe:
                 try:
                     pipe.watch(key, self.keys.forward_chains(shard))  # type: ignore[no-untyped-call]
                     if pipe.lpos(key, raw) is None:  # taken by another redeliver meanwhile
@@ -463,11 +468,9 @@ class ShardRun:
                 break
             delivered += sum(self.hand(revision, dest) for dest in fwd.destinations.values())
             done.append(revision)
-        pipe = fwd.redis.pipeline(transaction=False)
-        pipe.xdel(fwd.keys.outbox(self.shard), *(r.entry_id for r in done))
         if delivered:
-            pipe.hincrby(fwd.keys.forward_counters(self.shard), "delivered", delivered)
-        pipe.execute()
+            fwd.count(self.shard, "delivered", delivered)
+        fwd.redis.xdel(fwd.keys.outbox(self.shard), *(r.entry_id for r in done))
         return len(done)
 
     def hand(self, revision: Revision, dest: Destination) -> bool:
@@ -494,7 +497,7 @@ class ShardRun:
         the receiver failing just now); at once if the link ended since the run looked."""
         fwd = self.forwarder
         while True:
-            with fwd.redis.pipeline() as pipe:
+            with fwd.queue_redis.pipeline() as pipe:
                 try:
                     link = fwd.still_pending(pipe, after) if after is not None else None
                     tried = 0 if after is not None else 1
@@ -514,11 +517,11 @@ class ShardRun:
         )
         if not fields:
             return
-        found = fwd.redis.hmget(fwd.keys.forward_chains(self.shard), fields)
+        found = fwd.queue_redis.hmget(fwd.keys.forward_chains(self.shard), fields)
         jobs = {field: text(raw) for field, raw in zip(fields, found, strict=True) if raw}
         statuses: list[bytes | None] = []
         if jobs:
-            pipe = fwd.redis.pipeline(transaction=False)
+            pipe = fwd.queue_redis.pipeline(transaction=False)
             for job_id in jobs.values():
                 pipe.hget(Job.key_for(job_id), "status")
             statuses = pipe.execute()
@@ -556,9 +559,9 @@ def _revision(row: tuple[bytes, dict[bytes, bytes]]) -> Revision:
 _forwarder: Forwarder | None = None
 
 
-def configure(settings: Settings, redis: Redis) -> Forwarder:
+def configure(settings: Settings, redis: Redis, queue_redis: Redis | None = None) -> Forwarder:
     global _forwarder
-    _forwarder = Forwarder(redis, settings)
+    _forwarder = Forwarder(redis, settings, queue_redis)
     return _forwarder
 
 

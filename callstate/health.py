@@ -1,6 +1,6 @@
 """Health checks for a load balancer or an orchestrator: `/healthz` (the process is up) and
-`/readyz` (Redis answers, a worker is alive, no shard is falling behind, and with
-CALLSTATE_REPLICA_ACKS enough replicas are connected)."""
+`/readyz` (Redis answers, and the queue's Redis when it is another, a worker is alive, no shard
+is falling behind, and with CALLSTATE_REPLICA_ACKS enough replicas are connected)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ from rq import Queue, Worker
 from rq.utils import now, utcparse
 
 from callstate.figures import Backlog, shard_backlogs
-from callstate.http import services
+from callstate.http import Services, services
 from callstate.jobs import WORKER_TTL_SECONDS
 
 # An RQ worker's key lives this long after its last heartbeat (the workers' TTL plus the 60 s RQ
 # adds); an idle worker heartbeats every TTL - 15 s, so a younger heartbeat is live.
 HEARTBEAT_HORIZON = timedelta(seconds=WORKER_TTL_SECONDS + 60)
+UNAVAILABLE = {"ok": False, "error": "redis unavailable"}
 
 health = Blueprint("health", __name__)
 
@@ -31,33 +32,49 @@ def healthz() -> tuple[Response, int]:
 
 @health.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    """Five round trips at most, whatever the number of shards and workers: PING, the
-    queue's worker set, their heartbeats (one pipeline), the backlog (two); and INFO with
-    replica acknowledgements."""
+    """Six round trips at most, whatever the number of shards and workers: PING, the backlog
+    (two), and INFO with replica acknowledgements, on the data Redis; a PING of the queue's
+    Redis when it is another, the queue's worker set and their heartbeats (one pipeline)."""
     svc = services()
+    data = _data_checks(svc)
+    if svc.store.queue_redis is svc.store.redis:
+        queue = {"workers": _workers_check(svc) if data["redis"]["ok"] else UNAVAILABLE}
+    else:
+        queue = _queue_checks(svc)
+    checks = {"redis": data.pop("redis"), **queue, **data}
+    failing = [name for name, check in checks.items() if not check["ok"]]
+    body = {"status": "unready" if failing else "ready", "failing": failing, "checks": checks}
+    return jsonify(body), 503 if failing else 200
+
+
+def _data_checks(svc: Services) -> dict[str, dict[str, Any]]:
     required = svc.settings.replica_acks
     try:
         svc.store.redis.ping()
         checks = {
             "redis": {"ok": True},
-            "workers": _workers_check(live_workers(svc.queue)),
             "backlog": _backlog_check(
                 shard_backlogs(svc.store), svc.settings.ready_max_lag_seconds
             ),
         }
         if required:
             checks["replicas"] = _replicas_check(svc.store.redis, required)
+        return checks
     except RedisError as exc:
-        unavailable = {"ok": False, "error": "redis unavailable"}
-        checks = {
+        return {
             "redis": {"ok": False, "error": str(exc)},
-            "workers": unavailable,
-            "backlog": unavailable,
-            **({"replicas": unavailable} if required else {}),
+            "backlog": UNAVAILABLE,
+            **({"replicas": UNAVAILABLE} if required else {}),
         }
-    failing = [name for name, check in checks.items() if not check["ok"]]
-    body = {"status": "unready" if failing else "ready", "failing": failing, "checks": checks}
-    return jsonify(body), 503 if failing else 200
+
+
+def _queue_checks(svc: Services) -> dict[str, dict[str, Any]]:
+    """The queue's own Redis (CALLSTATE_QUEUE_URL), then the workers registered there."""
+    try:
+        svc.store.queue_redis.ping()
+    except RedisError as exc:
+        return {"queue": {"ok": False, "error": str(exc)}, "workers": UNAVAILABLE}
+    return {"queue": {"ok": True}, "workers": _workers_check(svc)}
 
 
 def live_workers(queue: Queue) -> int:
@@ -80,7 +97,11 @@ def live_workers(queue: Queue) -> int:
     )
 
 
-def _workers_check(live: int) -> dict[str, Any]:
+def _workers_check(svc: Services) -> dict[str, Any]:
+    try:
+        live = live_workers(svc.queue)
+    except RedisError:
+        return UNAVAILABLE
     return {"ok": live > 0, "live": live}
 
 

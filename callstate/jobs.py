@@ -54,13 +54,14 @@ _context: Context | None = None
 _stopping = threading.Event()
 
 
-def configure(settings: Settings, redis: Redis) -> Context:
-    """Set up this process's store, queue and its single state machine for the jobs below."""
+def configure(settings: Settings, redis: Redis, queue_redis: Redis | None = None) -> Context:
+    """Set up this process's store, queue and its single state machine for the jobs below; RQ's
+    queues are on `queue_redis` when given, else on the data Redis."""
     global _context
-    store = Store(redis, settings)
-    queue = Queue(settings.queue_name, connection=redis)
+    store = Store(redis, settings, queue_redis)
+    queue = Queue(settings.queue_name, connection=store.queue_redis)
     machine = CallMachine()
-    forwarder = Forwarder(redis, settings) if settings.forwarding else None
+    forwarder = Forwarder(redis, settings, store.queue_redis) if settings.forwarding else None
     drainer = Drainer(
         store,
         machine,

@@ -14,10 +14,12 @@ from callstate.quarantine import Quarantine
 
 class Store:
     """The event log, drain coordination, call documents, records history and quarantine of one
-    deployment."""
+    deployment, and the client of the Redis that holds its RQ queues (`queue_redis`: the data
+    Redis unless CALLSTATE_QUEUE_URL or CALLSTATE_QUEUE_SENTINEL_MASTER names another)."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: Redis, settings: Settings, queue_redis: Redis | None = None) -> None:
         self.redis = redis
+        self.queue_redis = queue_redis or redis
         self.settings = settings
         self.keys = Keys(settings.key_prefix, settings.shards)
         self.log = EventLog(redis, settings)

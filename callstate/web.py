@@ -13,7 +13,7 @@ from werkzeug.exceptions import HTTPException
 from callstate.apidoc import apidoc
 from callstate.board import board
 from callstate.config import Settings
-from callstate.connection import connect
+from callstate.connection import connect, connect_queue
 from callstate.doctor import warn_if_unsafe
 from callstate.health import health
 from callstate.history_api import history
@@ -26,14 +26,19 @@ from callstate.webhook import webhooks
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, redis: Redis | None = None) -> Flask:
-    """Application factory: settings from the environment unless given, one Redis client."""
+def create_app(
+    settings: Settings | None = None, redis: Redis | None = None, queue_redis: Redis | None = None
+) -> Flask:
+    """Application factory: settings from the environment unless given, one client for the data
+    Redis and one for RQ's (the same one unless the settings name a queue server)."""
     settings = settings or Settings.from_env()
     redis = redis or connect(settings)
+    queue_redis = queue_redis or connect_queue(settings, redis)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    store = Store(redis, settings, queue_redis)
     app.extensions["callstate"] = Services(
-        settings, Store(redis, settings), Queue(settings.queue_name, connection=redis)
+        settings, store, Queue(settings.queue_name, connection=queue_redis)
     )
     app.register_blueprint(webhooks)
     app.register_blueprint(calls)

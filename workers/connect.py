@@ -6,6 +6,7 @@ from redis import Redis
 
 from callstate.config import Settings
 from callstate.connection import connect as connect_redis
+from callstate.connection import connect_queue
 from callstate.doctor import warn_if_unsafe
 from callstate.logs import configure_logging
 from callstate.redis_server import wait_for_redis
@@ -13,10 +14,14 @@ from callstate.redis_server import wait_for_redis
 REDIS_STARTUP_SECONDS = 30
 
 
-def connect() -> tuple[Settings, Redis]:
+def connect() -> tuple[Settings, Redis, Redis]:
+    """The settings, the data Redis and the Redis of RQ's queues (the same client unless
+    CALLSTATE_QUEUE_URL or CALLSTATE_QUEUE_SENTINEL_MASTER is set), both answering."""
     settings = Settings.from_env()
     configure_logging(settings.log_format)
     redis = connect_redis(settings)
-    wait_for_redis(redis, REDIS_STARTUP_SECONDS)
-    warn_if_unsafe(redis)
-    return settings, redis
+    queue_redis = connect_queue(settings, redis)
+    for server in {id(redis): redis, id(queue_redis): queue_redis}.values():
+        wait_for_redis(server, REDIS_STARTUP_SECONDS)
+        warn_if_unsafe(server)
+    return settings, redis, queue_redis

@@ -22,21 +22,21 @@ class EventWorker(StoppableWorker):
 
 
 def main() -> None:
-    settings, redis = connect()
-    jobs.configure(settings, redis)
+    settings, redis, queue_redis = connect()
+    jobs.configure(settings, redis, queue_redis)
 
     # SimpleWorker runs drain jobs in this process, not in a fork per job (RQ's default Worker):
     # a job keeps this process's state machines, connection and threads, and a fork would cost
     # more than a short job's work.
     def new_worker() -> EventWorker:
         worker = EventWorker(
-            [settings.queue_name], connection=redis, worker_ttl=jobs.WORKER_TTL_SECONDS
+            [settings.queue_name], connection=queue_redis, worker_ttl=jobs.WORKER_TTL_SECONDS
         )
         log.info("worker %s started on queue %s", worker.name, settings.queue_name)
         return worker
 
     # RQ's own lines for every job (`Job OK`, `Result discarded`) are INFO: keep its warnings.
-    work_through_failovers(new_worker, redis, logging_level="WARNING")
+    work_through_failovers(new_worker, queue_redis, logging_level="WARNING")
 
 
 if __name__ == "__main__":

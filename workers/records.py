@@ -37,14 +37,16 @@ def main(argv: list[str] | None = None) -> None:
     if args not in ([], ["--retries"]):
         sys.exit("usage: python -m workers.records [--retries]")
     lower_cpu_priority(NICENESS)
-    settings, redis = connect()
-    forwarding.configure(settings, redis)
+    settings, redis, queue_redis = connect()
+    forwarding.configure(settings, redis, queue_redis)
     queue = settings.record_retry_queue_name if args else settings.record_queue_name
 
     # SimpleWorker: forward jobs send over this process's kept-alive connections. RQ's scheduler
     # runs here too: a failed delivery's next attempt is a scheduled job.
     def new_worker() -> StoppableWorker:
-        worker = StoppableWorker([queue], connection=redis, worker_ttl=jobs.WORKER_TTL_SECONDS)
+        worker = StoppableWorker(
+            [queue], connection=queue_redis, worker_ttl=jobs.WORKER_TTL_SECONDS
+        )
         log.info(
             "records worker %s started on queue %s: forwarding to %d receivers",
             worker.name,
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         return worker
 
     # RQ's own lines for every job (`Job OK`, `Result discarded`) are INFO: keep its warnings.
-    work_through_failovers(new_worker, redis, logging_level="WARNING", with_scheduler=True)
+    work_through_failovers(new_worker, queue_redis, logging_level="WARNING", with_scheduler=True)
 
 
 if __name__ == "__main__":

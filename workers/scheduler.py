@@ -19,14 +19,14 @@ def main() -> None:
     """Run the cron scheduler; when Redis fails under it (a hang, a restart), wait for Redis and
     start it again, as RQ's workers do, instead of exiting: under `make run` one process that
     exits stops them all."""
-    settings, redis = connect()
+    settings, _, queue_redis = connect()
     log.info(
         "scheduler started: maintenance every %d s on queue %s",
         settings.maintenance_interval_seconds,
         settings.queue_name,
     )
     while True:
-        cron = CronScheduler(connection=redis)
+        cron = CronScheduler(connection=queue_redis)
         cron.register(
             jobs.maintain,
             queue_name=settings.queue_name,
@@ -38,7 +38,7 @@ def main() -> None:
             return
         except RedisError as exc:
             log.warning("scheduler lost Redis (%s); starting again once it answers", exc)
-            wait_for_redis(redis, math.inf)
+            wait_for_redis(queue_redis, math.inf)
 
 
 if __name__ == "__main__":

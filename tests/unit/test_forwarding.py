@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import fakeredis
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
@@ -53,11 +54,18 @@ def forwarding_settings(tmp_path: Path, *urls: str) -> Settings:
 
 
 class Pipeline:
-    """The drainers' side with forwarding on, and the forwarder, on one fakeredis."""
+    """The drainers' side with forwarding on, and the forwarder, on one fakeredis, or with RQ's
+    queues and the delivery jobs' state on a second one."""
 
-    def __init__(self, redis: Redis, settings: Settings, machine: CallMachine) -> None:
-        self.store = Store(redis, settings)
-        self.forwarder = Forwarder(redis, settings)
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        machine: CallMachine,
+        queue_redis: Redis | None = None,
+    ) -> None:
+        self.store = Store(redis, settings, queue_redis)
+        self.forwarder = Forwarder(redis, settings, queue_redis)
         self.woken: list[int] = []
         self.drainer = Drainer(
             self.store,
@@ -80,22 +88,28 @@ class Pipeline:
 
     def pending_jobs(self, shard: int) -> dict[str, tuple[int, int]]:
         """Delivery jobs waiting, by id: their (shard, tried) arguments."""
-        ids = self.store.redis.hkeys(self.store.keys.forward_pending(shard))
+        ids = self.store.queue_redis.hkeys(self.store.keys.forward_pending(shard))
         found = {}
         for raw in ids:
-            job = Job.fetch(text(raw), connection=self.store.redis)
+            job = Job.fetch(text(raw), connection=self.store.queue_redis)
             found[job.id] = (job.args[0], job.args[1])
         return found
 
     def counters(self, shard: int) -> dict[str, int]:
-        raw = self.store.redis.hgetall(self.store.keys.forward_counters(shard))
+        raw = self.store.queue_redis.hgetall(self.store.keys.forward_counters(shard))
         return {text(k): int(v) for k, v in raw.items()}
 
 
-@pytest.fixture
-def pipeline_for(redis: Redis, tmp_path: Path, machine: CallMachine) -> Iterator[Any]:
+@pytest.fixture(params=["one Redis", "queue Redis of its own"])
+def pipeline_for(
+    request: pytest.FixtureRequest, redis: Redis, tmp_path: Path, machine: CallMachine
+) -> Iterator[Any]:
+    queue_redis = (
+        fakeredis.FakeRedis(server=fakeredis.FakeServer()) if request.param != "one Redis" else None
+    )
+
     def build(*urls: str) -> Pipeline:
-        return Pipeline(redis, forwarding_settings(tmp_path, *urls), machine)
+        return Pipeline(redis, forwarding_settings(tmp_path, *urls), machine, queue_redis)
 
     yield build
 
@@ -173,17 +187,17 @@ def test_a_failure_queues_a_retry_and_the_next_revision_waits_for_it(
     jobs = pipe.pending_jobs(shard)
     assert len(jobs) == 3
     assert receiver.accepted.arrivals == 1
-    statuses = {j: Job.fetch(j, connection=pipe.store.redis).get_status().value for j in jobs}
+    statuses = {j: Job.fetch(j, connection=pipe.store.queue_redis).get_status().value for j in jobs}
     assert sorted(statuses.values()) == ["deferred", "scheduled", "scheduled"]
     # On the retries' own queue, which the forward jobs never wait behind.
-    assert {Job.fetch(j, connection=pipe.store.redis).origin for j in jobs} == {
+    assert {Job.fetch(j, connection=pipe.store.queue_redis).origin for j in jobs} == {
         "callstate-records-retries"
     }
     [deferred] = [j for j, s in statuses.items() if s == "deferred"]
-    [scheduled] = Job.fetch(deferred, pipe.store.redis).dependency_ids
+    [scheduled] = Job.fetch(deferred, pipe.store.queue_redis).dependency_ids
     assert statuses[scheduled] == "scheduled"
     assert jobs[scheduled] == (shard, 1)  # the forwarder's attempt counts
-    chains = pipe.store.redis.hgetall(pipe.store.keys.forward_chains(shard))
+    chains = pipe.store.queue_redis.hgetall(pipe.store.keys.forward_chains(shard))
     assert chains[f"{Destination(receiver.url).id}:chain-1".encode()] == deferred.encode()
     # The retry delivers, then the waiting revision: in order, the chain ends with it.
     assert pipe.forwarder.deliver(shard, 1, scheduled, 0) is None
@@ -192,8 +206,8 @@ def test_a_failure_queues_a_retry_and_the_next_revision_waits_for_it(
         "chain-1:1",
         "chain-1:2",
     ]
-    assert pipe.store.redis.hlen(pipe.store.keys.forward_chains(shard)) == 1  # the other call
-    assert pipe.store.redis.hlen(pipe.store.keys.forward_pending(shard)) == 1
+    assert pipe.store.queue_redis.hlen(pipe.store.keys.forward_chains(shard)) == 1  # the other call
+    assert pipe.store.queue_redis.hlen(pipe.store.keys.forward_pending(shard)) == 1
     assert pipe.counters(shard) == {"failed": 1, "delivered": 2}
 
 
@@ -216,14 +230,14 @@ def test_the_last_failed_attempt_dead_letters_and_redeliver_queues_it_again(
     assert all("t0ps3cret" not in line and "84909985668" not in line for line in lines)
     assert "HTTP 500" in lines[0] and "dead-lettered" in lines[2]
     assert pipe.counters(shard) == {"failed": 3, "dead_lettered": 1}
-    assert fwd.redis.llen(fwd.keys.dead_letters(shard)) == 1
-    assert fwd.redis.hlen(fwd.keys.forward_chains(shard)) == 0
+    assert fwd.queue_redis.llen(fwd.keys.dead_letters(shard)) == 1
+    assert fwd.queue_redis.hlen(fwd.keys.forward_chains(shard)) == 0
 
     receiver.behaviour = lambda n: OK
     assert fwd.redeliver() == (1, 0)
-    assert fwd.redis.llen(fwd.keys.dead_letters(shard)) == 0
+    assert fwd.queue_redis.llen(fwd.keys.dead_letters(shard)) == 0
     [again] = pipe.pending_jobs(shard)
-    assert Job.fetch(again, connection=fwd.redis).get_status().value == "queued"
+    assert Job.fetch(again, connection=fwd.queue_redis).get_status().value == "queued"
     assert fwd.deliver(shard, 0, again, 0) is None
     assert receiver.accepted.ids == ["dead-1:1"]
     assert fwd.redeliver() == (0, 0)
@@ -238,9 +252,10 @@ def test_redeliver_keeps_letters_of_a_receiver_no_longer_configured(
     pipe.forwarder.forward(shard)
     [job_id] = pipe.pending_jobs(shard)
     pipe.forwarder.deliver(shard, 1, job_id, 1)
-    other = Forwarder(redis, forwarding_settings(tmp_path, "http://127.0.0.1:9/elsewhere"))
+    elsewhere = forwarding_settings(tmp_path, "http://127.0.0.1:9/elsewhere")
+    other = Forwarder(redis, elsewhere, pipe.store.queue_redis)
     assert other.redeliver() == (0, 1)
-    assert redis.llen(other.keys.dead_letters(shard)) == 1
+    assert pipe.store.queue_redis.llen(other.keys.dead_letters(shard)) == 1
 
 
 def test_every_receiver_gets_every_revision(pipeline_for: Any) -> None:
@@ -310,7 +325,7 @@ def test_metrics_show_deliveries_failures_and_dead_letters(
     pipe.forwarder.failing_until.clear()  # the receiver's pause after its failure is over
     pipe.apply(*a_call("metric-2", 3000))
     pipe.forwarder.forward(pipe.store.keys.shard_of("metric-2"))
-    client = create_app(pipe.store.settings, redis).test_client()
+    client = create_app(pipe.store.settings, redis, pipe.store.queue_redis).test_client()
     families = {
         family.name: family.samples[0].value
         for family in text_string_to_metric_families(client.get("/metrics").get_data(as_text=True))
@@ -331,7 +346,7 @@ def test_metrics_name_a_missing_retrier(
     pipeline_for: Any, receiver: Receiver, redis: Redis
 ) -> None:
     pipe = pipeline_for(receiver.url)
-    client = create_app(pipe.store.settings, redis).test_client()
+    client = create_app(pipe.store.settings, redis, pipe.store.queue_redis).test_client()
 
     def live() -> dict[str, float]:
         text = client.get("/metrics").get_data(as_text=True)
@@ -343,9 +358,9 @@ def test_metrics_name_a_missing_retrier(
         return {sample.labels["queue"]: sample.value for sample in family.samples}
 
     assert live() == {"forward": 0, "retries": 0}
-    Worker([pipe.forwarder.queue], connection=redis).register_birth()  # type: ignore[no-untyped-call]
+    Worker([pipe.forwarder.queue], connection=pipe.store.queue_redis).register_birth()  # type: ignore[no-untyped-call]
     assert live() == {"forward": 1, "retries": 0}  # a failed delivery would never be retried
-    Worker([pipe.forwarder.retry_queue], connection=redis).register_birth()  # type: ignore[no-untyped-call]
+    Worker([pipe.forwarder.retry_queue], connection=pipe.store.queue_redis).register_birth()  # type: ignore[no-untyped-call]
     assert live() == {"forward": 1, "retries": 1}
 
 
@@ -363,6 +378,7 @@ def test_the_cli_redelivers_and_shows_the_figures(
     [job_id] = pipe.pending_jobs(shard)
     pipe.forwarder.deliver(shard, 1, job_id, 1)
     monkeypatch.setattr(cli, "connect", lambda url: redis)
+    monkeypatch.setattr(cli, "connect_queue", lambda settings, data: pipe.store.queue_redis)
     monkeypatch.setattr(cli, "configure_logging", lambda log_format: None)
     monkeypatch.setenv("CALLSTATE_RECORD_WEBHOOK_URL", receiver.url)
     monkeypatch.setenv("CALLSTATE_RECORD_WEBHOOK_SECRET", SECRET)
@@ -390,7 +406,8 @@ def test_the_board_shows_forwarding_only_when_it_is_on(
     assert client.get("/board/state").get_json()["forwarding"] is None
     pipe = pipeline_for(receiver.url)
     pipe.forwarder.forward(pipe.apply(*a_call("board-1")))
-    shown = create_app(pipe.store.settings, redis).test_client().get("/board/state").get_json()
+    app = create_app(pipe.store.settings, redis, pipe.store.queue_redis)
+    shown = app.test_client().get("/board/state").get_json()
     assert shown["forwarding"] == {
         "delivered": 1,
         "failed": 0,
@@ -429,7 +446,7 @@ def test_maintenance_wakes_a_forwarder_whose_wake_was_lost(
     first = fwd.wakes.holder(shard)
     assert first is not None and fwd.queue.get_job_position(first) is not None
     assert fwd.wake_stuck() == 0  # queued: nothing to do
-    fwd.redis.delete(fwd.queue.key)  # the job is lost (a worker died after taking it)
+    fwd.queue_redis.delete(fwd.queue.key)  # the job is lost (a worker died after taking it)
     monkeypatch.setattr(coordination, "LOST_WAKE_GRACE_MS", 0)
     assert fwd.wake_stuck() == 1
     second = fwd.wakes.holder(shard)

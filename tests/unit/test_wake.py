@@ -44,15 +44,21 @@ class InlineThreads(Executor):
 
 
 class World:
-    """The web, RQ's queue and drain jobs on one fakeredis, stepped in a chosen order. A drain
-    job takes `shards_per_job` shards (with no worker registered, the default takes every one),
-    draining the others first, in the same thread."""
+    """The web, RQ's queue and drain jobs on one fakeredis (or the queue on a second one),
+    stepped in a chosen order. A drain job takes `shards_per_job` shards (with no worker
+    registered, the default takes every one), draining the others first, in the same thread."""
 
-    def __init__(self, settings: Settings, redis: Redis, shards_per_job: int = 0) -> None:
-        self.context = jobs.configure(settings, redis)
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Redis,
+        shards_per_job: int = 0,
+        queue_redis: Redis | None = None,
+    ) -> None:
+        self.context = jobs.configure(settings, redis, queue_redis)
         if shards_per_job:
             self.context.drainer.shards_per_job = lambda: shards_per_job
-        self.client: FlaskClient = create_app(settings, redis).test_client()
+        self.client: FlaskClient = create_app(settings, redis, queue_redis).test_client()
         self.store: Store = self.context.store
         self.sent = 0
         self.most_queued = 0
@@ -77,7 +83,7 @@ class World:
         """What a worker does: take the oldest queued job and run it."""
         if self.context.queue.count == 0:
             return False
-        job = Job.fetch(str(self.context.queue.pop_job_id()), connection=self.store.redis)
+        job = Job.fetch(str(self.context.queue.pop_job_id()), connection=self.store.queue_redis)
         if job.func_name == jobs.DRAIN_JOB:
             jobs.drain_shard(*job.args)
         return True
@@ -93,13 +99,14 @@ class World:
         self.queued_drains()
 
 
-def world(slice_ms: int, batch: int, shards_per_job: int) -> World:
+def world(slice_ms: int, batch: int, shards_per_job: int, separate: bool = False) -> World:
     redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    queue_redis = fakeredis.FakeRedis(server=fakeredis.FakeServer()) if separate else None
     base = Settings(redis_url="redis://fake", embedded_redis=False, var_dir=Path("var"), shards=3)
     tuned = dataclasses.replace(
         base, drain_slice_ms=slice_ms, drain_batch=batch, drain_linger_ms=0, drain_window_ms=0
     )
-    return World(tuned, redis, shards_per_job)
+    return World(tuned, redis, shards_per_job, queue_redis)
 
 
 actions = st.lists(
@@ -115,6 +122,7 @@ actions = st.lists(
     slice_ms=st.sampled_from([0, 60_000]),
     batch=st.sampled_from([1, 2, 50]),
     shards_per_job=st.sampled_from([1, 2, 3]),
+    separate=st.booleans(),
 )
 def test_one_queued_drain_per_shard_and_no_lost_wake_up(
     steps: list[tuple[str, int]],
@@ -122,12 +130,13 @@ def test_one_queued_drain_per_shard_and_no_lost_wake_up(
     slice_ms: int,
     batch: int,
     shards_per_job: int,
+    separate: bool,
 ) -> None:
     """`inside` actions happen while a drain job is between two reads of the log, as another
     process would interleave with it; nested once, so a job can start while another drains.
-    A job takes one, two or all three shards."""
+    A job takes one, two or all three shards; RQ's queue is on the data Redis or on its own."""
     with patch.object(drain, "ThreadPoolExecutor", InlineThreads):
-        w = world(slice_ms, batch, shards_per_job)
+        w = world(slice_ms, batch, shards_per_job, separate)
         act_in_any_order(w, steps, iter(inside))
 
 

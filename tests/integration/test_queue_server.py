@@ -1,0 +1,125 @@
+"""RQ's queues on a Redis server of their own (CALLSTATE_QUEUE_URL): gunicorn, the event and
+records workers and the scheduler against two real servers; the queue's server killed under load,
+and drain jobs queued twice."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from rq import Queue
+
+from callstate.connection import text
+from callstate.coordination import new_wake_id
+from callstate.jobs import enqueue_drain
+from tests.factories import ended, event
+from tests.integration.stack import RedisServer, Stack, wait_until
+from tests.integration.test_reliability import (
+    all_ended,
+    assert_applied_exactly_once_in_order,
+    post_interleaved,
+    traffic,
+)
+from tests.receiver import FAIL, OK, Receiver
+
+pytestmark = pytest.mark.ha
+MakeStack = Callable[..., Stack]
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+@pytest.fixture
+def queue_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "queue")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_the_pipeline_and_forwarding_run_with_the_queues_on_their_own_server(
+    make_stack: MakeStack, queue_server: RedisServer
+) -> None:
+    """Every record revision reaches a receiver that fails at first, in order; RQ's jobs and
+    the delivery jobs' state are on the queue's server, the calls on the data server."""
+    with Receiver(SECRET, lambda n: FAIL if n < 3 else OK) as receiver:
+        stack = make_stack(
+            CALLSTATE_QUEUE_URL=queue_server.url,
+            CALLSTATE_RECORD_WEBHOOK_URL=receiver.url,
+            CALLSTATE_RECORD_WEBHOOK_SECRET=SECRET,
+            CALLSTATE_RECORD_RETRY_FIRST_SECONDS="1",
+            CALLSTATE_RECORD_RETRY_TOTAL_SECONDS="3",
+        )
+        stack.start_web()
+        stack.start_workers(2)
+        stack.spawn("records", [sys.executable, "-m", "workers.records"])
+        stack.spawn("retries", [sys.executable, "-m", "workers.records", "--retries"])
+        calls = [f"own-{n}" for n in range(8)]
+        for n, call_id in enumerate(calls):
+            assert stack.post(event(call_id, "ringing", 1000 + n)).status_code == 200
+            assert stack.post(ended(call_id, 9000 + n, "486 Busy Here", 0)).status_code == 200
+        notice = {"type": "recording", "call_id": calls[0], "recording_url": "https://r/1"}
+        wait_until(lambda: stack.get(f"/calls/{calls[0]}/record").status_code == 200, 20, "end")
+        assert stack.post(notice).status_code == 200
+        expected = {f"{c}:1" for c in calls} | {f"{calls[0]}:2"}
+        wait_until(lambda: set(receiver.accepted.ids) >= expected, 30, "every revision")
+        assert set(receiver.accepted.ids) == expected
+        ours = [i for i in receiver.accepted.ids if i.startswith(f"{calls[0]}:")]
+        assert ours == [f"{calls[0]}:1", f"{calls[0]}:2"]
+        assert receiver.accepted.arrivals > len(expected)  # the failures were retried
+
+        ready = stack.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"]["queue"] == {"ok": True}
+        assert ready.json()["checks"]["workers"]["live"] == 2
+        data, queue = stack.redis.client(), queue_server.client()
+        assert data.keys("rq:*") == []
+        assert queue.keys("rq:*") != []
+        keys = stack.keys
+        assert queue.exists(*(keys.log(s) for s in range(8)), *(keys.call(c) for c in calls)) == 0
+        assert sum(queue.hget(keys.forward_counters(s), "delivered") is not None for s in range(8))
+        assert not any(data.exists(keys.forward_counters(s)) for s in range(8))
+        stats = stack.cli("stats", "--json")
+        assert stats.returncode == 0, stats.stderr
+        assert f'"delivered": {len(expected)}' in stats.stdout
+
+
+def test_a_killed_queue_server_loses_no_acknowledged_event_and_applies_none_twice(
+    make_stack: MakeStack, queue_server: RedisServer
+) -> None:
+    """While the queue's server is down, events are still stored and acknowledged (the data
+    server has them); once it is back, maintenance wakes the shards whose drain jobs were
+    lost, and the workers and scheduler carry on without a restart. Drain jobs queued twice
+    (a retried enqueue, a stale job) apply nothing twice."""
+    stack = make_stack(
+        CALLSTATE_QUEUE_URL=queue_server.url, CALLSTATE_MAINTENANCE_INTERVAL_SECONDS="1"
+    )
+    stack.start_web()
+    workers = stack.start_workers(2)
+    stack.start_scheduler()
+    calls = traffic(40, "qdown")
+    acked = post_interleaved(stack, {c: e[:1] for c, e in calls.items()}, threads=4)
+
+    queue_server.kill()
+    down = post_interleaved(stack, {c: e[1:2] for c, e in calls.items()}, threads=4)
+    ready = stack.get("/readyz")
+    assert ready.status_code == 503
+    assert {"queue", "workers"} <= set(ready.json()["failing"])
+    assert ready.json()["checks"]["redis"] == {"ok": True}
+    queue_server.start()
+    for call_id, ids in down.items():
+        acked[call_id] += ids
+
+    drains = Queue("callstate", connection=queue_server.client())
+    for shard in range(8):  # doubled wake-ups: a job of a new id, and the flag's own again
+        enqueue_drain(drains, shard, 60, new_wake_id())
+        holder = stack.redis.client().get(stack.keys.wake(shard))
+        if holder is not None:
+            enqueue_drain(drains, shard, 60, text(holder))
+    rest = post_interleaved(stack, {c: e[2:] for c, e in calls.items()}, threads=4)
+    for call_id, ids in rest.items():
+        acked[call_id] += ids
+    wait_until(lambda: all_ended(stack, sorted(calls)), 60, "every call to end")
+    assert_applied_exactly_once_in_order(stack, calls, acked)
+    assert all(worker.poll() is None for worker in workers), "a worker exited"
+    assert stack.processes["scheduler"].poll() is None, "the scheduler exited"
