@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -39,10 +39,9 @@ from rq import Queue
 from bench.load import command, percentiles
 from bench.results_file import write_figures
 from bench.traffic import PlannedCall, check_call
-from callstate import streamids
+from callstate import recordstream, streamids
 from callstate.calldoc import CallDoc
 from callstate.config import Settings
-from callstate.connection import StreamRows
 from callstate.figures import read_figures
 from callstate.jobs import DRAIN_JOB
 from callstate.store import Store
@@ -241,8 +240,8 @@ class Faults:
         """Per call: from its first `ended` append to its first record's commit, both stream ids,
         so both on Redis's clock: (logged at, lag), in ms."""
         first_record: dict[str, int] = {}
-        for raw_id, fields in cast(StreamRows, self.redis.xrange(self.store.keys.records())):
-            first_record.setdefault(fields[b"call_id"].decode(), streamids.millis(raw_id.decode()))
+        for row in recordstream.every(self.redis, self.store.keys):
+            first_record.setdefault(row.fields[b"call_id"].decode(), streamids.millis(row.entry_id))
         lags = []
         for call_id, info in calls.items():
             ended = [
@@ -276,8 +275,8 @@ class Faults:
                 differing += bool(problems)
                 examples += problems[:1]
         records: dict[str, int] = {}
-        for _, fields in cast(StreamRows, self.redis.xrange(self.store.keys.records())):
-            name = fields[b"call_id"].decode()
+        for row in recordstream.every(self.redis, self.store.keys):
+            name = row.fields[b"call_id"].decode()
             records[name] = records.get(name, 0) + 1
         wrong_records = sum(1 for c in ids if records.get(c) != calls[c]["expected"]["revision"])
         return {

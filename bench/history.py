@@ -182,7 +182,7 @@ def _peak_rss_kib(pid: int) -> int:
 def measure(store: Store, count: int, server: RedisServer, workdir: Path) -> dict[str, Any]:
     figures_apply = apply_cost(store, APPLY_CALLS)
     samples = real_records(store)
-    store.redis.delete(*store.redis.keys("cs:history*"))
+    store.redis.delete(*store.redis.keys("cs:{s*}:history*"))
     figures: dict[str, Any] = {"records": count, "shards": store.settings.shards}
     figures["apply"] = figures_apply
     before = used_memory(store)

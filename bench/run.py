@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from redis import Redis
 from rq import Queue, Worker
@@ -32,12 +32,11 @@ from bench.load import command, percentiles
 from bench.metrics_cost import Scraper, alternating, compare
 from bench.results_file import write_figures
 from bench.traffic import PlannedCall, check_call, plan_call
-from callstate import lag
+from callstate import lag, recordstream
 from callstate.calldoc import CallDoc
 from callstate.calls import LogEntry, apply_batch
 from callstate.codec import dumps, pack_doc
 from callstate.config import DEFAULT_LIMITS, FSYNC_POLICIES, Settings
-from callstate.connection import StreamRows
 from callstate.eventlog import event_fields
 from callstate.figures import added_up
 from callstate.jobs import enqueue_drain
@@ -274,8 +273,8 @@ class Bench:
                 lost += len(set(info["acked"]) - set(journal))
                 doubled += len(journal) - len(set(journal))
         records: dict[str, int] = {}
-        for _, fields in cast(StreamRows, self.redis.xrange(self.store.keys.records())):
-            call_id = fields[b"call_id"].decode()
+        for row in recordstream.every(self.redis, self.store.keys):
+            call_id = row.fields[b"call_id"].decode()
             records[call_id] = records.get(call_id, 0) + 1
         wrong_records = [c for c in ids if records.get(c) != calls[c]["expected"]["revision"]]
         return {
@@ -301,7 +300,8 @@ class Bench:
                     if wake_id is not None:
                         enqueue_drain(self.queue, shard, 120, wake_id)
         self.wait_drained()
-        active = int(self.redis.zcard(self.store.keys.active()))
+        keys = self.store.keys
+        active = sum(int(self.redis.zcard(keys.active(s))) for s in range(keys.shards))
         return {
             "active_calls": active,
             "bytes_per_active_call": (self.used_memory() - before) / max(active, 1),

@@ -111,7 +111,12 @@ def measure(store: Store, calls: int) -> dict[str, Any]:
     figures["calls_stored_after"] = len(store.docs.all_call_ids())
     figures["redis_mib_after_advance"] = redis_mib(store)
     figures["records_stream_mib"] = round(
-        int(store.redis.memory_usage(store.keys.records()) or 0) / 2**20, 1
+        sum(
+            int(store.redis.memory_usage(store.keys.records(shard)) or 0)
+            for shard in range(store.settings.shards)
+        )
+        / 2**20,
+        1,
     )
     figures["bytes_per_tombstone"] = store.redis.memory_usage(store.keys.tombstone("bench-1"))
     report = timed("check after advance", figures, lambda: check(store, machine))

@@ -27,9 +27,10 @@ from flask import (
 from flask.blueprints import BlueprintSetupState
 from flask.typing import ResponseReturnValue
 
+from callstate import recordstream
 from callstate.boardfeed import BoardFeed, Stream, read_backlog
 from callstate.boardview import Summary, call_summary, record_summary
-from callstate.connection import StreamRows, text
+from callstate.connection import text
 from callstate.figures import read_forwarding
 from callstate.http import TOKEN_COOKIE, error, require_read_token, services
 from callstate.store import Store
@@ -241,9 +242,9 @@ def frames(
 
 def recent_records(store: Store, limit: int) -> list[Summary]:
     """The latest final records, newest first, one per call (its latest revision)."""
-    rows = cast(StreamRows, store.redis.xrevrange(store.keys.records(), count=limit * 2))
     found: dict[str, Summary] = {}
-    for _, fields in rows:
+    for row in recordstream.newest(store.redis, store.keys, limit * 2):
+        fields = row.fields
         summary = record_summary(json.loads(fields[b"record"]))
         call_id = summary["call_id"] or text(fields.get(b"call_id", b""))
         found.setdefault(call_id, summary)

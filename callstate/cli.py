@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, astuple
 from datetime import UTC, datetime
@@ -20,11 +21,11 @@ from urllib.parse import urlparse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from rq import Queue
+from rq import Queue, Worker
 
-from callstate import streamids
+from callstate import recordstream, streamids
 from callstate.config import Settings
-from callstate.connection import StreamRows, connect, connect_queue, text
+from callstate.connection import connect, connect_queue, text
 from callstate.doctor import examine
 from callstate.export import csv_lines, jsonl_lines
 from callstate.figures import Figures, ShardFigures, read_figures
@@ -34,6 +35,7 @@ from callstate.jobs import drain_timeout, wake_drain
 from callstate.logs import configure_logging
 from callstate.lookups import events_view, public_view
 from callstate.machine import CallMachine
+from callstate.migration import OLD_LAYOUT_MESSAGE, migrate, old_layout_present
 from callstate.moments import parse_time_ms
 from callstate.rebuild import Report, check, rebuild
 from callstate.record import DIRECTIONS, DISPOSITIONS
@@ -78,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         return UNAVAILABLE
     run = cast(Command, args.run)
     try:
+        if args.command not in ("migrate-keys", "doctor") and old_layout_present(
+            store.redis, store.keys
+        ):
+            print(f"callstate: {OLD_LAYOUT_MESSAGE}", file=sys.stderr)
+            return UNAVAILABLE
         code = run(store, args)
         sys.stdout.flush()  # here, so a closed pipe is met inside the `except` below
         return code
@@ -178,6 +185,17 @@ def parser() -> argparse.ArgumentParser:
     )
     rebuild_cmd.add_argument(
         "--check", action="store_true", help="only compare, on a live system; exit 1 if any differ"
+    )
+    migrate_cmd = command(
+        "migrate-keys",
+        run_migrate_keys,
+        "move a store written before the keys carried their shard's hash tag to today's layout",
+        "Run once after upgrading, with the web and the workers stopped: the service refuses "
+        "to start on the old layout. Keys keep their contents and TTLs. Exit 1 when a key "
+        "could not move (its new name exists); then run `rebuild --check`.",
+    )
+    migrate_cmd.add_argument(
+        "--check", action="store_true", help="only count the keys to move; exit 1 if any"
     )
     command(
         "doctor",
@@ -357,12 +375,11 @@ RECORD_COLUMNS = (
 
 
 def show_records(store: Store, args: argparse.Namespace) -> int:
-    stream = store.keys.records()
     if args.since is None:
-        rows = cast(StreamRows, store.redis.xrevrange(stream, count=args.limit))[::-1]
+        rows = recordstream.newest(store.redis, store.keys, args.limit)[::-1]
     else:
-        rows = cast(StreamRows, store.redis.xrange(stream, f"{args.since}-0", count=args.limit))
-    shown = [_stream_record(raw_id, fields) for raw_id, fields in rows]
+        rows = recordstream.since(store.redis, store.keys, args.since, args.limit)
+    shown = [_stream_record(row) for row in rows]
     if args.json and not args.follow:
         _print_json(shown)
         return OK
@@ -372,31 +389,29 @@ def show_records(store: Store, args: argparse.Namespace) -> int:
         _print_record(item, as_json=args.json)
     if not args.follow:
         return OK
-    after = shown[-1]["id"] if shown else _before(args.since)
+    # A shard none of whose records was shown had none later than the oldest one shown.
+    start = _before(args.since) if args.since is not None or not rows else rows[0].entry_id
+    seen = recordstream.positions(store.keys, start)
+    seen.update({store.keys.records(row.shard): row.entry_id for row in rows})
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a follow ends
-        _follow(store, after, as_json=args.json)
+        _follow(store, seen, as_json=args.json)
     return OK
 
 
-def _follow(store: Store, after: str, *, as_json: bool) -> None:
-    """Print every record appended after `after`, as it comes, until interrupted."""
-    stream = store.keys.records()
+def _follow(store: Store, seen: dict[str, str], *, as_json: bool) -> None:
+    """Print every record appended after the positions `seen`, as it comes, until
+    interrupted."""
     while True:
-        found = cast(
-            list[tuple[bytes, StreamRows]] | None,
-            store.redis.xread({stream: after}, count=100, block=FOLLOW_BLOCK_MS),
-        )
-        for raw_id, fields in found[0][1] if found else []:
-            item = _stream_record(raw_id, fields)
-            _print_record(item, as_json=as_json)
-            after = item["id"]
+        for row in recordstream.after(store.redis, store.keys, seen, FOLLOW_BLOCK_MS):
+            _print_record(_stream_record(row), as_json=as_json)
 
 
-def _stream_record(raw_id: bytes, fields: dict[bytes, bytes]) -> dict[str, Any]:
+def _stream_record(row: recordstream.StreamRecord) -> dict[str, Any]:
     return {
-        "id": text(raw_id),
-        "call_id": text(fields[b"call_id"]),
-        "record": json.loads(fields[b"record"]),
+        "id": row.entry_id,
+        "shard": row.shard,
+        "call_id": text(row.fields[b"call_id"]),
+        "record": json.loads(row.fields[b"record"]),
     }
 
 
@@ -540,6 +555,30 @@ def run_doctor(store: Store, args: argparse.Namespace) -> int:
         if not finding.ok:
             print(f"         {finding.why}")
     return OK if healthy else PROBLEM
+
+
+def run_migrate_keys(store: Store, args: argparse.Namespace) -> int:
+    """Move the old layout's keys on the data Redis and, when it is another, the queue's (which
+    holds the delivery jobs' state); refused while workers are registered."""
+    queue = Queue(store.settings.queue_name, connection=store.queue_redis)
+    if not args.check and Worker.count(queue=queue):
+        print("migrate-keys: stop the workers first (RQ lists some as running)", file=sys.stderr)
+        return PROBLEM
+    servers = {id(store.redis): store.redis, id(store.queue_redis): store.queue_redis}
+    runs = [migrate(redis, store.keys, check_only=args.check) for redis in servers.values()]
+    renamed = sum((run.renamed for run in runs), Counter[str]())
+    split = sum((run.split for run in runs), Counter[str]())
+    conflicts = [key for run in runs for key in run.conflicts]
+    if args.json:
+        _print_json({"renamed": renamed, "split": split, "conflicts": conflicts})
+    else:
+        verb = "to move" if args.check else "moved"
+        print(f"{sum(renamed.values())} keys renamed, {sum(split.values())} split {verb}")
+        for family, count in sorted((renamed + split).items()):
+            print(f"  {family}: {count}")
+        for key in conflicts[:20]:
+            print(f"not moved, its new name exists: {key}")
+    return PROBLEM if conflicts or (args.check and (renamed or split)) else OK
 
 
 def run_rebuild(store: Store, args: argparse.Namespace) -> int:

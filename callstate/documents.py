@@ -83,9 +83,8 @@ class Documents:
         return self.load_docs([call_id])[call_id]
 
     def all_call_ids(self) -> set[str]:
-        prefix_len = len(self.keys.call(""))
         return {
-            key.decode()[prefix_len:]
+            self.keys.call_id_of(text(key))
             for key in self.redis.scan_iter(match=self.keys.call_pattern(), count=1000)
         }
 
@@ -99,15 +98,15 @@ class Documents:
         """The lookup indexes an active call belongs to: its numbers and its user."""
         if doc is None or not is_active(doc):
             return set()
-        fields = doc["fields"]
+        fields, shard = doc["fields"], self.keys.shard_of(doc["call_id"])
         found = set()
         for party in ("from", "to"):
             number = _text_field(fields.get(party), "number")
             if number:
-                found.add(self.keys.active_by("number", number))
+                found.add(self.keys.active_by(shard, "number", number))
         user = _text_field(fields, "request_from_user_id")
         if user:
-            found.add(self.keys.active_by("user", user))
+            found.add(self.keys.active_by(shard, "user", user))
         return found
 
     def commit(
@@ -140,7 +139,7 @@ class Documents:
         for record in applied.records:
             published = dumps(record)
             writes.xadd(
-                self.keys.records(),
+                self.keys.records(shard),
                 {"call_id": record["call_id"], "record": published},
                 maxlen=self.settings.records_stream_maxlen,
                 approximate=True,
@@ -210,16 +209,17 @@ class Documents:
 
     def _index(self, pipe: Pipeline, doc: Doc, indexed_before: frozenset[str]) -> None:
         call_id = doc["call_id"]
+        active = self.keys.active(self.keys.shard_of(call_id))
         indexed_now = self.index_keys(doc)
         for key in indexed_before - indexed_now:
             pipe.zrem(key, call_id)
         if is_active(doc):
             score = {call_id: doc["last_received_ms"] or 0}
-            pipe.zadd(self.keys.active(), score)
+            pipe.zadd(active, score)
             for key in indexed_now:
                 pipe.zadd(key, score)
         else:
-            pipe.zrem(self.keys.active(), call_id)
+            pipe.zrem(active, call_id)
 
     def rewrite(
         self,
@@ -233,9 +233,12 @@ class Documents:
         boards are told to reload."""
         cursor_keys = {shard: self.keys.cursor(shard) for shard in cursors}
         lock_keys = [self.keys.drain_lock(shard) for shard in cursors]
-        pattern = self.keys.active_index_pattern()
         # Indexes are only written under the locks this caller holds: none appears meanwhile.
-        indexes = list(self.redis.scan_iter(match=pattern, count=1000))
+        indexes = [
+            key
+            for shard in cursors
+            for key in self.redis.scan_iter(match=self.keys.active_index_pattern(shard), count=1000)
+        ]
         records = [doc["record"] for doc in docs.values() if doc["record"] is not None]
         # Read under the same locks: only their holders write the history.
         recorded = self.history.latest(record["call_id"] for record in records)
@@ -249,7 +252,7 @@ class Documents:
                 if any(holder != token for holder in current[len(cursors) :]):
                     return False
                 pipe.multi()
-                pipe.delete(self.keys.active(), *indexes)
+                pipe.delete(*(self.keys.active(shard) for shard in cursors), *indexes)
                 pipe.delete(*(self.keys.active_statuses(shard) for shard in cursors))
                 for doc in docs.values():
                     self._set_doc(pipe, doc, pack_doc(doc))
@@ -268,35 +271,54 @@ class Documents:
     def active_calls(
         self, number: str | None, user: str | None, offset: int, limit: int
     ) -> tuple[int, list[Doc]]:
-        """Active calls, most recently heard from first, optionally by number and/or user."""
-        keys = []
-        if number:
-            keys.append(self.keys.active_by("number", number))
-        if user:
-            keys.append(self.keys.active_by("user", user))
-        ids: list[bytes]
-        if len(keys) == 2:
-            ranked = cast(list[tuple[bytes, float]], self.redis.zinter(keys, withscores=True))
-            ranked.sort(key=lambda pair: (-pair[1], pair[0]))
-            total = len(ranked)
-            ids = [member for member, _ in ranked[offset : offset + limit]]
-        else:
-            key = keys[0] if keys else self.keys.active()
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.zcard(key)
-            pipe.zrevrange(key, offset, offset + limit - 1)
-            total, ids = pipe.execute()
-        docs = self.load_docs(text(member) for member in ids)
+        """Active calls, most recently heard from first, optionally by number and/or user: each
+        shard's first `offset + limit` in one round trip, merged."""
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in range(self.settings.shards):
+            keys = []
+            if number:
+                keys.append(self.keys.active_by(shard, "number", number))
+            if user:
+                keys.append(self.keys.active_by(shard, "user", user))
+            if len(keys) == 2:
+                pipe.zinter(keys, withscores=True)
+            else:
+                key = keys[0] if keys else self.keys.active(shard)
+                pipe.zcard(key)
+                pipe.zrevrange(key, 0, offset + limit - 1, withscores=True)
+        total, ranked = _merged_ranks(pipe.execute(), both=bool(number and user))
+        docs = self.load_docs(text(member) for member, _ in ranked[offset : offset + limit])
         return total, [doc for doc in docs.values() if doc is not None]
 
     def stale_call_ids(self, before_ms: int, limit: int) -> list[str]:
-        ids = self.redis.zrangebyscore(self.keys.active(), "-inf", f"({before_ms}", 0, limit)
-        return [text(member) for member in cast(list[bytes], ids)]
+        """Up to `limit` active calls last heard from before `before_ms`, the longest silent
+        first."""
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in range(self.settings.shards):
+            pipe.zrangebyscore(
+                self.keys.active(shard), "-inf", f"({before_ms}", 0, limit, withscores=True
+            )
+        found = [pair for rows in pipe.execute() for pair in rows]
+        found.sort(key=lambda pair: (pair[1], pair[0]))
+        return [text(member) for member, _ in found[:limit]]
 
     def applied_count(self) -> int:
         """Entries applied over all shards."""
         counters = [self.keys.applied_counter(shard) for shard in range(self.settings.shards)]
         return sum(int(raw or 0) for raw in self.redis.mget(counters))
+
+
+def _merged_ranks(replies: list[Any], both: bool) -> tuple[int, list[tuple[bytes, float]]]:
+    """The shards' replies of `active_calls` as one total and one ranking, most recent first
+    (ties by id, the later first, as ZREVRANGE orders them)."""
+    if both:
+        ranked = [pair for rows in replies for pair in rows]
+        total = len(ranked)
+    else:
+        total = sum(int(n) for n in replies[0::2])
+        ranked = [pair for rows in replies[1::2] for pair in rows]
+    ranked.sort(key=lambda pair: (pair[1], pair[0]), reverse=True)
+    return total, ranked
 
 
 def _text_field(container: Any, name: str) -> str | None:

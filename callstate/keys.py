@@ -1,4 +1,10 @@
-"""Every Redis key name callstate uses is built here and nowhere else."""
+"""Every Redis key name callstate uses is built here and nowhere else.
+
+Everything a shard's commit writes carries the shard's hash tag (`cs:{s3}:log`,
+`cs:{s3}:call:<id>`): on Redis Cluster a shard's keys share one slot, so a commit, a transaction
+or a script touches one server. Views across shards (the active calls, the records) are read per
+shard and merged. Only the quarantine and its counter, written alone by the webhook, are global.
+"""
 
 from __future__ import annotations
 
@@ -17,91 +23,104 @@ class Keys:
         """The shard that owns a call; crc32 is stable across processes, unlike hash()."""
         return zlib.crc32(call_id.encode()) % self.shards
 
+    def tag(self, shard: int) -> str:
+        """The start of every key of the shard: its hash tag keeps them in one cluster slot."""
+        return f"{self.prefix}:{{s{shard}}}"
+
     def log(self, shard: int) -> str:
         """The shard's event log: a Stream, the source of truth."""
-        return f"{self.prefix}:log:{shard}"
+        return f"{self.tag(shard)}:log"
 
     def cursor(self, shard: int) -> str:
         """Id of the last log entry of the shard whose effects are committed."""
-        return f"{self.prefix}:cursor:{shard}"
+        return f"{self.tag(shard)}:cursor"
 
     def drain_lock(self, shard: int) -> str:
-        return f"{self.prefix}:drain-lock:{shard}"
+        return f"{self.tag(shard)}:drain-lock"
 
     def drain_lock_wanted(self, shard: int) -> str:
         """Set while a snapshot step, a trim or a rebuild waits for the shard's drain lock:
         drain jobs hand the shard over at their next slice's end and do not take it meanwhile."""
-        return f"{self.prefix}:drain-lock-wanted:{shard}"
+        return f"{self.tag(shard)}:drain-lock-wanted"
 
     def wake(self, shard: int) -> str:
         """The shard's wake flag: set while a drain job for it is queued and not yet started.
         Only whoever sets it queues a job, so a shard never has two queued."""
-        return f"{self.prefix}:wake:{shard}"
+        return f"{self.tag(shard)}:wake"
 
     def call(self, call_id: str) -> str:
-        return f"{self.prefix}:call:{call_id}"
+        return f"{self.tag(self.shard_of(call_id))}:call:{call_id}"
 
     def call_pattern(self) -> str:
-        return f"{self.prefix}:call:*"
+        """Every shard's call documents, for SCAN."""
+        return f"{self.prefix}:{{s*}}:call:*"
 
-    def active(self) -> str:
-        """Sorted set of calls not yet ended, scored by the time their last event was logged."""
-        return f"{self.prefix}:active"
+    @staticmethod
+    def call_id_of(key: str) -> str:
+        """The call id in a key `call` built."""
+        return key.split("}:call:", 1)[1]
 
-    def active_by(self, kind: str, value: str) -> str:
-        """Active calls by `number` (from or to) or by `user` (request_from_user_id)."""
-        return f"{self.prefix}:active:{kind}:{value}"
+    def active(self, shard: int) -> str:
+        """Sorted set of the shard's calls not yet ended, scored by the time their last event
+        was logged."""
+        return f"{self.tag(shard)}:active"
 
-    def active_index_pattern(self) -> str:
-        return f"{self.prefix}:active:*"
+    def active_by(self, shard: int, kind: str, value: str) -> str:
+        """The shard's active calls by `number` (from or to) or by `user`
+        (request_from_user_id)."""
+        return f"{self.tag(shard)}:active:{kind}:{value}"
 
-    def records(self) -> str:
-        """Stream of final call records for downstream consumer groups."""
-        return f"{self.prefix}:records"
+    def active_index_pattern(self, shard: int) -> str:
+        return f"{self.tag(shard)}:active:*"
+
+    def records(self, shard: int) -> str:
+        """Stream of the final call records the shard's commits publish, for downstream
+        consumers (`callstate/recordstream.py` reads every shard's at once)."""
+        return f"{self.tag(shard)}:records"
 
     def history(self, shard: int) -> str:
         """Hash of the shard's calls to the latest revision of their record, packed, kept for
         the record retention (`callstate/history.py`)."""
-        return f"{self.prefix}:history:{shard}"
+        return f"{self.tag(shard)}:history"
 
     def history_by_end(self, shard: int) -> str:
         """The shard's record history by end time: members `<end ms, 13 digits>:<call_id>`,
         all scored 0, so a range BYLEX is in time order."""
-        return f"{self.prefix}:history-end:{shard}"
+        return f"{self.tag(shard)}:history-end"
 
     def history_by(self, shard: int, kind: str, value: str) -> str:
         """The shard's record history by `number` (from or to) or by `user`
         (request_from_user_id), members as in `history_by_end`."""
-        return f"{self.prefix}:history-{kind}:{shard}:{value}"
+        return f"{self.tag(shard)}:history-{kind}:{value}"
 
     def logged_counter(self, shard: int) -> str:
         """Entries appended to the shard's log (events and sweeper requests), counted by the
         append itself."""
-        return f"{self.prefix}:stats:logged:{shard}"
+        return f"{self.tag(shard)}:stats:logged"
 
     def applied_counter(self, shard: int) -> str:
         """Entries of the shard's log applied, counted in the commit that applies them."""
-        return f"{self.prefix}:stats:applied:{shard}"
+        return f"{self.tag(shard)}:stats:applied"
 
     def verdicts(self, shard: int) -> str:
         """Hash of the shard's applied entries by `verdict` or `verdict:reason`."""
-        return f"{self.prefix}:stats:verdicts:{shard}"
+        return f"{self.tag(shard)}:stats:verdicts"
 
     def records_counter(self, shard: int) -> str:
         """Record revisions the shard's commits published."""
-        return f"{self.prefix}:stats:records:{shard}"
+        return f"{self.tag(shard)}:stats:records"
 
     def active_statuses(self, shard: int) -> str:
         """Hash of the shard's active calls counted by status, kept by its commits."""
-        return f"{self.prefix}:stats:active:{shard}"
+        return f"{self.tag(shard)}:stats:active"
 
     def drain_seconds(self, shard: int) -> str:
         """Hash of the shard's drain job durations: a count per histogram bucket, sum, count."""
-        return f"{self.prefix}:stats:drain-seconds:{shard}"
+        return f"{self.tag(shard)}:stats:drain-seconds"
 
     def apply_lag(self, shard: int) -> str:
         """Hash of the shard's apply lags (append to commit, Redis' clock): events per bucket."""
-        return f"{self.prefix}:stats:apply-lag:{shard}"
+        return f"{self.tag(shard)}:stats:apply-lag"
 
     def quarantined_counter(self) -> str:
         """Deliveries ever quarantined (the quarantine list itself is bounded)."""
@@ -110,27 +129,27 @@ class Keys:
     def snapshot(self, shard: int) -> str:
         """Hash of the shard's calls that straddle its snapshot position, as of that position:
         with the log after it, they re-derive every call the store holds."""
-        return f"{self.prefix}:snapshot:{shard}"
+        return f"{self.tag(shard)}:snapshot"
 
     def snapshot_position(self, shard: int) -> str:
         """Id of the last log entry the shard's snapshot covers; the log is trimmed up to it."""
-        return f"{self.prefix}:snapshot-position:{shard}"
+        return f"{self.tag(shard)}:snapshot-position"
 
     def tombstone(self, call_id: str) -> str:
         """What is kept of a retired call: its last record revision, and until when its id is
         refused, so no later event publishes a conflicting revision."""
-        return f"{self.prefix}:tombstone:{call_id}"
+        return f"{self.tag(self.shard_of(call_id))}:tombstone:{call_id}"
 
     def quarantine(self) -> str:
         return f"{self.prefix}:quarantine"
 
     def board_channel(self, shard: int) -> str:
         """Pub/sub channel on which the shard's commits publish what the live board shows."""
-        return f"{self.prefix}:board:{shard}"
+        return f"{self.tag(shard)}:board"
 
     def board_rejections(self, shard: int) -> str:
         """List of the shard's latest rejected events, newest first, capped, for the board."""
-        return f"{self.prefix}:board-rejections:{shard}"
+        return f"{self.tag(shard)}:board-rejections"
 
     # Record forwarding (callstate/forwarding.py), per shard like everything a commit writes.
 
@@ -138,28 +157,28 @@ class Keys:
         """Stream of the shard's record revisions still to be handed to the forwarder; written
         in the commit that publishes them, so a revision is never committed without its
         delivery owed."""
-        return f"{self.prefix}:outbox:{shard}"
+        return f"{self.tag(shard)}:outbox"
 
     def forward_wake(self, shard: int) -> str:
         """The shard's forwarder wake flag: set while a forward job for it is queued."""
-        return f"{self.prefix}:forward-wake:{shard}"
+        return f"{self.tag(shard)}:forward-wake"
 
     def forward_lock(self, shard: int) -> str:
-        return f"{self.prefix}:forward-lock:{shard}"
+        return f"{self.tag(shard)}:forward-lock"
 
     def forward_chains(self, shard: int) -> str:
         """Hash `destination:call_id` -> id of the last delivery job queued for that pair: the
         next revision's delivery waits for it (per-call order)."""
-        return f"{self.prefix}:forward-chains:{shard}"
+        return f"{self.tag(shard)}:forward-chains"
 
     def forward_pending(self, shard: int) -> str:
         """Hash of the deliveries handed to RQ jobs, by job id: what to send, and where."""
-        return f"{self.prefix}:forward-pending:{shard}"
+        return f"{self.tag(shard)}:forward-pending"
 
     def dead_letters(self, shard: int) -> str:
         """List of deliveries that failed for the whole retry schedule, newest first."""
-        return f"{self.prefix}:dead-letters:{shard}"
+        return f"{self.tag(shard)}:dead-letters"
 
     def forward_counters(self, shard: int) -> str:
         """The shard's forwarding counts: `delivered`, `failed` (attempts), `dead_lettered`."""
-        return f"{self.prefix}:stats:forwarding:{shard}"
+        return f"{self.tag(shard)}:stats:forwarding"

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
 
+from redis import Redis
+
+from callstate import recordstream
 from callstate.calldoc import CallDoc, Record
+from callstate.connection import StreamRows
+from callstate.keys import Keys
 
 DATA = Path(__file__).parent / "data"
 
@@ -120,3 +126,38 @@ def known_burst(prefix: str) -> list[dict[str, Any]]:
         ended(b, 300, "USER_END_CALL", 0),  # a record
         event(c, "ringing", 100),
     ]
+
+
+def published(redis: Redis, keys: Keys) -> StreamRows:
+    """Every shard's records stream as one list of rows, oldest first."""
+    return [(row.entry_id.encode(), row.fields) for row in recordstream.every(redis, keys)]
+
+
+OLD_STORE = Path(__file__).parent / "data" / "store-before-hash-tags.json"
+
+
+def b64(raw: str) -> bytes:
+    return base64.b64decode(raw)
+
+
+def load_old_store(redis: Redis) -> dict[str, Any]:
+    """Write the keys of a store the release before hash tags wrote (made by 20979eb: 12 calls on
+    4 shards with forwarding on, one event logged and not applied, a tombstone, a dead letter)
+    as they were, TTLs included; return the fixture."""
+    fixture: dict[str, Any] = json.loads(OLD_STORE.read_text())
+    for raw_key, item in fixture["keys"].items():
+        key, value = b64(raw_key), item["value"]
+        if item["type"] == "string":
+            redis.set(key, b64(value))
+        elif item["type"] == "hash":
+            redis.hset(key, mapping={b64(k): b64(v) for k, v in value.items()})
+        elif item["type"] == "zset":
+            redis.zadd(key, {b64(member): score for member, score in value})
+        elif item["type"] == "list":
+            redis.rpush(key, *(b64(v) for v in value))
+        else:
+            for entry_id, fields in value:
+                redis.xadd(key, {b64(k): b64(v) for k, v in fields.items()}, id=entry_id)
+        if item["pttl"] > 0:
+            redis.pexpire(key, item["pttl"])
+    return fixture

@@ -15,7 +15,6 @@ from redis import Redis
 from callstate.apidoc import record_schema
 from callstate.config import Settings
 from callstate.connection import StreamRows
-from callstate.keys import Keys
 
 Draft202012Validator.check_schema(record_schema())
 VALIDATOR = Draft202012Validator(record_schema())
@@ -58,7 +57,8 @@ def noting_violations(make: Callable[P, Any]) -> Callable[P, Any]:
 def stream_violations(client: Redis) -> list[str]:
     """Every record entry of the records stream that does not fit the schema, described."""
     found = []
-    rows = cast(StreamRows, client.xrange(Keys(Settings.key_prefix, 1).records()))
+    streams = client.scan_iter(match=f"{Settings.key_prefix}:{{s*}}:records", _type="stream")
+    rows = [row for key in streams for row in cast(StreamRows, client.xrange(key))]
     for entry_id, fields in rows:
         record = json.loads(fields[b"record"])
         if not FAST.is_valid(record):

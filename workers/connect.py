@@ -8,7 +8,9 @@ from callstate.config import Settings
 from callstate.connection import connect as connect_redis
 from callstate.connection import connect_queue
 from callstate.doctor import warn_if_unsafe
+from callstate.keys import Keys
 from callstate.logs import configure_logging
+from callstate.migration import OldLayoutError, refuse_old_layout
 from callstate.redis_server import wait_for_redis
 
 REDIS_STARTUP_SECONDS = 30
@@ -24,4 +26,8 @@ def connect() -> tuple[Settings, Redis, Redis]:
     for server in {id(redis): redis, id(queue_redis): queue_redis}.values():
         wait_for_redis(server, REDIS_STARTUP_SECONDS)
         warn_if_unsafe(server)
+    try:
+        refuse_old_layout(redis, Keys(settings.key_prefix, settings.shards))
+    except OldLayoutError as exc:
+        raise SystemExit(f"callstate: {exc}") from None
     return settings, redis, queue_redis

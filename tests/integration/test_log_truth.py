@@ -7,10 +7,9 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
-from callstate.connection import StreamRows
-from tests.factories import ended, event
+from tests.factories import ended, event, published
 from tests.integration.stack import Stack, wait_until
 from tests.integration.test_reliability import post_interleaved, traffic
 
@@ -18,7 +17,7 @@ MakeStack = Callable[..., Stack]
 
 
 def revisions(stack: Stack, call_id: str) -> list[int]:
-    rows = cast(StreamRows, stack.redis.client().xrange(stack.keys.records()))
+    rows = published(stack.redis.client(), stack.keys)
     found = [json.loads(fields[b"record"]) for _, fields in rows]
     return [record["revision"] for record in found if record["call_id"] == call_id]
 

@@ -13,10 +13,10 @@ from typing import Any, cast
 from rq.worker import BaseWorker, Worker
 
 from callstate.codec import unpack_doc
-from callstate.connection import REDIS_TIMEOUT_SECONDS, StreamRows
+from callstate.connection import REDIS_TIMEOUT_SECONDS
 from callstate.eventlog import event_fields
 from callstate.keys import Keys
-from tests.factories import SCENARIOS, body, ended, event, scenario
+from tests.factories import SCENARIOS, body, ended, event, published, scenario
 from tests.integration.stack import RedisServer, Stack, wait_until
 
 MakeStack = Callable[..., Stack]
@@ -74,7 +74,7 @@ def assert_applied_exactly_once_in_order(
         sent = [(e["call_status"], e["timestamp_ms"]) for e in calls[call_id]]
         assert [(item["call_status"], item["timestamp_ms"]) for item in journal] == sent
         assert doc["counts"]["accepted"] == len(sent)
-    records = cast(StreamRows, stack.redis.client().xrange(stack.keys.records()))
+    records = published(stack.redis.client(), stack.keys)
     per_call = sorted(fields[b"call_id"].decode() for _, fields in records)
     assert per_call == sorted(calls), "one record per call, none twice"
 
@@ -213,7 +213,7 @@ def test_silent_call_is_closed_by_the_sweeper_and_revised_by_a_late_end(
     revised = wait_until(lambda: record(2), 30, "the late end to revise the record")
     assert revised["closed_by"] == "ended_event"
     assert revised["timeline"]["ended"] == 5000
-    stream = cast(StreamRows, stack.redis.client().xrange(stack.keys.records()))
+    stream = published(stack.redis.client(), stack.keys)
     assert [json.loads(f[b"record"])["revision"] for _, f in stream] == [1, 2]
 
 

@@ -21,12 +21,15 @@ def test_a_rebuild_drops_index_entries_no_active_call_accounts_for(
 ) -> None:
     deliver(event("live", "ringing", 100), event("gone", "ringing", 100))
     deliver(ended("gone", 200, "USER_END_CALL", 5))
-    stale = store.keys.active_by("number", "84909985668")
+    shard = store.keys.shard_of("gone")
+    stale = store.keys.active_by(shard, "number", "84909985668")
     store.redis.zadd(stale, {"gone": 1})
-    store.redis.zadd(store.keys.active_by("user", "nobody"), {"gone": 1})
+    store.redis.zadd(store.keys.active_by(shard, "user", "nobody"), {"gone": 1})
     rebuild(store, machine)
-    assert store.redis.zrange(stale, 0, -1) == [b"live"]
-    assert not store.redis.exists(store.keys.active_by("user", "nobody"))
+    live = store.keys.active_by(store.keys.shard_of("live"), "number", "84909985668")
+    assert store.redis.zrange(live, 0, -1) == [b"live"]
+    assert store.redis.zrange(stale, 0, -1) == ([b"live"] if stale == live else [])
+    assert not store.redis.exists(store.keys.active_by(shard, "user", "nobody"))
 
 
 def test_a_write_between_the_rebuilds_watch_and_exec_cancels_it(

@@ -8,7 +8,6 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from typing import cast
 
 import fakeredis
 import pytest
@@ -17,12 +16,11 @@ from redis.typing import EncodableT, FieldT
 
 from callstate.calls import Applied, LogEntry
 from callstate.config import MAX_DRAIN_BATCH, Settings
-from callstate.connection import StreamRows
 from callstate.drain import Drainer
 from callstate.eventlog import event_fields
 from callstate.machine import CallMachine
 from callstate.store import Store
-from tests.factories import body, ended, event
+from tests.factories import body, ended, event, published
 
 CALL = "review-hold-1"
 
@@ -184,7 +182,7 @@ def drained_store(
     applied = hold.drain(0)
     docs = {key: redis.get(key) for key in sorted(redis.keys(store.keys.call("*")))}
     # The records' own entry ids are the commit's time: only their fields compare.
-    records = [fields for _, fields in cast(StreamRows, redis.xrange(store.keys.records()))]
+    records = [fields for _, fields in published(redis, store.keys)]
     return (
         applied,
         docs,

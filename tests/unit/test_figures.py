@@ -174,7 +174,7 @@ def test_rebuild_sets_the_counters_of_a_store_logged_before_they_existed(
         redis.xadd(
             store.keys.log(shard), event_fields("fig-u1", body(event("fig-u1", "answered", ts)))
         )
-    for key in redis.keys(f"{store.settings.key_prefix}:stats:*"):
+    for key in redis.keys(f"{store.settings.key_prefix}:{{s*}}:stats:*"):
         redis.delete(key)
     before = read_figures(store).shards[shard]
     assert before.backlog.entries == 1, "at least the entry seen waiting"

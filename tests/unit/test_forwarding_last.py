@@ -17,7 +17,7 @@ from callstate.connection import StreamRows, text
 from callstate.delivery import Destination, Outcome
 from callstate.forwarding import Pending
 from callstate.machine import CallMachine
-from tests.factories import body
+from tests.factories import body, published
 from tests.receiver import Receiver
 from tests.unit.test_forwarding import SECRET, Pipeline, a_call, forwarding_settings
 
@@ -32,14 +32,14 @@ def test_two_revisions_in_one_batch_each_send_their_own_published_bytes(
         for payload in [*a_call("fwd-batch"), notice]:  # all logged, then applied in one commit
             _, shard, _ = pipe.store.log.append_event(payload["call_id"], body(payload))
         pipe.drainer.drain(shard)
-        records = cast(StreamRows, redis.xrange(pipe.store.keys.records()))
+        records = published(redis, pipe.store.keys)
         outbox = cast(StreamRows, redis.xrange(pipe.store.keys.outbox(shard)))
-        published = [fields[b"record"] for _, fields in records]
+        in_stream = [fields[b"record"] for _, fields in records]
         owed = [unpack(fields[b"record"]) for _, fields in outbox]
-        assert len(published) == 2 and owed == published
+        assert len(in_stream) == 2 and owed == in_stream
         assert [json.loads(raw)["revision"] for raw in owed] == [1, 2]
         stored = cast(bytes | None, redis.hget(pipe.store.keys.history(shard), "fwd-batch"))
-        assert stored is not None and unpack(stored) == published[-1]
+        assert stored is not None and unpack(stored) == in_stream[-1]
         sent: list[bytes] = []
         send = pipe.forwarder.sender.send
 
@@ -49,7 +49,7 @@ def test_two_revisions_in_one_batch_each_send_their_own_published_bytes(
 
         pipe.forwarder.sender.send = recording  # type: ignore[method-assign,assignment]
         assert pipe.forwarder.forward(shard) == 2
-        assert sent == published  # signatures are over these very bytes
+        assert sent == in_stream  # signatures are over these very bytes
         assert receiver.accepted.ids == ["fwd-batch:1", "fwd-batch:2"]
 
 

@@ -73,7 +73,7 @@ def all_pages(history: History, limit: int, **query: Any) -> list[list[str]]:
 
 
 def history_keys(store: Store) -> set[bytes]:
-    return {k for k in store.redis.scan_iter(match="cs:history*")}
+    return {k for k in store.redis.scan_iter(match="cs:{s*}:history*")}
 
 
 def test_a_committed_record_is_stored_with_its_indexes(deliver: Deliver, store: Store) -> None:

@@ -16,14 +16,13 @@ import callstate.calls
 from callstate.calls import Doc, LogEntry
 from callstate.codec import pack
 from callstate.config import Settings
-from callstate.connection import StreamRows
 from callstate.drain import Drainer
 from callstate.eventlog import event_fields
 from callstate.figures import read_figures
 from callstate.machine import CallMachine
 from callstate.rebuild import check
 from callstate.store import Store
-from tests.factories import body, ended, event, record_of
+from tests.factories import body, ended, event, published, record_of
 
 SHARD = 1
 
@@ -277,7 +276,7 @@ def test_a_call_stops_growing_at_its_byte_bound(redis: Redis, settings: Settings
     # The end (~500 bytes) and two 15 kB notices fit in 40 kB; a third does not.
     assert [r for _, r in verdicts(doc)] == [None, None, None] + ["too_large"] * 8
     assert record_of(doc)["revision"] == 3 and "f2" not in record_of(doc)
-    records = cast(StreamRows, redis.xrange(store.keys.records()))
+    records = published(redis, store.keys)
     assert sum(len(fields[b"record"]) for _, fields in records) < posted
     assert store.quarantine.recent(5) == []
     assert check(store, CallMachine(), 3).differing == []
@@ -296,6 +295,6 @@ def test_a_call_stops_publishing_at_its_revision_bound(redis: Redis, settings: S
     doc = store.docs.get_doc(call)
     assert [r for _, r in verdicts(doc)] == [None, None, None] + ["too_many_revisions"] * 4
     assert doc is not None and record_of(doc)["recording_url"] == "r1"
-    records = cast(StreamRows, redis.xrange(store.keys.records()))
+    records = published(redis, store.keys)
     assert [json.loads(fields[b"record"])["revision"] for _, fields in records] == [1, 2, 3]
     assert check(store, CallMachine(), 2).differing == []

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from redis import Redis
 
 from callstate import coordination, jobs
 from callstate.config import Settings
-from callstate.connection import StreamRows
 from callstate.snapshots import Advanced
 from callstate.store import Store
-from tests.factories import body, event, record_of
+from tests.factories import body, event, published, record_of
 
 
 @pytest.fixture
@@ -51,7 +50,7 @@ def test_maintenance_closes_silent_calls_via_the_log(context: jobs.Context) -> N
     assert recent is not None
     assert recent["status"] == "ringing"
     assert store.docs.stale_call_ids(now - 60_000, 10) == []
-    records = cast(StreamRows, store.redis.xrange(store.keys.records()))
+    records = published(store.redis, store.keys)
     assert [fields[b"call_id"] for _, fields in records] == [b"silent"]
 
 

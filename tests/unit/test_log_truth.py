@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from redis import Redis
@@ -18,13 +18,12 @@ from redis.typing import EncodableT, FieldT
 from callstate import rebuild as rebuild_module
 from callstate.calls import Doc
 from callstate.config import Settings
-from callstate.connection import StreamRows
 from callstate.drain import Drainer
 from callstate.machine import CallMachine
 from callstate.rebuild import HISTORY_TRIMMED, check, rebuild
 from callstate.snapshots import Snapshots
 from callstate.store import Store
-from tests.factories import body, ended, event, record_of
+from tests.factories import body, ended, event, published, record_of
 
 Deliver = Callable[..., Doc]
 RETENTION_MS = 60_000
@@ -47,7 +46,7 @@ def notice(call_id: str, url: str) -> dict[str, Any]:
 
 
 def revisions(store: Store, call_id: str) -> list[int]:
-    rows = cast(StreamRows, store.redis.xrange(store.keys.records()))
+    rows = published(store.redis, store.keys)
     found = [json.loads(fields[b"record"]) for _, fields in rows]
     return [record["revision"] for record in found if record["call_id"] == call_id]
 

@@ -35,7 +35,7 @@ def test_rebuild_reproduces_what_the_drainer_produced(
     assert check(store, machine, 5).differing == []
     store.redis.delete(store.keys.call("call-1"))
     store.redis.set(store.keys.call("call-2"), json.dumps({"corrupt": True}))
-    store.redis.delete(store.keys.active())
+    store.redis.delete(*(store.keys.active(shard) for shard in range(store.keys.shards)))
     store.redis.set(store.keys.call("ghost"), "{}")
     report = check(store, machine, 5)
     assert set(report.differing) == {"call-1", "call-2"}

@@ -190,7 +190,7 @@ def test_a_wrong_published_record_is_found_in_the_stream(
     deliver(ended("c-8", 10, "486 Busy Here", 0))  # published by the drainer: fits
     record_contract.assert_stream_fits(redis)
     wrong = record_of(deliver(ended("c-9", 10, "486 Busy Here", 0))) | {"legs": None}
-    entry = redis.xadd(Keys(Settings.key_prefix, 1).records(), {"record": json.dumps(wrong)})
+    entry = redis.xadd(Keys(Settings.key_prefix, 1).records(0), {"record": json.dumps(wrong)})
     assert record_contract.stream_violations(redis) == [
         f"{text(entry)}: legs: None is not of type 'array'"
     ]

@@ -15,7 +15,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import fakeredis
 from hypothesis import HealthCheck, given, settings
@@ -26,7 +26,7 @@ from callstate.drain import Drainer
 from callstate.machine import CallMachine
 from callstate.rebuild import check
 from callstate.store import Store
-from tests.factories import SCENARIOS, body, scenario
+from tests.factories import SCENARIOS, body, published, scenario
 
 # --- The reference model ----------------------------------------------------------------------
 
@@ -332,7 +332,7 @@ MACHINE = CallMachine()
 
 
 def records_of(store: Store, call_id: str) -> list[dict[str, Any]]:
-    rows = cast(list[tuple[bytes, dict[bytes, bytes]]], store.redis.xrange(store.keys.records()))
+    rows = published(store.redis, store.keys)
     return [json.loads(e[b"record"]) for _, e in rows if e[b"call_id"].decode() == call_id]
 
 

@@ -1,0 +1,197 @@
+"""`callstate migrate-keys`: a store written before the keys carried their shard's hash tag
+(`cs:log:3`, one global `cs:active` and `cs:records`) moved to today's layout (`cs:{s3}:log`,
+each shard's own active calls and records), with the service stopped.
+
+Every key keeps its contents and its TTL: renamed where it belonged to one shard or one call,
+split by each member's shard where it was global. Nothing is re-derived; `rebuild --check`
+afterwards compares every call with its log.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import cast
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from callstate.connection import StreamRows, text
+from callstate.keys import Keys
+
+# The old layout's one-shard keys, `<prefix>:<name>:<shard>`, and the method that names them now.
+PER_SHARD: dict[str, Callable[[Keys, int], str]] = {
+    "log": Keys.log,
+    "cursor": Keys.cursor,
+    "drain-lock": Keys.drain_lock,
+    "drain-lock-wanted": Keys.drain_lock_wanted,
+    "wake": Keys.wake,
+    "history": Keys.history,
+    "history-end": Keys.history_by_end,
+    "stats:logged": Keys.logged_counter,
+    "stats:applied": Keys.applied_counter,
+    "stats:verdicts": Keys.verdicts,
+    "stats:records": Keys.records_counter,
+    "stats:active": Keys.active_statuses,
+    "stats:drain-seconds": Keys.drain_seconds,
+    "stats:apply-lag": Keys.apply_lag,
+    "snapshot": Keys.snapshot,
+    "snapshot-position": Keys.snapshot_position,
+    "board-rejections": Keys.board_rejections,
+    "outbox": Keys.outbox,
+    "forward-wake": Keys.forward_wake,
+    "forward-lock": Keys.forward_lock,
+    "forward-chains": Keys.forward_chains,
+    "forward-pending": Keys.forward_pending,
+    "dead-letters": Keys.dead_letters,
+    "stats:forwarding": Keys.forward_counters,
+}
+# One-call keys, `<prefix>:<name>:<call id>`.
+PER_CALL: dict[str, Callable[[Keys, str], str]] = {
+    "call": Keys.call,
+    "tombstone": Keys.tombstone,
+}
+SPLIT_BATCH = 1000
+OLD_LAYOUT_MESSAGE = (
+    "this Redis holds a store written before the keys carried their shard's hash tag: stop the "
+    "web and the workers, run `callstate migrate-keys`, then start them again"
+)
+
+
+@dataclass
+class Migration:
+    """What a run moved (or, checking, would move): keys renamed and split, by family."""
+
+    renamed: Counter[str] = field(default_factory=Counter)
+    split: Counter[str] = field(default_factory=Counter)
+    conflicts: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class OldKey:
+    """A key of the old layout: its family, and its new name, or for a global key the name of
+    each shard's part (a member goes to its call's shard)."""
+
+    key: str
+    family: str
+    new: str | None = None
+    part: Callable[[int], str] | None = None
+
+
+def old_keys(redis: Redis, keys: Keys) -> Iterator[OldKey]:
+    """Every key of the old layout under the deployment's prefix."""
+    for raw in redis.scan_iter(match=f"{keys.prefix}:*", count=1000):
+        found = classify(keys, text(raw))
+        if found is not None:
+            yield found
+
+
+def classify(keys: Keys, key: str) -> OldKey | None:
+    """The old-layout family of `key` and where it goes; None for a key of today's layout or one
+    that did not change (the quarantine and its counter)."""
+    rest = key[len(keys.prefix) + 1 :]
+    if rest.startswith("{"):
+        return None
+    if rest == "active":
+        return OldKey(key, rest, part=keys.active)
+    if rest == "records":
+        return OldKey(key, rest, part=keys.records)
+    for kind in ("number", "user"):
+        if rest.startswith(f"active:{kind}:"):
+            value = rest[len(f"active:{kind}:") :]
+            return OldKey(key, f"active:{kind}", part=partial(_active_by, keys, kind, value))
+        found = re.fullmatch(rf"history-{kind}:(\d+):(.*)", rest, re.DOTALL)
+        if found:
+            shard, value = int(found[1]), found[2]
+            return OldKey(key, f"history-{kind}", keys.history_by(shard, kind, value))
+    for name, new_key in PER_CALL.items():
+        if rest.startswith(f"{name}:"):
+            return OldKey(key, name, new_key(keys, rest[len(name) + 1 :]))
+    name, _, number = rest.rpartition(":")
+    if name in PER_SHARD and number.isdigit():
+        return OldKey(key, name, PER_SHARD[name](keys, int(number)))
+    return None
+
+
+def _active_by(keys: Keys, kind: str, value: str, shard: int) -> str:
+    return keys.active_by(shard, kind, value)
+
+
+def old_layout_present(redis: Redis, keys: Keys) -> bool:
+    """Whether the store still holds the old layout's logs, cursors or global keys: one EXISTS.
+    The service refuses to start on it, as it would not see the calls stored there."""
+    names = [
+        f"{keys.prefix}:{name}:{shard}"
+        for name in ("log", "cursor")
+        for shard in range(keys.shards)
+    ]
+    return bool(redis.exists(*names, f"{keys.prefix}:active", f"{keys.prefix}:records"))
+
+
+class OldLayoutError(RuntimeError):
+    """The store is in the layout before hash tags. An exception, not an exit: gunicorn stops
+    on a worker that fails to boot, and starts another after one that exits."""
+
+
+def refuse_old_layout(redis: Redis, keys: Keys) -> None:
+    """What the web and the workers do at start: stop, saying why, rather than serve a store
+    whose calls they cannot see. A Redis that does not answer yet is not refused: the web
+    starts and answers 503, the workers wait for it and check then."""
+    try:
+        present = old_layout_present(redis, keys)
+    except RedisError:
+        return
+    if present:
+        raise OldLayoutError(OLD_LAYOUT_MESSAGE)
+
+
+def migrate(redis: Redis, keys: Keys, *, check_only: bool = False) -> Migration:
+    """Move every old-layout key of `redis` to its new name or names; with `check_only`, only
+    count them. A renamed key whose new name exists already is left, as a conflict."""
+    done = Migration()
+    for old in list(old_keys(redis, keys)):
+        if old.part is not None:
+            done.split[old.family] += 1
+            if not check_only:
+                SPLITTERS[cast(bytes, redis.type(old.key))](redis, keys, old.key, old.part)
+        elif check_only or redis.renamenx(old.key, cast(str, old.new)):
+            done.renamed[old.family] += 1
+        else:
+            done.conflicts.append(old.key)
+    return done
+
+
+def _split_sorted_set(redis: Redis, keys: Keys, key: str, part: Callable[[int], str]) -> None:
+    """An active-calls sorted set into each member's shard's own, scores kept."""
+    start = 0
+    while rows := cast(
+        list[tuple[bytes, float]],
+        redis.zrange(key, start, start + SPLIT_BATCH - 1, withscores=True),
+    ):
+        pipe = redis.pipeline(transaction=False)
+        for member, score in rows:
+            pipe.zadd(part(keys.shard_of(text(member))), {member: score})
+        pipe.execute()
+        start += SPLIT_BATCH
+    redis.delete(key)
+
+
+def _split_stream(redis: Redis, keys: Keys, key: str, part: Callable[[int], str]) -> None:
+    """The records stream into each record's shard's stream, entry ids kept, in order."""
+    after = "-"
+    while rows := cast(StreamRows, redis.xrange(key, after, count=SPLIT_BATCH)):
+        pipe = redis.pipeline(transaction=False)
+        for entry_id, fields in rows:
+            pipe.xadd(part(keys.shard_of(text(fields[b"call_id"]))), fields, id=entry_id)  # type: ignore[arg-type]
+        pipe.execute()
+        after = f"({text(rows[-1][0])}"
+    redis.delete(key)
+
+
+SPLITTERS: dict[bytes, Callable[[Redis, Keys, str, Callable[[int], str]], None]] = {
+    b"zset": _split_sorted_set,
+    b"stream": _split_stream,
+}
