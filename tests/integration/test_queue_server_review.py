@@ -72,3 +72,17 @@ def test_a_queue_server_restarted_empty_leaves_the_service_ready_again(
     assert all(worker.poll() is None for worker in workers), "a worker exited"
     # An idle worker heartbeats every 45 s; 60 s covers a heartbeat that registers it again.
     wait_until(lambda: stack.get("/readyz").status_code == 200, 60, "ready again")
+
+
+def test_doctor_names_an_unsafe_queue_server(
+    make_stack: MakeStack, queue_server: RedisServer
+) -> None:
+    """The queue's server holds the pending deliveries, each call's chain and the dead letters:
+    evicting or forgetting them loses record revisions as surely as the data server would, so
+    `callstate doctor` judges it too."""
+    stack = make_stack(CALLSTATE_QUEUE_URL=queue_server.url)
+    assert stack.cli("doctor").returncode == 0
+    queue_server.client().config_set("maxmemory-policy", "allkeys-lru")
+    unsafe = stack.cli("doctor")
+    assert unsafe.returncode == 1, unsafe.stdout
+    assert "maxmemory-policy" in unsafe.stdout
