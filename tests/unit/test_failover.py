@@ -113,7 +113,7 @@ def test_a_heartbeat_registers_again_a_worker_its_server_forgot(redis: Redis) ->
     reconnected by itself: the next heartbeat puts the worker back in RQ's registry, where
     `/readyz` counts live workers."""
     worker = StoppableWorker(["q"], connection=redis)
-    worker.register_birth()
+    worker.register_birth()  # type: ignore[no-untyped-call]
     redis.flushall()
     worker.heartbeat()
     assert [w.name for w in StoppableWorker.all(connection=redis)] == [worker.name]
