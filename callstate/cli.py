@@ -26,7 +26,7 @@ from rq import Queue, Worker
 from callstate import recordstream, streamids
 from callstate.config import Settings
 from callstate.connection import connect, connect_queue, text
-from callstate.doctor import examine
+from callstate.doctor import Finding, examine
 from callstate.export import csv_lines, jsonl_lines
 from callstate.figures import Figures, ShardFigures, read_figures
 from callstate.forwarding import Forwarder
@@ -543,18 +543,30 @@ def _log_place(item: dict[str, Any]) -> str | None:
 
 
 def run_doctor(store: Store, args: argparse.Namespace) -> int:
-    """Each setting with `ok` or `PROBLEM`; exit 1 when any guarantee is not met."""
+    """Each setting with `ok` or `PROBLEM`, and the queue's server's too when it is another (it
+    holds the delivery jobs' state); exit 1 when any guarantee is not met."""
     findings = examine(store.redis)
-    healthy = all(finding.ok for finding in findings)
+    queue = examine(store.queue_redis) if store.queue_redis is not store.redis else None
+    healthy = all(finding.ok for finding in [*findings, *(queue or [])])
     if args.json:
-        _print_json({"ok": healthy, "findings": [asdict(finding) for finding in findings]})
+        found = {"ok": healthy, "findings": [asdict(finding) for finding in findings]}
+        if queue is not None:
+            found["queue_findings"] = [asdict(finding) for finding in queue]
+        _print_json(found)
         return OK if healthy else PROBLEM
+    _print_findings(findings)
+    if queue is not None:
+        print("\nthe queue's server (CALLSTATE_QUEUE_URL or CALLSTATE_QUEUE_SENTINEL_MASTER):")
+        _print_findings(queue)
+    return OK if healthy else PROBLEM
+
+
+def _print_findings(findings: list[Finding]) -> None:
     for finding in findings:
         mark = "ok" if finding.ok else "PROBLEM"
         print(f"{mark:<8} {finding.setting} = {finding.found} (needs {finding.needed})")
         if not finding.ok:
             print(f"         {finding.why}")
-    return OK if healthy else PROBLEM
 
 
 def run_migrate_keys(store: Store, args: argparse.Namespace) -> int:

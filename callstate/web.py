@@ -52,7 +52,8 @@ def create_app(
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(RedisError, _redis_down)
     warn_if_exposed(settings)
-    warn_if_unsafe(redis)
+    for server in {id(redis): redis, id(queue_redis): queue_redis}.values():
+        warn_if_unsafe(server)
     return app
 
 

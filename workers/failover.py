@@ -13,7 +13,9 @@ from types import FrameType
 from typing import Any, TypeVar
 
 from redis import Redis
+from redis.client import Pipeline
 from redis.exceptions import RedisError
+from rq import worker_registration
 from rq.worker import SimpleWorker
 
 from callstate.redis_server import wait_for_redis
@@ -34,6 +36,24 @@ class StoppableWorker(SimpleWorker):
         # Before RQ's handler, which raises StopRequested when the worker is idle.
         self.stop_asked = True
         super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
+        """RQ's heartbeat, in one round trip, and a worker missing from RQ's registry registered
+        again: a server that lost its data (restarted empty, flushed) under a worker whose
+        client reconnected by itself would otherwise count it as dead for good (`/readyz`)."""
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline)
+            return
+        with self.connection.pipeline(transaction=False) as pipe:
+            super().heartbeat(timeout, pipe)
+            pipe.sismember(self.redis_workers_keys, self.key)
+            registered = pipe.execute()[-1]
+        if not registered:
+            with self.connection.pipeline() as pipe:
+                pipe.hset(self.key, mapping=self.serialize())
+                worker_registration.register(self, pipe)
+                pipe.expire(self.key, self.worker_ttl + 60)
+                pipe.execute()
 
 
 def work_through_failovers(new_worker: Callable[[], W], redis: Redis, **work: Any) -> None:

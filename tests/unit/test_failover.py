@@ -106,3 +106,15 @@ def test_a_replaced_worker_leaves_no_thread_behind(redis: Redis) -> None:
     lost, _ = run(redis, LostRedisWorker)
     assert lost.pubsub_thread is not None
     assert not lost.pubsub_thread.is_alive(), "the lost worker's pubsub thread still runs"
+
+
+def test_a_heartbeat_registers_again_a_worker_its_server_forgot(redis: Redis) -> None:
+    """The queue's server lost its data (restarted empty, flushed) while the worker's client
+    reconnected by itself: the next heartbeat puts the worker back in RQ's registry, where
+    `/readyz` counts live workers."""
+    worker = StoppableWorker(["q"], connection=redis)
+    worker.register_birth()  # type: ignore[no-untyped-call]
+    redis.flushall()
+    worker.heartbeat()
+    assert [w.name for w in StoppableWorker.all(connection=redis)] == [worker.name]
+    assert redis.hget(worker.key, "death") is None
