@@ -42,6 +42,7 @@ from bench.traffic import PlannedCall, check_call
 from callstate import recordstream, streamids
 from callstate.calldoc import CallDoc
 from callstate.config import Settings
+from callstate.connection import connect_queue
 from callstate.figures import read_figures
 from callstate.jobs import DRAIN_JOB
 from callstate.store import Store
@@ -115,8 +116,8 @@ class Faults:
         self.redis_server = redis_server
         self.redis: Redis = stack.redis.client()
         self.settings = Settings.from_env(stack.env)
-        self.store = Store(self.redis, self.settings)
-        self.queue = Queue(self.settings.queue_name, connection=self.redis)
+        self.store = Store(self.redis, self.settings, connect_queue(self.settings, self.redis))
+        self.queue = Queue(self.settings.queue_name, connection=self.store.queue_redis)
         self.rng = random.Random(5)
 
     # Load -------------------------------------------------------------------------------------

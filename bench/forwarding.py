@@ -86,15 +86,15 @@ class ForwardingCost:
         bench, keys = self.bench, self.bench.store.keys
 
         def left() -> int:
-            pipe = bench.redis.pipeline(transaction=False)
-            for shard in range(bench.settings.shards):
-                pipe.xlen(keys.outbox(shard))
-                pipe.hlen(keys.forward_pending(shard))
-            return int(sum(pipe.execute()))
+            outboxes = sum(bench.redis.xlen(keys.outbox(s)) for s in range(keys.shards))
+            pending = sum(
+                bench.store.queue_redis.hlen(keys.forward_pending(s)) for s in range(keys.shards)
+            )
+            return int(outboxes + pending)
 
         started = time.monotonic()
         wait_until(lambda: left() == 0, 600, "the outboxes to empty")
-        figures = bench.store.redis.hgetall
+        figures = bench.store.queue_redis.hgetall
         delivered = sum(
             int(figures(keys.forward_counters(shard)).get(b"delivered", 0))
             for shard in range(bench.settings.shards)

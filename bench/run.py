@@ -37,6 +37,7 @@ from callstate.calldoc import CallDoc
 from callstate.calls import LogEntry, apply_batch
 from callstate.codec import dumps, pack_doc
 from callstate.config import DEFAULT_LIMITS, FSYNC_POLICIES, Settings
+from callstate.connection import connect_queue
 from callstate.eventlog import event_fields
 from callstate.figures import added_up
 from callstate.jobs import enqueue_drain
@@ -121,8 +122,8 @@ class Bench:
         self.workdir = workdir
         self.redis: Redis = stack.redis.client()
         self.settings = Settings.from_env({**stack.env})
-        self.store = Store(self.redis, self.settings)
-        self.queue = Queue(self.settings.queue_name, connection=self.redis)
+        self.store = Store(self.redis, self.settings, connect_queue(self.settings, self.redis))
+        self.queue = Queue(self.settings.queue_name, connection=self.store.queue_redis)
         self.scrapers: list[Scraper] = []
 
     # Processes and load ----------------------------------------------------------------------

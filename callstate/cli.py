@@ -35,7 +35,7 @@ from callstate.jobs import drain_timeout, wake_drain
 from callstate.logs import configure_logging
 from callstate.lookups import events_view, public_view
 from callstate.machine import CallMachine
-from callstate.migration import OLD_LAYOUT_MESSAGE, migrate, old_layout_present
+from callstate.migration import migrate, move_deliveries, unmigrated
 from callstate.moments import parse_time_ms
 from callstate.rebuild import Report, check, rebuild
 from callstate.record import DIRECTIONS, DISPOSITIONS
@@ -80,10 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         return UNAVAILABLE
     run = cast(Command, args.run)
     try:
-        if args.command not in ("migrate-keys", "doctor") and old_layout_present(
-            store.redis, store.keys
-        ):
-            print(f"callstate: {OLD_LAYOUT_MESSAGE}", file=sys.stderr)
+        why = unmigrated(store.redis, store.queue_redis, store.keys)
+        if args.command not in ("migrate-keys", "doctor") and why is not None:
+            print(f"callstate: {why}", file=sys.stderr)
             return UNAVAILABLE
         code = run(store, args)
         sys.stdout.flush()  # here, so a closed pipe is met inside the `except` below
@@ -570,8 +569,9 @@ def _print_findings(findings: list[Finding]) -> None:
 
 
 def run_migrate_keys(store: Store, args: argparse.Namespace) -> int:
-    """Move the old layout's keys on the data Redis and, when it is another, the queue's (which
-    holds the delivery jobs' state); refused while workers are registered."""
+    """Move the old layout's keys on the data Redis and, when it is another, the queue's;
+    then the delivery state a deployment left on the data Redis before its queues moved.
+    Refused while workers are registered."""
     queue = Queue(store.settings.queue_name, connection=store.queue_redis)
     if not args.check and Worker.count(queue=queue):
         print("migrate-keys: stop the workers first (RQ lists some as running)", file=sys.stderr)
@@ -581,16 +581,24 @@ def run_migrate_keys(store: Store, args: argparse.Namespace) -> int:
     renamed = sum((run.renamed for run in runs), Counter[str]())
     split = sum((run.split for run in runs), Counter[str]())
     conflicts = [key for run in runs for key in run.conflicts]
+    moved = None if args.check else move_deliveries(store.redis, store.queue_redis, store.keys)
+    left = unmigrated(store.redis, store.queue_redis, store.keys)
     if args.json:
-        _print_json({"renamed": renamed, "split": split, "conflicts": conflicts})
+        found = {"renamed": renamed, "split": split, "conflicts": conflicts, "left": left}
+        _print_json(found)
     else:
         verb = "to move" if args.check else "moved"
         print(f"{sum(renamed.values())} keys renamed, {sum(split.values())} split {verb}")
         for family, count in sorted((renamed + split).items()):
             print(f"  {family}: {count}")
+        if moved:
+            print(f"{moved} dead-letter lists and delivery counts moved to the queue's Redis")
         for key in conflicts[:20]:
             print(f"not moved, its new name exists: {key}")
-    return PROBLEM if conflicts or (args.check and (renamed or split)) else OK
+        if left is not None:
+            print(f"left: {left}")
+    to_move = args.check and bool(renamed or split)
+    return PROBLEM if conflicts or left is not None or to_move else OK
 
 
 def run_rebuild(store: Store, args: argparse.Namespace) -> int:

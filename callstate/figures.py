@@ -7,7 +7,7 @@ import bisect
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import astuple, dataclass
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 from redis import Redis
 
@@ -176,11 +176,12 @@ def shard_backlogs(store: Store) -> list[Backlog]:
     return _backlogs(store, _millis(now), [cast(list[bytes | None], row) for row in rows])
 
 
-def read_figures(store: Store) -> Figures:
-    """Every figure of every shard: four round trips whatever the number of shards (one to the
-    queue's Redis, where the delivery jobs' figures are)."""
+def read_figures(store: Store, with_deliveries: bool = True) -> Figures:
+    """Every figure of every shard: four round trips whatever the number of shards, one of them
+    to the queue's Redis for the delivery jobs' figures (without `with_deliveries`, those stay
+    zero and only the data Redis is read)."""
     keys, shards = store.keys, range(store.settings.shards)
-    deliveries = _read_deliveries(store)
+    deliveries = read_deliveries(store) if with_deliveries else [Forwarding() for _ in shards]
     pipe = store.redis.pipeline(transaction=False)
     pipe.time()
     pipe.get(keys.quarantined_counter())
@@ -215,7 +216,7 @@ def read_figures(store: Store) -> Figures:
                 },
                 drain_seconds=_histogram(rows[PER_SHARD * shard + 3]),
                 apply_lag=_lag_histogram(rows[PER_SHARD * shard + 4]),
-                forwarding=_forwarding(rows[PER_SHARD * shard + 5], deliveries[shard]),
+                forwarding=deliveries[shard] + Forwarding(outbox=int(rows[PER_SHARD * shard + 5])),
             )
             for shard in shards
         ],
@@ -228,19 +229,17 @@ def read_forwarding(store: Store) -> Forwarding | None:
     """Forwarding's figures over every shard in two round trips, for the board; None while off."""
     if not store.settings.forwarding:
         return None
-    deliveries = _read_deliveries(store)
+    deliveries = read_deliveries(store)
     pipe = store.redis.pipeline(transaction=False)
     for shard in range(store.settings.shards):
         pipe.xlen(store.keys.outbox(shard))
-    outboxes = pipe.execute()
-    return sum(
-        (_forwarding(outbox, rows) for outbox, rows in zip(outboxes, deliveries, strict=True)),
-        Forwarding(),
-    )
+    outboxes = sum(int(n) for n in pipe.execute())
+    return sum(deliveries, Forwarding(outbox=outboxes))
 
 
-def _read_deliveries(store: Store) -> list[list[Any]]:
-    """Each shard's delivery-job figures (DELIVERY_READS replies), which live with RQ's jobs."""
+def read_deliveries(store: Store) -> list[Forwarding]:
+    """Each shard's delivery-job figures, which live with RQ's jobs on the queue's Redis: one
+    round trip (the outbox, on the data Redis, is not among them)."""
     keys = store.keys
     pipe = store.queue_redis.pipeline(transaction=False)
     for shard in range(store.settings.shards):
@@ -248,18 +247,19 @@ def _read_deliveries(store: Store) -> list[list[Any]]:
         pipe.llen(keys.dead_letters(shard))
         pipe.hlen(keys.forward_pending(shard))
     replies = pipe.execute()
-    return [replies[n : n + DELIVERY_READS] for n in range(0, len(replies), DELIVERY_READS)]
+    return [
+        _deliveries(*replies[n : n + DELIVERY_READS])
+        for n in range(0, len(replies), DELIVERY_READS)
+    ]
 
 
-def _forwarding(outbox: int, deliveries: list[Any]) -> Forwarding:
-    counts, dead_letters, retrying = deliveries
+def _deliveries(counts: dict[bytes, bytes], dead_letters: int, retrying: int) -> Forwarding:
     found = _counts(counts)
     return Forwarding(
         delivered=found.get("delivered", 0),
         failed=found.get("failed", 0),
         dead_lettered=found.get("dead_lettered", 0),
         dead_letters=int(dead_letters),
-        outbox=int(outbox),
         retrying=int(retrying),
     )
 

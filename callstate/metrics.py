@@ -21,7 +21,7 @@ from prometheus_client.utils import floatToGoString
 from redis.exceptions import RedisError
 from rq import Queue
 
-from callstate.figures import Figures, read_figures
+from callstate.figures import Figures, Forwarding, read_deliveries, read_figures
 from callstate.health import live_workers
 from callstate.http import Services, require_read_token
 from callstate.machine import FINAL, TABLE
@@ -31,6 +31,10 @@ ACTIVE_STATUSES = tuple(status for status in TABLE if status != FINAL)
 # The label of a request that matched no route: its raw path would let any client add series.
 UNMATCHED = "unmatched"
 REDIS_UP = "Whether Redis answered this scrape (the pipeline's figures are missing when not)."
+QUEUE_UP = (
+    "Whether the Redis of RQ's queues answered this scrape (the data Redis unless "
+    "CALLSTATE_QUEUE_URL is set); the workers' and the deliveries' figures are missing when not."
+)
 
 metrics = Blueprint("metrics", __name__)
 metrics.before_request(require_read_token)
@@ -121,20 +125,28 @@ class PipelineCollector:
         )
 
     def collect(self) -> Iterator[Metric]:
+        """The data Redis' figures, then the queue's Redis' (the workers, the delivery jobs):
+        with the queue's own server down, the backlog still shows it pile up."""
         try:
-            figures = read_figures(self.store)
-            workers = live_workers(self.queue)
-            record_workers = {role: live_workers(q) for role, q in self.record_queues.items()}
+            figures = read_figures(self.store, with_deliveries=False)
         except RedisError:
             yield GaugeMetricFamily("callstate_redis_up", REDIS_UP, value=0)
             return
         yield GaugeMetricFamily("callstate_redis_up", REDIS_UP, value=1)
+        yield from _shard_families(figures)
+        yield from _call_families(figures)
+        try:
+            deliveries = sum(read_deliveries(self.store), Forwarding())
+            workers = live_workers(self.queue)
+            record_workers = {role: live_workers(q) for role, q in self.record_queues.items()}
+        except RedisError:
+            yield GaugeMetricFamily("callstate_queue_up", QUEUE_UP, value=0)
+            return
+        yield GaugeMetricFamily("callstate_queue_up", QUEUE_UP, value=1)
         yield GaugeMetricFamily(
             "callstate_workers_live", "RQ workers of the queue with a live heartbeat.", workers
         )
-        yield from _shard_families(figures)
-        yield from _call_families(figures)
-        yield from _forwarding_families(figures)
+        yield from _forwarding_families(figures.forwarding + deliveries)
         if record_workers:
             yield _record_workers_family(record_workers)
 
@@ -232,9 +244,8 @@ def _call_families(figures: Figures) -> Iterator[Metric]:
     )
 
 
-def _forwarding_families(figures: Figures) -> Iterator[Metric]:
+def _forwarding_families(forwarding: Forwarding) -> Iterator[Metric]:
     """Record forwarding, over every shard and receiver (all zeros while it is off)."""
-    forwarding = figures.forwarding
     yield CounterMetricFamily(
         "callstate_records_forwarded",
         "Record revisions delivered (answered 2xx), counted once per receiver.",

@@ -59,6 +59,12 @@ OLD_LAYOUT_MESSAGE = (
     "this Redis holds a store written before the keys carried their shard's hash tag: stop the "
     "web and the workers, run `callstate migrate-keys`, then start them again"
 )
+DELIVERIES_MESSAGE = (
+    "the data Redis still holds the record deliveries of before CALLSTATE_QUEUE_URL (or "
+    "CALLSTATE_QUEUE_SENTINEL_MASTER) was set: run `callstate migrate-keys`, which moves the "
+    "dead letters and counts to the queue's Redis once no delivery waits in a job there (until "
+    "then, run without the setting until `callstate stats` shows 0 retrying)"
+)
 
 
 @dataclass
@@ -131,21 +137,70 @@ def old_layout_present(redis: Redis, keys: Keys) -> bool:
     return bool(redis.exists(*names, f"{keys.prefix}:active", f"{keys.prefix}:records"))
 
 
-class OldLayoutError(RuntimeError):
-    """The store is in the layout before hash tags. An exception, not an exit: gunicorn stops
-    on a worker that fails to boot, and starts another after one that exits."""
+class NotMigratedError(RuntimeError):
+    """The store needs `callstate migrate-keys` first. An exception, not an exit: gunicorn
+    stops on a worker that fails to boot, and starts another after one that exits."""
 
 
-def refuse_old_layout(redis: Redis, keys: Keys) -> None:
+def unmigrated(redis: Redis, queue_redis: Redis, keys: Keys) -> str | None:
+    """Why the service cannot run on this store yet: the layout before hash tags, or delivery
+    state left on the data Redis by a deployment that has since moved its queues; None when it
+    can. Two round trips at most."""
+    if old_layout_present(redis, keys):
+        return OLD_LAYOUT_MESSAGE
+    if queue_redis is not redis and redis.exists(*_delivery_keys(keys)):
+        return DELIVERIES_MESSAGE
+    return None
+
+
+def refuse_unmigrated(redis: Redis, queue_redis: Redis, keys: Keys) -> None:
     """What the web and the workers do at start: stop, saying why, rather than serve a store
-    whose calls they cannot see. A Redis that does not answer yet is not refused: the web
-    starts and answers 503, the workers wait for it and check then."""
+    whose calls or deliveries they cannot see. A Redis that does not answer yet is not refused:
+    the web starts and answers 503, the workers wait for it and check then."""
     try:
-        present = old_layout_present(redis, keys)
+        why = unmigrated(redis, queue_redis, keys)
     except RedisError:
         return
-    if present:
-        raise OldLayoutError(OLD_LAYOUT_MESSAGE)
+    if why is not None:
+        raise NotMigratedError(why)
+
+
+def _delivery_keys(keys: Keys) -> list[str]:
+    return [
+        name(shard)
+        for shard in range(keys.shards)
+        for name in (
+            keys.forward_pending,
+            keys.forward_chains,
+            keys.dead_letters,
+            keys.forward_counters,
+        )
+    ]
+
+
+def move_deliveries(redis: Redis, queue_redis: Redis, keys: Keys) -> int | None:
+    """The dead letters and delivery counts a deployment kept on the data Redis, moved to the
+    queue's Redis it uses now (letters after those there, counts added); how many keys moved,
+    or None, moving nothing, while a delivery still waits in a job on the data Redis (its
+    call's next revisions must wait for it, and only the old set-up runs it)."""
+    if queue_redis is redis:
+        return 0
+    shards = range(keys.shards)
+    waiting = [keys.forward_pending(s) for s in shards] + [keys.forward_chains(s) for s in shards]
+    if redis.exists(*waiting):
+        return None
+    moved = 0
+    for shard in shards:
+        letters = cast(list[bytes], redis.lrange(keys.dead_letters(shard), 0, -1))
+        counts = cast(dict[bytes, bytes], redis.hgetall(keys.forward_counters(shard)))
+        pipe = queue_redis.pipeline()
+        if letters:  # newest first, and older than any letter there: after them
+            pipe.rpush(keys.dead_letters(shard), *letters)
+        for name, count in counts.items():
+            pipe.hincrby(keys.forward_counters(shard), name, int(count))
+        pipe.execute()
+        moved += redis.delete(keys.dead_letters(shard), keys.forward_counters(shard))
+    return moved
 
 
 def migrate(redis: Redis, keys: Keys, *, check_only: bool = False) -> Migration:

@@ -20,7 +20,7 @@ from callstate.history_api import history
 from callstate.http import Services, error
 from callstate.lookups import calls
 from callstate.metrics import install as install_metrics
-from callstate.migration import refuse_old_layout
+from callstate.migration import refuse_unmigrated
 from callstate.store import Store
 from callstate.webhook import webhooks
 
@@ -38,7 +38,7 @@ def create_app(
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     store = Store(redis, settings, queue_redis)
-    refuse_old_layout(redis, store.keys)
+    refuse_unmigrated(redis, queue_redis, store.keys)
     app.extensions["callstate"] = Services(
         settings, store, Queue(settings.queue_name, connection=queue_redis)
     )

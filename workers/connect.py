@@ -10,7 +10,7 @@ from callstate.connection import connect_queue
 from callstate.doctor import warn_if_unsafe
 from callstate.keys import Keys
 from callstate.logs import configure_logging
-from callstate.migration import OldLayoutError, refuse_old_layout
+from callstate.migration import NotMigratedError, refuse_unmigrated
 from callstate.redis_server import wait_for_redis
 
 REDIS_STARTUP_SECONDS = 30
@@ -27,7 +27,7 @@ def connect() -> tuple[Settings, Redis, Redis]:
         wait_for_redis(server, REDIS_STARTUP_SECONDS)
         warn_if_unsafe(server)
     try:
-        refuse_old_layout(redis, Keys(settings.key_prefix, settings.shards))
-    except OldLayoutError as exc:
+        refuse_unmigrated(redis, queue_redis, Keys(settings.key_prefix, settings.shards))
+    except NotMigratedError as exc:
         raise SystemExit(f"callstate: {exc}") from None
     return settings, redis, queue_redis

@@ -17,7 +17,7 @@ from callstate.connection import text
 from callstate.drain import Drainer
 from callstate.keys import Keys
 from callstate.machine import CallMachine
-from callstate.migration import OldLayoutError, classify, migrate, old_layout_present
+from callstate.migration import NotMigratedError, classify, migrate, old_layout_present
 from callstate.rebuild import check
 from callstate.store import Store
 from callstate.web import create_app
@@ -58,7 +58,7 @@ def test_the_service_refuses_an_old_store_until_it_is_migrated(
     redis: Redis, old_settings: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: Any
 ) -> None:
     load_old_store(redis)
-    with pytest.raises(OldLayoutError, match="migrate-keys"):
+    with pytest.raises(NotMigratedError, match="migrate-keys"):
         create_app(old_settings, redis)
     monkeypatch.setattr(cli, "connect", lambda settings: redis)
     monkeypatch.setattr(cli, "configure_logging", lambda log_format: None)
@@ -72,7 +72,8 @@ def test_the_service_refuses_an_old_store_until_it_is_migrated(
     capsys.readouterr()
     assert not old_layout_present(redis, Keys("cs", 4))
     assert cli.main(["migrate-keys", "--check", "--json"]) == cli.OK
-    assert json.loads(capsys.readouterr().out) == {"renamed": {}, "split": {}, "conflicts": []}
+    nothing_left: dict[str, Any] = {"renamed": {}, "split": {}, "conflicts": [], "left": None}
+    assert json.loads(capsys.readouterr().out) == nothing_left
     create_app(old_settings, redis)
 
 

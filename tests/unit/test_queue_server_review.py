@@ -14,6 +14,7 @@ from redis import Redis
 from callstate.config import Settings
 from callstate.forwarding import Forwarder
 from callstate.machine import CallMachine
+from callstate.migration import NotMigratedError, move_deliveries
 from callstate.web import create_app
 from tests.factories import body, event
 from tests.receiver import FAIL, OK, Receiver
@@ -44,26 +45,37 @@ def test_setting_a_queue_url_on_a_running_deployment_keeps_each_calls_order(
     redis: Redis, tmp_path: Path, machine: CallMachine, receiver: Receiver
 ) -> None:
     """An upgrade: revision 1 of a call waits in a delivery job (its receiver failed) while RQ
-    shares the data Redis; the deployment then restarts with CALLSTATE_QUEUE_URL. Revision 2
-    must not reach the receiver before revision 1 (nor revision 1 be forgotten)."""
+    shares the data Redis; the deployment then restarts with CALLSTATE_QUEUE_URL. It refuses to
+    start, and migrate-keys moves nothing, until the old set-up has delivered revision 1; then
+    revision 2 follows it."""
     receiver.behaviour = lambda n: FAIL if n == 0 else OK
     settings = forwarding_settings(tmp_path, receiver.url)
     before = Pipeline(redis, settings, machine)
     shard = before.apply(*a_call("upgrade-1"))
     before.forwarder.forward(shard)
-    assert len(before.pending_jobs(shard)) == 1  # revision 1, in a job on the data Redis
+    [job_id] = before.pending_jobs(shard)  # revision 1, in a job on the data Redis
 
-    after = Pipeline(redis, settings, machine, second_server())
+    queue = second_server()
+    with pytest.raises(NotMigratedError, match="migrate-keys"):
+        create_app(settings, redis, queue)
+    assert move_deliveries(redis, queue, before.store.keys) is None
+    before.forwarder.deliver(shard, 1, job_id, 0)  # the old set-up's retrier
+    assert receiver.accepted.ids == ["upgrade-1:1"]
+    assert move_deliveries(redis, queue, before.store.keys) == 1  # the counts
+    create_app(settings, redis, queue)
+
+    after = Pipeline(redis, settings, machine, queue)
     after.apply({"type": "recording", "call_id": "upgrade-1", "recording_url": "https://r/1"})
     after.forwarder.forward(shard)
-    assert delivered_in_order(receiver.accepted.ids, "upgrade-1", 2), receiver.accepted.ids
+    assert receiver.accepted.ids == ["upgrade-1:1", "upgrade-1:2"]
+    assert after.counters(shard) == {"delivered": 2, "failed": 1}
 
 
 def test_dead_letters_kept_before_a_queue_url_was_set_can_still_be_redelivered(
     redis: Redis, tmp_path: Path, machine: CallMachine, receiver: Receiver
 ) -> None:
-    """A dead letter kept while RQ shared the data Redis is still counted and redelivered once
-    the queues move to a server of their own."""
+    """A dead letter kept while RQ shared the data Redis is moved by migrate-keys, then counted
+    and redelivered once the queues are on a server of their own."""
     receiver.behaviour = lambda n: FAIL
     settings = forwarding_settings(tmp_path, receiver.url)
     before = Pipeline(redis, settings, machine)
@@ -73,11 +85,19 @@ def test_dead_letters_kept_before_a_queue_url_was_set_can_still_be_redelivered(
     before.forwarder.deliver(shard, 1, job_id, 1)  # the last attempt: a dead letter
     assert redis.llen(before.store.keys.dead_letters(shard)) == 1
 
+    queue = second_server()
+    assert move_deliveries(redis, queue, before.store.keys) == 2  # the letters and the counts
     receiver.behaviour = lambda n: OK
-    after = Forwarder(redis, settings, second_server())
+    after = Forwarder(redis, settings, queue)
     assert after.redeliver() == (1, 0)
+    assert redis.exists(before.store.keys.dead_letters(shard)) == 0
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit (README): a queue's Redis that loses its data loses the deliveries "
+    "waiting in its jobs; it must be as durable as the data Redis",
+)
 def test_a_queue_server_restarted_empty_keeps_each_calls_order(
     redis: Redis, tmp_path: Path, machine: CallMachine, receiver: Receiver
 ) -> None:
