@@ -19,6 +19,7 @@ from typing import cast
 from redis import Redis
 from redis.exceptions import RedisError
 
+from callstate import streamids
 from callstate.connection import StreamRows, text
 from callstate.keys import Keys
 
@@ -235,15 +236,25 @@ def _split_sorted_set(redis: Redis, keys: Keys, key: str, part: Callable[[int], 
 
 
 def _split_stream(redis: Redis, keys: Keys, key: str, part: Callable[[int], str]) -> None:
-    """The records stream into each record's shard's stream, entry ids kept, in order."""
+    """The records stream into each record's shard's stream, entry ids kept, in order. A run
+    killed halfway copied the first entries of each shard: those are skipped, as XADD refuses
+    an id not above the stream's last."""
+    copied = {shard: _last_id(redis, part(shard)) for shard in range(keys.shards)}
     after = "-"
     while rows := cast(StreamRows, redis.xrange(key, after, count=SPLIT_BATCH)):
         pipe = redis.pipeline(transaction=False)
         for entry_id, fields in rows:
-            pipe.xadd(part(keys.shard_of(text(fields[b"call_id"]))), fields, id=entry_id)  # type: ignore[arg-type]
+            shard = keys.shard_of(text(fields[b"call_id"]))
+            if streamids.parse(text(entry_id)) > copied[shard]:
+                pipe.xadd(part(shard), fields, id=entry_id)  # type: ignore[arg-type]
         pipe.execute()
         after = f"({text(rows[-1][0])}"
     redis.delete(key)
+
+
+def _last_id(redis: Redis, key: str) -> streamids.StreamId:
+    last = cast(StreamRows, redis.xrevrange(key, count=1))
+    return streamids.parse(text(last[0][0])) if last else (0, 0)
 
 
 SPLITTERS: dict[bytes, Callable[[Redis, Keys, str, Callable[[int], str]], None]] = {
