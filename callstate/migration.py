@@ -55,6 +55,9 @@ PER_CALL: dict[str, Callable[[Keys, str], str]] = {
     "call": Keys.call,
     "tombstone": Keys.tombstone,
 }
+# The families the refusal looks for (`old_layout_present`): a run moves them last, so a run
+# killed at any point leaves one of them, and the store refused, until a run finishes.
+WITNESSES = ("log", "cursor", "active", "records")
 SPLIT_BATCH = 1000
 OLD_LAYOUT_MESSAGE = (
     "this Redis holds a store written before the keys carried their shard's hash tag: stop the "
@@ -131,11 +134,9 @@ def old_layout_present(redis: Redis, keys: Keys) -> bool:
     """Whether the store still holds the old layout's logs, cursors or global keys: one EXISTS.
     The service refuses to start on it, as it would not see the calls stored there."""
     names = [
-        f"{keys.prefix}:{name}:{shard}"
-        for name in ("log", "cursor")
-        for shard in range(keys.shards)
+        f"{keys.prefix}:{name}:{shard}" for name in WITNESSES[:2] for shard in range(keys.shards)
     ]
-    return bool(redis.exists(*names, f"{keys.prefix}:active", f"{keys.prefix}:records"))
+    return bool(redis.exists(*names, *(f"{keys.prefix}:{name}" for name in WITNESSES[2:])))
 
 
 class NotMigratedError(RuntimeError):
@@ -208,7 +209,7 @@ def migrate(redis: Redis, keys: Keys, *, check_only: bool = False) -> Migration:
     """Move every old-layout key of `redis` to its new name or names; with `check_only`, only
     count them. A renamed key whose new name exists already is left, as a conflict."""
     done = Migration()
-    for old in list(old_keys(redis, keys)):
+    for old in sorted(old_keys(redis, keys), key=lambda found: found.family in WITNESSES):
         if old.part is not None:
             done.split[old.family] += 1
             if not check_only:
