@@ -155,16 +155,18 @@ def unmigrated(redis: Redis, queue_redis: Redis, keys: Keys) -> str | None:
     return None
 
 
-def refuse_unmigrated(redis: Redis, queue_redis: Redis, keys: Keys) -> None:
+def refuse_unmigrated(redis: Redis, queue_redis: Redis, keys: Keys) -> bool:
     """What the web and the workers do at start: stop, saying why, rather than serve a store
     whose calls or deliveries they cannot see. A Redis that does not answer yet is not refused:
-    the web starts and answers 503, the workers wait for it and check then."""
+    the web starts and checks at each request until the check is made (`web.checked_first`), the
+    workers wait for it and check then. Whether the check was made."""
     try:
         why = unmigrated(redis, queue_redis, keys)
     except RedisError:
-        return
+        return False
     if why is not None:
         raise NotMigratedError(why)
+    return True
 
 
 def _delivery_keys(keys: Keys) -> list[str]:
