@@ -572,8 +572,11 @@ def run_migrate_keys(store: Store, args: argparse.Namespace) -> int:
     """Move the old layout's keys on the data Redis and, when it is another, the queue's;
     then the delivery state a deployment left on the data Redis before its queues moved.
     Refused while workers are registered."""
-    queue = Queue(store.settings.queue_name, connection=store.queue_redis)
-    if not args.check and Worker.count(queue=queue):
+    # The forwarder and the retrier too: the old release's would run deliveries on old names.
+    settings = store.settings
+    names = (settings.queue_name, settings.record_queue_name, settings.record_retry_queue_name)
+    queues = [Queue(name, connection=store.queue_redis) for name in names]
+    if not args.check and any(Worker.count(queue=queue) for queue in queues):
         print("migrate-keys: stop the workers first (RQ lists some as running)", file=sys.stderr)
         return PROBLEM
     servers = {id(store.redis): store.redis, id(store.queue_redis): store.queue_redis}

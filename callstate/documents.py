@@ -83,9 +83,13 @@ class Documents:
         return self.load_docs([call_id])[call_id]
 
     def all_call_ids(self) -> set[str]:
+        # The pattern's `*` matches `}` too: an index key whose number or user id holds
+        # `}:call:` matches it, and only a key `call` builds back is a call's.
+        found = (
+            text(key) for key in self.redis.scan_iter(match=self.keys.call_pattern(), count=1000)
+        )
         return {
-            self.keys.call_id_of(text(key))
-            for key in self.redis.scan_iter(match=self.keys.call_pattern(), count=1000)
+            call_id for key in found if self.keys.call(call_id := self.keys.call_id_of(key)) == key
         }
 
     def prior(self, doc: Doc | None) -> Prior:

@@ -19,6 +19,7 @@ from typing import cast
 from redis import Redis
 from redis.exceptions import RedisError
 
+from callstate import streamids
 from callstate.connection import StreamRows, text
 from callstate.keys import Keys
 
@@ -54,6 +55,9 @@ PER_CALL: dict[str, Callable[[Keys, str], str]] = {
     "call": Keys.call,
     "tombstone": Keys.tombstone,
 }
+# The families the refusal looks for (`old_layout_present`): a run moves them last, so a run
+# killed at any point leaves one of them, and the store refused, until a run finishes.
+WITNESSES = ("log", "cursor", "active", "records")
 SPLIT_BATCH = 1000
 OLD_LAYOUT_MESSAGE = (
     "this Redis holds a store written before the keys carried their shard's hash tag: stop the "
@@ -130,11 +134,9 @@ def old_layout_present(redis: Redis, keys: Keys) -> bool:
     """Whether the store still holds the old layout's logs, cursors or global keys: one EXISTS.
     The service refuses to start on it, as it would not see the calls stored there."""
     names = [
-        f"{keys.prefix}:{name}:{shard}"
-        for name in ("log", "cursor")
-        for shard in range(keys.shards)
+        f"{keys.prefix}:{name}:{shard}" for name in WITNESSES[:2] for shard in range(keys.shards)
     ]
-    return bool(redis.exists(*names, f"{keys.prefix}:active", f"{keys.prefix}:records"))
+    return bool(redis.exists(*names, *(f"{keys.prefix}:{name}" for name in WITNESSES[2:])))
 
 
 class NotMigratedError(RuntimeError):
@@ -153,16 +155,18 @@ def unmigrated(redis: Redis, queue_redis: Redis, keys: Keys) -> str | None:
     return None
 
 
-def refuse_unmigrated(redis: Redis, queue_redis: Redis, keys: Keys) -> None:
+def refuse_unmigrated(redis: Redis, queue_redis: Redis, keys: Keys) -> bool:
     """What the web and the workers do at start: stop, saying why, rather than serve a store
     whose calls or deliveries they cannot see. A Redis that does not answer yet is not refused:
-    the web starts and answers 503, the workers wait for it and check then."""
+    the web starts and checks at each request until the check is made (`web.checked_first`), the
+    workers wait for it and check then. Whether the check was made."""
     try:
         why = unmigrated(redis, queue_redis, keys)
     except RedisError:
-        return
+        return False
     if why is not None:
         raise NotMigratedError(why)
+    return True
 
 
 def _delivery_keys(keys: Keys) -> list[str]:
@@ -207,7 +211,7 @@ def migrate(redis: Redis, keys: Keys, *, check_only: bool = False) -> Migration:
     """Move every old-layout key of `redis` to its new name or names; with `check_only`, only
     count them. A renamed key whose new name exists already is left, as a conflict."""
     done = Migration()
-    for old in list(old_keys(redis, keys)):
+    for old in sorted(old_keys(redis, keys), key=lambda found: found.family in WITNESSES):
         if old.part is not None:
             done.split[old.family] += 1
             if not check_only:
@@ -235,15 +239,25 @@ def _split_sorted_set(redis: Redis, keys: Keys, key: str, part: Callable[[int], 
 
 
 def _split_stream(redis: Redis, keys: Keys, key: str, part: Callable[[int], str]) -> None:
-    """The records stream into each record's shard's stream, entry ids kept, in order."""
+    """The records stream into each record's shard's stream, entry ids kept, in order. A run
+    killed halfway copied the first entries of each shard: those are skipped, as XADD refuses
+    an id not above the stream's last."""
+    copied = {shard: _last_id(redis, part(shard)) for shard in range(keys.shards)}
     after = "-"
     while rows := cast(StreamRows, redis.xrange(key, after, count=SPLIT_BATCH)):
         pipe = redis.pipeline(transaction=False)
         for entry_id, fields in rows:
-            pipe.xadd(part(keys.shard_of(text(fields[b"call_id"]))), fields, id=entry_id)  # type: ignore[arg-type]
+            shard = keys.shard_of(text(fields[b"call_id"]))
+            if streamids.parse(text(entry_id)) > copied[shard]:
+                pipe.xadd(part(shard), fields, id=entry_id)  # type: ignore[arg-type]
         pipe.execute()
         after = f"({text(rows[-1][0])}"
     redis.delete(key)
+
+
+def _last_id(redis: Redis, key: str) -> streamids.StreamId:
+    last = cast(StreamRows, redis.xrevrange(key, count=1))
+    return streamids.parse(text(last[0][0])) if last else (0, 0)
 
 
 SPLITTERS: dict[bytes, Callable[[Redis, Keys, str, Callable[[int], str]], None]] = {

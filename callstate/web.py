@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from flask import Flask, Response
 from redis import Redis
@@ -18,9 +19,10 @@ from callstate.doctor import warn_if_unsafe
 from callstate.health import health
 from callstate.history_api import history
 from callstate.http import Services, error
+from callstate.keys import Keys
 from callstate.lookups import calls
 from callstate.metrics import install as install_metrics
-from callstate.migration import refuse_unmigrated
+from callstate.migration import refuse_unmigrated, unmigrated
 from callstate.store import Store
 from callstate.webhook import webhooks
 
@@ -38,7 +40,7 @@ def create_app(
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     store = Store(redis, settings, queue_redis)
-    refuse_unmigrated(redis, queue_redis, store.keys)
+    checked = refuse_unmigrated(redis, queue_redis, store.keys)
     app.extensions["callstate"] = Services(
         settings, store, Queue(settings.queue_name, connection=queue_redis)
     )
@@ -49,12 +51,38 @@ def create_app(
     app.register_blueprint(board)
     app.register_blueprint(health)
     install_metrics(app)
+    if not checked:  # after the metrics' own, which every answer counts on
+        app.before_request(checked_first(redis, queue_redis, store.keys))
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(RedisError, _redis_down)
     warn_if_exposed(settings)
     for server in {id(redis): redis, id(queue_redis): queue_redis}.values():
         warn_if_unsafe(server)
     return app
+
+
+def checked_first(
+    redis: Redis, queue_redis: Redis, keys: Keys
+) -> Callable[[], tuple[Response, int] | None]:
+    """A `before_request` for a web whose start-up check could not be made (Redis did not
+    answer): each request makes it until it passes, and is answered 503, saying why, while the
+    store is to migrate. While Redis does not answer, requests go on and meet that as before."""
+    passed: list[bool] = []
+
+    def check() -> tuple[Response, int] | None:
+        if passed:
+            return None
+        try:
+            why = unmigrated(redis, queue_redis, keys)
+        except RedisError:
+            return None
+        if why is not None:
+            log.error("callstate: %s", why)
+            return error(503, "unmigrated", why)
+        passed.append(True)
+        return None
+
+    return check
 
 
 def warn_if_exposed(settings: Settings) -> None:
