@@ -3,7 +3,9 @@ records and the cursor in one transaction."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import heapq
+import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -291,7 +293,8 @@ class Documents:
                 pipe.zcard(key)
                 pipe.zrevrange(key, 0, offset + limit - 1, withscores=True)
         total, ranked = _merged_ranks(pipe.execute(), both=bool(number and user))
-        docs = self.load_docs(text(member) for member, _ in ranked[offset : offset + limit])
+        page = itertools.islice(ranked, offset, offset + limit)
+        docs = self.load_docs(text(member) for member, _ in page)
         return total, [doc for doc in docs.values() if doc is not None]
 
     def stale_call_ids(self, before_ms: int, limit: int) -> list[str]:
@@ -302,9 +305,8 @@ class Documents:
             pipe.zrangebyscore(
                 self.keys.active(shard), "-inf", f"({before_ms}", 0, limit, withscores=True
             )
-        found = [pair for rows in pipe.execute() for pair in rows]
-        found.sort(key=lambda pair: (pair[1], pair[0]))
-        return [text(member) for member, _ in found[:limit]]
+        oldest = heapq.merge(*pipe.execute(), key=_rank)
+        return [text(member) for member, _ in itertools.islice(oldest, limit)]
 
     def applied_count(self) -> int:
         """Entries applied over all shards."""
@@ -312,17 +314,23 @@ class Documents:
         return sum(int(raw or 0) for raw in self.redis.mget(counters))
 
 
-def _merged_ranks(replies: list[Any], both: bool) -> tuple[int, list[tuple[bytes, float]]]:
+def _merged_ranks(replies: list[Any], both: bool) -> tuple[int, Iterator[tuple[bytes, float]]]:
     """The shards' replies of `active_calls` as one total and one ranking, most recent first
-    (ties by id, the later first, as ZREVRANGE orders them)."""
+    (ties by id, the later first, as ZREVRANGE orders them): each shard's is in that order
+    already, so they are merged, not sorted."""
     if both:
-        ranked = [pair for rows in replies for pair in rows]
-        total = len(ranked)
+        rows = [sorted(found, key=_rank, reverse=True) for found in replies]
+        total = sum(len(found) for found in rows)
     else:
         total = sum(int(n) for n in replies[0::2])
-        ranked = [pair for rows in replies[1::2] for pair in rows]
-    ranked.sort(key=lambda pair: (pair[1], pair[0]), reverse=True)
-    return total, ranked
+        rows = replies[1::2]
+    return total, heapq.merge(*rows, key=_rank, reverse=True)
+
+
+def _rank(pair: tuple[bytes, float]) -> tuple[float, bytes]:
+    """A sorted-set member's place: by score, then by member, as Redis orders ties."""
+    member, score = pair
+    return score, member
 
 
 def _text_field(container: Any, name: str) -> str | None:

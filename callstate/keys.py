@@ -179,6 +179,11 @@ class Keys:
         """List of deliveries that failed for the whole retry schedule, newest first."""
         return f"{self.tag(shard)}:dead-letters"
 
+    def deliveries_moved(self, shard: int) -> str:
+        """Set on the queue's Redis while `callstate migrate-keys` moves the shard's dead
+        letters and counts there from the data Redis, until the data side is cleared."""
+        return f"{self.tag(shard)}:deliveries-moved"
+
     def forward_counters(self, shard: int) -> str:
         """The shard's forwarding counts: `delivered`, `failed` (attempts), `dead_lettered`."""
         return f"{self.tag(shard)}:stats:forwarding"

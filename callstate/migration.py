@@ -195,15 +195,23 @@ def move_deliveries(redis: Redis, queue_redis: Redis, keys: Keys) -> int | None:
         return None
     moved = 0
     for shard in shards:
-        letters = cast(list[bytes], redis.lrange(keys.dead_letters(shard), 0, -1))
-        counts = cast(dict[bytes, bytes], redis.hgetall(keys.forward_counters(shard)))
-        pipe = queue_redis.pipeline()
-        if letters:  # newest first, and older than any letter there: after them
-            pipe.rpush(keys.dead_letters(shard), *letters)
-        for name, count in counts.items():
-            pipe.hincrby(keys.forward_counters(shard), name, int(count))
-        pipe.execute()
+        marker = keys.deliveries_moved(shard)
+        if not queue_redis.exists(marker):
+            letters = cast(list[bytes], redis.lrange(keys.dead_letters(shard), 0, -1))
+            counts = cast(dict[bytes, bytes], redis.hgetall(keys.forward_counters(shard)))
+            if not letters and not counts:
+                continue
+            # With the marker, in one transaction: a run killed before the data side is
+            # cleared is finished by the next without adding the letters and counts again.
+            pipe = queue_redis.pipeline()
+            if letters:  # newest first, and older than any letter there: after them
+                pipe.rpush(keys.dead_letters(shard), *letters)
+            for name, count in counts.items():
+                pipe.hincrby(keys.forward_counters(shard), name, int(count))
+            pipe.set(marker, 1)
+            pipe.execute()
         moved += redis.delete(keys.dead_letters(shard), keys.forward_counters(shard))
+        queue_redis.delete(marker)
     return moved
 
 
