@@ -27,6 +27,15 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def queue_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A second Redis server, for RQ's queues (CALLSTATE_QUEUE_URL)."""
+    server = RedisServer(tmp_path / "queue")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def make_stack(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., Stack]]:
     """Build the stack with extra environment; its logs are printed (shown if the test fails)."""
     stacks: list[Stack] = []

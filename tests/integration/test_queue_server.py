@@ -4,12 +4,15 @@ and drain jobs queued twice."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from rq import Queue
+from rq.registry import StartedJobRegistry
 
 from callstate.connection import text
 from callstate.coordination import new_wake_id
@@ -27,14 +30,6 @@ from tests.receiver import FAIL, OK, Receiver
 pytestmark = pytest.mark.ha
 MakeStack = Callable[..., Stack]
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-
-
-@pytest.fixture
-def queue_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "queue")
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_the_pipeline_and_forwarding_run_with_the_queues_on_their_own_server(
@@ -84,6 +79,37 @@ def test_the_pipeline_and_forwarding_run_with_the_queues_on_their_own_server(
         assert f'"delivered": {len(expected)}' in stats.stdout
 
 
+def running_on_own_queue(
+    make_stack: MakeStack, queue_server: RedisServer
+) -> tuple[Stack, list[subprocess.Popen[bytes]]]:
+    """gunicorn, 2 event workers and the scheduler (maintenance every second), RQ on
+    `queue_server`; the stack and its workers."""
+    stack = make_stack(
+        CALLSTATE_QUEUE_URL=queue_server.url, CALLSTATE_MAINTENANCE_INTERVAL_SECONDS="1"
+    )
+    stack.start_web()
+    workers = stack.start_workers(2)
+    stack.start_scheduler()
+    return stack, workers
+
+
+def post_the_rest_and_check(
+    stack: Stack,
+    calls: dict[str, list[dict[str, Any]]],
+    acked: dict[str, list[str]],
+    workers: list[subprocess.Popen[bytes]],
+    start: int,
+) -> None:
+    """Post each call's events from `start` on, then: every call applied exactly once and in
+    order, and no worker exited."""
+    rest = post_interleaved(stack, {c: e[start:] for c, e in calls.items()}, threads=4)
+    for call_id, ids in rest.items():
+        acked[call_id] += ids
+    wait_until(lambda: all_ended(stack, sorted(calls)), 60, "every call to end")
+    assert_applied_exactly_once_in_order(stack, calls, acked)
+    assert all(worker.poll() is None for worker in workers), "a worker exited"
+
+
 def test_a_killed_queue_server_loses_no_acknowledged_event_and_applies_none_twice(
     make_stack: MakeStack, queue_server: RedisServer
 ) -> None:
@@ -91,12 +117,7 @@ def test_a_killed_queue_server_loses_no_acknowledged_event_and_applies_none_twic
     server has them); once it is back, maintenance wakes the shards whose drain jobs were
     lost, and the workers and scheduler carry on without a restart. Drain jobs queued twice
     (a retried enqueue, a stale job) apply nothing twice."""
-    stack = make_stack(
-        CALLSTATE_QUEUE_URL=queue_server.url, CALLSTATE_MAINTENANCE_INTERVAL_SECONDS="1"
-    )
-    stack.start_web()
-    workers = stack.start_workers(2)
-    stack.start_scheduler()
+    stack, workers = running_on_own_queue(make_stack, queue_server)
     calls = traffic(40, "qdown")
     acked = post_interleaved(stack, {c: e[:1] for c, e in calls.items()}, threads=4)
 
@@ -116,10 +137,53 @@ def test_a_killed_queue_server_loses_no_acknowledged_event_and_applies_none_twic
         holder = stack.redis.client().get(stack.keys.wake(shard))
         if holder is not None:
             enqueue_drain(drains, shard, 60, text(holder))
-    rest = post_interleaved(stack, {c: e[2:] for c, e in calls.items()}, threads=4)
-    for call_id, ids in rest.items():
-        acked[call_id] += ids
-    wait_until(lambda: all_ended(stack, sorted(calls)), 60, "every call to end")
-    assert_applied_exactly_once_in_order(stack, calls, acked)
-    assert all(worker.poll() is None for worker in workers), "a worker exited"
+    post_the_rest_and_check(stack, calls, acked, workers, start=2)
     assert stack.processes["scheduler"].poll() is None, "the scheduler exited"
+
+
+def restart_empty(server: RedisServer) -> None:
+    """SIGKILL, its files gone (a new machine, a server without persistence), started again on
+    the same port."""
+    server.kill()
+    for item in server.data_dir.iterdir():
+        if item.name != "server.log":
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    server.start()
+
+
+def test_a_queue_server_restarted_empty_leaves_the_service_ready_again(
+    make_stack: MakeStack, queue_server: RedisServer
+) -> None:
+    """The data Redis kept every event, so maintenance queues the lost drains and every
+    acknowledged event is applied once; the workers, which never stopped, must count as live
+    again, or `/readyz` takes every web process out of the load balancer for good."""
+    stack, workers = running_on_own_queue(make_stack, queue_server)
+    calls = traffic(20, "qempty")
+    acked = post_interleaved(stack, {c: e[:1] for c, e in calls.items()}, threads=4)
+    wait_until(lambda: stack.get("/readyz").status_code == 200, 30, "ready before")
+    # The workers idle, waiting on the queue (a busy one that fails a job's end starts anew).
+    started = StartedJobRegistry("callstate", connection=queue_server.client())
+    wait_until(
+        lambda: started.count == 0 and stack.redis.client().get(stack.keys.wake(0)) is None,
+        30,
+        "the workers to idle",
+    )
+
+    restart_empty(queue_server)
+    post_the_rest_and_check(stack, calls, acked, workers, start=1)
+    # An idle worker heartbeats every 45 s; 60 s covers a heartbeat that registers it again.
+    wait_until(lambda: stack.get("/readyz").status_code == 200, 60, "ready again")
+
+
+def test_doctor_names_an_unsafe_queue_server(
+    make_stack: MakeStack, queue_server: RedisServer
+) -> None:
+    """The queue's server holds the pending deliveries, each call's chain and the dead letters:
+    evicting or forgetting them loses record revisions as surely as the data server would, so
+    `callstate doctor` judges it too."""
+    stack = make_stack(CALLSTATE_QUEUE_URL=queue_server.url)
+    assert stack.cli("doctor").returncode == 0
+    queue_server.client().config_set("maxmemory-policy", "allkeys-lru")
+    unsafe = stack.cli("doctor")
+    assert unsafe.returncode == 1, unsafe.stdout
+    assert "maxmemory-policy" in unsafe.stdout
