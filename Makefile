@@ -31,7 +31,8 @@ test: lint chromium
 	$(BIN)/pytest -q -n 2 tests/unit
 	$(BIN)/pytest -q -m "not ha" tests/integration
 
-# Past one Redis: replicas and sentinels started by the tests (about a minute); CI runs it too.
+# Past one Redis: replicas, sentinels and a queue server of its own, started by the tests (about two
+# minutes); CI runs it too.
 test-ha: $(BIN)/.installed
 	$(BIN)/pytest -q -m ha tests/integration
 
