@@ -34,10 +34,14 @@ def connect(settings: Settings) -> Redis:
 
 def connect_queue(settings: Settings, data: Redis) -> Redis:
     """The Redis of RQ's queues: CALLSTATE_QUEUE_URL's server, the primary the sentinels watch as
-    CALLSTATE_QUEUE_SENTINEL_MASTER, or else `data` itself."""
-    if settings.queue_url is not None:
+    CALLSTATE_QUEUE_SENTINEL_MASTER, or else `data` itself, also when they name the data Redis:
+    a second client of it would be taken for another server, whose delivery state `data` holds
+    (the refusal, then migrate-keys moving the dead letters onto themselves and deleting them)."""
+    if settings.queue_url is not None and (
+        settings.sentinels or settings.queue_url != settings.redis_url
+    ):
         return connect_url(settings.queue_url)
-    if settings.queue_sentinel_master is not None:
+    if settings.queue_sentinel_master not in (None, settings.sentinel_master):
         return _primary(settings, settings.queue_sentinel_master)
     return data
 

@@ -194,3 +194,14 @@ def test_a_move_resumed_after_the_old_set_up_ran_again_keeps_what_it_wrote_since
     letters = queue.lrange(KEYS.dead_letters(1), 0, -1)
     assert sorted(letters) == [b'{"id": "job-1"}', b'{"id": "job-2"}']
     assert queue.hgetall(KEYS.forward_counters(1)) == {b"dead_lettered": b"2"}
+
+
+def test_a_queue_primary_naming_the_data_primary_shares_its_client() -> None:
+    env = {
+        "REDIS_SENTINELS": "127.0.0.1:26379",
+        "REDIS_SENTINEL_MASTER": "data",
+        "CALLSTATE_QUEUE_SENTINEL_MASTER": "data",
+    }
+    found = Settings.from_env(env)
+    data = connection.connect(found)
+    assert connect_queue(found, data) is data
