@@ -77,7 +77,16 @@ def after(
         for stream, rows in found or []
         for raw_id, fields in rows
     ]
-    for record in records:
+    # COUNT holds per stream: a shard cut at it may hold records older than another's returned,
+    # so only those up to the earliest cut are returned now, the rest read again next time.
+    cuts = [
+        StreamRecord(shard_of[text(stream)], text(rows[-1][0]), {}).order
+        for stream, rows in found or []
+        if len(rows) >= count
+    ]
+    if cuts:
+        records = [record for record in records if record.order <= min(cuts)]
+    for record in sorted(records, key=lambda r: r.order):
         seen[keys.records(record.shard)] = record.entry_id
     return sorted(records, key=lambda r: r.order)
 
