@@ -135,6 +135,12 @@ class PipelineCollector:
         yield GaugeMetricFamily("callstate_redis_up", REDIS_UP, value=1)
         yield from _shard_families(figures)
         yield from _call_families(figures)
+        # On the data Redis, and what piles up while the queue's server (the forwarder) is down.
+        yield GaugeMetricFamily(
+            "callstate_record_outbox_entries",
+            "Record revisions committed and not yet handed to the forwarder.",
+            figures.forwarding.outbox,
+        )
         try:
             deliveries = sum(read_deliveries(self.store), Forwarding())
             workers = live_workers(self.queue)
@@ -146,7 +152,7 @@ class PipelineCollector:
         yield GaugeMetricFamily(
             "callstate_workers_live", "RQ workers of the queue with a live heartbeat.", workers
         )
-        yield from _forwarding_families(figures.forwarding + deliveries)
+        yield from _forwarding_families(deliveries)
         if record_workers:
             yield _record_workers_family(record_workers)
 
@@ -245,7 +251,7 @@ def _call_families(figures: Figures) -> Iterator[Metric]:
 
 
 def _forwarding_families(forwarding: Forwarding) -> Iterator[Metric]:
-    """Record forwarding, over every shard and receiver (all zeros while it is off)."""
+    """Record deliveries, over every shard and receiver (all zeros while forwarding is off)."""
     yield CounterMetricFamily(
         "callstate_records_forwarded",
         "Record revisions delivered (answered 2xx), counted once per receiver.",
@@ -265,11 +271,6 @@ def _forwarding_families(forwarding: Forwarding) -> Iterator[Metric]:
         "callstate_record_dead_letters",
         "Deliveries in the dead-letter lists (`callstate records redeliver` sends them again).",
         forwarding.dead_letters,
-    )
-    yield GaugeMetricFamily(
-        "callstate_record_outbox_entries",
-        "Record revisions committed and not yet handed to the forwarder.",
-        forwarding.outbox,
     )
     yield GaugeMetricFamily(
         "callstate_record_deliveries_retrying",
