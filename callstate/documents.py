@@ -278,24 +278,37 @@ class Documents:
         self, number: str | None, user: str | None, offset: int, limit: int
     ) -> tuple[int, list[Doc]]:
         """Active calls, most recently heard from first, optionally by number and/or user: each
-        shard's first `offset + limit` in one round trip, merged."""
+        shard's first `offset + limit` in one round trip, merged. A later page counts first (one
+        more round trip): past the end, it reads no call instead of every shard's all."""
+        both = bool(number and user)
+        indexes = [self._active_keys(shard, number, user) for shard in range(self.settings.shards)]
+        if offset and not both:
+            counting = self.redis.pipeline(transaction=False)
+            for keys in indexes:
+                counting.zcard(keys[0])
+            total = sum(int(n) for n in counting.execute())
+            if offset >= total:
+                return total, []
         pipe = self.redis.pipeline(transaction=False)
-        for shard in range(self.settings.shards):
-            keys = []
-            if number:
-                keys.append(self.keys.active_by(shard, "number", number))
-            if user:
-                keys.append(self.keys.active_by(shard, "user", user))
-            if len(keys) == 2:
+        for keys in indexes:
+            if both:
                 pipe.zinter(keys, withscores=True)
             else:
-                key = keys[0] if keys else self.keys.active(shard)
-                pipe.zcard(key)
-                pipe.zrevrange(key, 0, offset + limit - 1, withscores=True)
-        total, ranked = _merged_ranks(pipe.execute(), both=bool(number and user))
+                pipe.zcard(keys[0])
+                pipe.zrevrange(keys[0], 0, offset + limit - 1, withscores=True)
+        total, ranked = _merged_ranks(pipe.execute(), both=both)
         page = itertools.islice(ranked, offset, offset + limit)
         docs = self.load_docs(text(member) for member, _ in page)
         return total, [doc for doc in docs.values() if doc is not None]
+
+    def _active_keys(self, shard: int, number: str | None, user: str | None) -> list[str]:
+        """The shard's sorted sets a listing reads: by number and/or user, else every call."""
+        keys = []
+        if number:
+            keys.append(self.keys.active_by(shard, "number", number))
+        if user:
+            keys.append(self.keys.active_by(shard, "user", user))
+        return keys or [self.keys.active(shard)]
 
     def stale_call_ids(self, before_ms: int, limit: int) -> list[str]:
         """Up to `limit` active calls last heard from before `before_ms`, the longest silent
