@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from flask import Flask, Response, request
+from flask import Flask, Response
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
@@ -27,8 +27,6 @@ from callstate.store import Store
 from callstate.webhook import webhooks
 
 log = logging.getLogger(__name__)
-# The blueprints that answer while Redis does not: they say so themselves.
-REPORTING = ("health", "metrics")
 
 
 def create_app(
@@ -68,9 +66,7 @@ def checked_first(
 ) -> Callable[[], tuple[Response, int] | None]:
     """A `before_request` for a web whose start-up check could not be made (Redis did not
     answer): each request makes it until it passes, and is answered 503, saying why, while the
-    store is to migrate. While Redis does not answer, only the health checks and the metrics go
-    on (they report it, and write nothing): a request let through could meet Redis back and
-    store an event beside an old store."""
+    store is to migrate. While Redis does not answer, requests go on and meet that as before."""
     passed: list[bool] = []
 
     def check() -> tuple[Response, int] | None:
@@ -78,8 +74,8 @@ def checked_first(
             return None
         try:
             why = unmigrated(redis, queue_redis, keys)
-        except RedisError as exc:
-            return None if request.blueprint in REPORTING else _redis_down(exc)
+        except RedisError:
+            return None
         if why is not None:
             log.error("callstate: %s", why)
             return error(503, "unmigrated", why)
