@@ -6,7 +6,8 @@ import hmac
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Response, current_app, jsonify, request
+from flask import Response, current_app, g, jsonify, request
+from redis.exceptions import ConnectionError as RedisConnectionError
 from rq import Queue
 
 from callstate.config import Settings
@@ -26,6 +27,18 @@ class Services:
 def services() -> Services:
     found: Services = current_app.extensions["callstate"]
     return found
+
+
+def mark_store_unchecked() -> None:
+    """This request's check of the store's layout met a Redis that did not answer."""
+    g.store_unchecked = True
+
+
+def require_checked_store() -> None:
+    """Before a write: raise as an unanswering Redis does when this request could not check the
+    store's layout, so nothing is written beside a store that may need `migrate-keys`."""
+    if g.get("store_unchecked", False):
+        raise RedisConnectionError("the store's layout could not be checked")
 
 
 def error(status: int, code: str, message: str, **extra: Any) -> tuple[Response, int]:

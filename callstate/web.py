@@ -18,7 +18,7 @@ from callstate.connection import connect, connect_queue
 from callstate.doctor import warn_if_unsafe
 from callstate.health import health
 from callstate.history_api import history
-from callstate.http import Services, error
+from callstate.http import Services, error, mark_store_unchecked
 from callstate.keys import Keys
 from callstate.lookups import calls
 from callstate.metrics import install as install_metrics
@@ -66,7 +66,8 @@ def checked_first(
 ) -> Callable[[], tuple[Response, int] | None]:
     """A `before_request` for a web whose start-up check could not be made (Redis did not
     answer): each request makes it until it passes, and is answered 503, saying why, while the
-    store is to migrate. While Redis does not answer, requests go on and meet that as before."""
+    store is to migrate. While the check meets Redis away, reads go on and meet that as before,
+    and the webhook answers 503 without writing (Redis may be back by its append)."""
     passed: list[bool] = []
 
     def check() -> tuple[Response, int] | None:
@@ -75,6 +76,7 @@ def checked_first(
         try:
             why = unmigrated(redis, queue_redis, keys)
         except RedisError:
+            mark_store_unchecked()  # reads meet Redis themselves; writes are refused
             return None
         if why is not None:
             log.error("callstate: %s", why)

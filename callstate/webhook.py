@@ -13,7 +13,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from callstate.config import Settings
 from callstate.eventlog import NotReplicatedError
-from callstate.http import error, services
+from callstate.http import error, require_checked_store, services
 from callstate.jobs import drain_timeout, enqueue_drain
 from callstate.redact import mask_personal
 from callstate.schema import PayloadError, parse_event, project_id
@@ -40,6 +40,7 @@ def receive_event() -> tuple[Response, int]:
         return jsonify(exc.to_json()), exc.status
     call_id = payload["call_id"]
     try:
+        require_checked_store()
         log_id, shard, wake_id = svc.store.log.append_event(call_id, raw, signer)
     except NotReplicatedError as exc:
         _wake(svc.queue, svc.settings, exc.shard, exc.wake_id, exc.log_id, call_id)

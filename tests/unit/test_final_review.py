@@ -166,6 +166,11 @@ def test_a_page_of_active_calls_past_the_end_reads_no_call(
     assert sum(read) == 0, "members read for an empty page"
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit (README, Upgrading): after a migrate-keys killed while moving the "
+    "deliveries, run it again before starting anything else",
+)
 def test_a_move_resumed_after_the_old_set_up_ran_again_keeps_what_it_wrote_since(
     redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
