@@ -20,7 +20,8 @@ from callstate.keys import Keys
 from callstate.migration import move_deliveries, unmigrated
 from callstate.store import Store
 from callstate.web import create_app
-from tests.factories import body, event, load_old_store
+from tests.factories import body, event
+from tests.unit.test_migration_breaks import web_started_while_redis_away
 
 JSON = {"Content-Type": "application/json"}
 KEYS = Keys("cs", 4)
@@ -39,12 +40,7 @@ def test_a_request_whose_layout_check_meets_redis_away_stores_nothing_beside_an_
     finishing, a timeout under load, a failover) takes the event into `cs:{sN}:log` beside the
     old `cs:log:N`: the case the check exists for, and migrate-keys then finds the log's new name
     taken."""
-    server = fakeredis.FakeServer()
-    redis = fakeredis.FakeRedis(server=server)
-    load_old_store(redis)
-    server.connected = False
-    client = create_app(old_settings, redis).test_client()
-    server.connected = True
+    redis, client = web_started_while_redis_away(old_settings)
     real_exists = redis.exists
     flapped: list[bool] = []
 

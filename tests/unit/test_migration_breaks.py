@@ -9,6 +9,7 @@ from typing import Any
 
 import fakeredis
 import pytest
+from flask.testing import FlaskClient
 from redis import Redis
 from rq import Queue, Worker
 
@@ -123,12 +124,7 @@ def test_a_web_started_while_redis_was_away_still_refuses_an_old_store(
     and nothing checks again once Redis answers: a web started with Redis restarting (LOADING
     a large store, or `make run` starting both) takes events into `cs:{sN}:log` beside the old
     `cs:log:N`, and `migrate-keys` then cannot rename the old log (its new name exists)."""
-    server = fakeredis.FakeServer()
-    redis = fakeredis.FakeRedis(server=server)
-    load_old_store(redis)
-    server.connected = False
-    client = create_app(old_settings, redis).test_client()
-    server.connected = True
+    redis, client = web_started_while_redis_away(old_settings)
 
     answer = client.post(
         "/webhooks/stringee", data=body(event("late-1", "ringing", 1000)), headers=JSON
@@ -191,3 +187,15 @@ def test_only_call_documents_are_taken_for_calls(store: Store) -> None:
     store.redis.zadd(store.keys.active_by(shard, "user", "u}:call:ghost"), {"c-1": 1})
     store.redis.zadd(store.keys.history_by(shard, "number", "8}:call:phantom"), {"x": 0})
     assert store.docs.all_call_ids() == {"c-1"}
+
+
+def web_started_while_redis_away(settings: Settings) -> tuple[Redis, FlaskClient]:
+    """A store of the layout before hash tags, and a web that started while its Redis did not
+    answer (so its start-up check could not be made); Redis answers again."""
+    server = fakeredis.FakeServer()
+    redis = fakeredis.FakeRedis(server=server)
+    load_old_store(redis)
+    server.connected = False
+    client = create_app(settings, redis).test_client()
+    server.connected = True
+    return redis, client
