@@ -85,19 +85,22 @@ class SentinelSet:
             sentinel.start()
         wait_until(self.watched, 30, "every sentinel to know every replica and sentinel")
 
-    def watched(self) -> bool:
+    def watched(self, master: str = MASTER, replicas: int | None = None) -> bool:
+        """Whether every sentinel knows `master`'s replicas (by default, this set's) and the
+        other sentinels."""
+        wanted = len(self.replicas) if replicas is None else replicas
         for sentinel in self.sentinels:
             client = sentinel.client()
-            if len(cast(list[Any], client.sentinel_slaves(MASTER))) < len(self.replicas):
+            if len(cast(list[Any], client.sentinel_slaves(master))) < wanted:
                 return False
-            if len(cast(list[Any], client.sentinel_sentinels(MASTER))) < len(self.sentinels) - 1:
+            if len(cast(list[Any], client.sentinel_sentinels(master))) < len(self.sentinels) - 1:
                 return False
         return True
 
-    def primary_port(self) -> int:
-        """The primary's port as the sentinels report it now."""
+    def primary_port(self, master: str = MASTER) -> int:
+        """The port of `master`'s primary as the sentinels report it now."""
         sentinel = Sentinel([("127.0.0.1", s.port) for s in self.sentinels], socket_timeout=0.5)  # type: ignore[no-untyped-call]
-        _, port = sentinel.discover_master(MASTER)  # type: ignore[no-untyped-call]
+        _, port = sentinel.discover_master(master)  # type: ignore[no-untyped-call]
         return int(port)
 
     def client(self) -> Redis:

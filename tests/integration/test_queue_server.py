@@ -8,9 +8,11 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.sentinel import MasterNotFoundError
 from rq import Queue
 from rq.registry import StartedJobRegistry
 
@@ -18,6 +20,7 @@ from callstate.connection import text
 from callstate.coordination import new_wake_id
 from callstate.jobs import enqueue_drain
 from tests.factories import ended, event
+from tests.integration.ha import DOWN_AFTER_MS, FAILOVER_TIMEOUT_MS, SentinelSet
 from tests.integration.stack import RedisServer, Stack, wait_until
 from tests.integration.test_reliability import (
     all_ended,
@@ -28,6 +31,7 @@ from tests.integration.test_reliability import (
 from tests.receiver import FAIL, OK, Receiver
 
 pytestmark = pytest.mark.ha
+QUEUES = "callstate-queues"
 MakeStack = Callable[..., Stack]
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -187,3 +191,69 @@ def test_doctor_names_an_unsafe_queue_server(
     unsafe = stack.cli("doctor")
     assert unsafe.returncode == 1, unsafe.stdout
     assert "maxmemory-policy" in unsafe.stdout
+
+
+def test_the_queues_primary_failing_over_through_sentinel_loses_nothing(
+    sentinels: SentinelSet, tmp_path: Path
+) -> None:
+    """CALLSTATE_QUEUE_SENTINEL_MASTER: the queue's primary and its replica watched by the same
+    sentinels as the data's, under another name. The queue's primary is SIGKILLed under load:
+    events are still stored and acknowledged, the sentinels promote its replica, the workers
+    and the scheduler follow it without a restart, and every call is applied exactly once."""
+    queue_primary = RedisServer(tmp_path / "queue-primary")
+    queue_primary.start()
+    queue_replica = RedisServer(tmp_path / "queue-replica", replica_of=queue_primary)
+    queue_replica.start()
+    watch_queue_primary(sentinels, queue_primary)
+    stack = Stack(
+        sentinels,
+        tmp_path,
+        {
+            **sentinels.env,
+            "CALLSTATE_QUEUE_SENTINEL_MASTER": QUEUES,
+            "CALLSTATE_SHARDS": "4",
+            "CALLSTATE_DRAIN_LOCK_SECONDS": "5",
+            "CALLSTATE_MAINTENANCE_INTERVAL_SECONDS": "1",
+        },
+    )
+    try:
+        workers = stack.start_workers(2)
+        stack.start_scheduler()
+        stack.start_web(2)
+        calls = traffic(40, "qsent")
+        acked = post_interleaved(stack, {c: e[:1] for c, e in calls.items()}, threads=4)
+        assert queue_primary.client().keys("rq:*") != []
+        assert sentinels.client().keys("rq:*") == []
+
+        queue_primary.kill()
+        down = post_interleaved(stack, {c: e[1:2] for c, e in calls.items()}, threads=4)
+        for call_id, ids in down.items():
+            acked[call_id] += ids
+        wait_until(lambda: queue_primary_port(sentinels) == queue_replica.port, 30, "failover")
+        post_the_rest_and_check(stack, calls, acked, workers, start=2)
+        assert stack.processes["scheduler"].poll() is None, "the scheduler exited"
+        assert queue_replica.client().keys("rq:*") != []
+    finally:
+        stack.stop()
+        print(stack.logs())
+        queue_replica.stop()
+        queue_primary.stop()
+
+
+def queue_primary_port(sentinels: SentinelSet) -> int | None:
+    """The queue's primary as the sentinels report it, None while they find none up."""
+    try:
+        return sentinels.primary_port(QUEUES)
+    except MasterNotFoundError:
+        return None
+
+
+def watch_queue_primary(sentinels: SentinelSet, primary: RedisServer) -> None:
+    """Have every sentinel watch `primary` as QUEUES, as quickly as it watches the data's."""
+    quorum = len(sentinels.sentinels) // 2 + 1
+    for sentinel in sentinels.sentinels:
+        client = sentinel.client()
+        client.sentinel_monitor(QUEUES, "127.0.0.1", primary.port, quorum)
+        client.sentinel_set(QUEUES, "down-after-milliseconds", DOWN_AFTER_MS)
+        client.sentinel_set(QUEUES, "failover-timeout", FAILOVER_TIMEOUT_MS)
+    wait_until(lambda: sentinels.watched(QUEUES, replicas=1), 30, "the sentinels to watch it")
