@@ -180,8 +180,9 @@ class Keys:
         return f"{self.tag(shard)}:dead-letters"
 
     def deliveries_moved(self, shard: int) -> str:
-        """Set on the queue's Redis while `callstate migrate-keys` moves the shard's dead
-        letters and counts there from the data Redis, until the data side is cleared."""
+        """While `callstate migrate-keys` moves the shard's dead letters and counts from the data
+        Redis to the queue's: on the queue's, the move (its id, what it copied) until the data
+        side is cleared; on the data Redis, the id of the move it was cleared for."""
         return f"{self.tag(shard)}:deliveries-moved"
 
     def forward_counters(self, shard: int) -> str:

@@ -9,12 +9,14 @@ afterwards compares every call with its log.
 
 from __future__ import annotations
 
+import json
 import re
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import cast
+from typing import Any, cast
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -59,6 +61,26 @@ PER_CALL: dict[str, Callable[[Keys, str], str]] = {
 # killed at any point leaves one of them, and the store refused, until a run finishes.
 WITNESSES = ("log", "cursor", "active", "records")
 SPLIT_BATCH = 1000
+# The data side of a move of deliveries, once per move: the moved letters (the oldest, at the
+# list's tail: the old set-up pushes new ones at its head) and counts taken away, what came
+# after them kept. KEYS: letters, counts, the data side's marker; ARGV: the move's id, how many
+# letters, then each count's name and amount.
+TAKE_MOVED = """
+if redis.call('GET', KEYS[3]) == ARGV[1] then
+    return 0
+end
+local letters = tonumber(ARGV[2])
+if letters > 0 then
+    redis.call('LTRIM', KEYS[1], 0, -letters - 1)
+end
+for i = 3, #ARGV, 2 do
+    if redis.call('HINCRBY', KEYS[2], ARGV[i], -tonumber(ARGV[i + 1])) == 0 then
+        redis.call('HDEL', KEYS[2], ARGV[i])
+    end
+end
+redis.call('SET', KEYS[3], ARGV[1])
+return 1
+"""
 OLD_LAYOUT_MESSAGE = (
     "this Redis holds a store written before the keys carried their shard's hash tag: stop the "
     "web and the workers, run `callstate migrate-keys`, then start them again"
@@ -184,35 +206,55 @@ def _delivery_keys(keys: Keys) -> list[str]:
 
 def move_deliveries(redis: Redis, queue_redis: Redis, keys: Keys) -> int | None:
     """The dead letters and delivery counts a deployment kept on the data Redis, moved to the
-    queue's Redis it uses now (letters after those there, counts added); how many keys moved,
-    or None, moving nothing, while a delivery still waits in a job on the data Redis (its
-    call's next revisions must wait for it, and only the old set-up runs it)."""
+    queue's Redis it uses now (letters after those there, counts added); how many lists and
+    hashes were moved, or None, moving nothing, while a delivery still waits in a job on the
+    data Redis (its call's next revisions must wait for it, and only the old set-up runs it).
+    A run killed halfway is finished by the next, which moves nothing twice and keeps what the
+    old set-up added meanwhile (unless it redelivered a moved letter: run it again first)."""
     if queue_redis is redis:
         return 0
     shards = range(keys.shards)
     waiting = [keys.forward_pending(s) for s in shards] + [keys.forward_chains(s) for s in shards]
     if redis.exists(*waiting):
         return None
+    take_moved = redis.register_script(TAKE_MOVED)
     moved = 0
     for shard in shards:
-        marker = keys.deliveries_moved(shard)
-        if not queue_redis.exists(marker):
-            letters = cast(list[bytes], redis.lrange(keys.dead_letters(shard), 0, -1))
-            counts = cast(dict[bytes, bytes], redis.hgetall(keys.forward_counters(shard)))
-            if not letters and not counts:
-                continue
-            # With the marker, in one transaction: a run killed before the data side is
-            # cleared is finished by the next without adding the letters and counts again.
-            pipe = queue_redis.pipeline()
-            if letters:  # newest first, and older than any letter there: after them
-                pipe.rpush(keys.dead_letters(shard), *letters)
-            for name, count in counts.items():
-                pipe.hincrby(keys.forward_counters(shard), name, int(count))
-            pipe.set(marker, 1)
-            pipe.execute()
-        moved += redis.delete(keys.dead_letters(shard), keys.forward_counters(shard))
-        queue_redis.delete(marker)
+        while (move := _started_move(redis, queue_redis, keys, shard)) is not None:
+            letters_key, counts_key = keys.dead_letters(shard), keys.forward_counters(shard)
+            marker = keys.deliveries_moved(shard)
+            counts = [x for name, count in move["counts"].items() for x in (name, count)]
+            take_moved(
+                keys=[letters_key, counts_key, marker], args=[move["id"], move["letters"], *counts]
+            )
+            queue_redis.delete(marker)
+            redis.delete(marker)
+            moved += bool(move["letters"]) + bool(move["counts"])
     return moved
+
+
+def _started_move(redis: Redis, queue_redis: Redis, keys: Keys, shard: int) -> Any:
+    """The shard's move to finish: one a killed run left (its marker on the queue's Redis), or a
+    new one of what the data Redis holds now, copied in one transaction with its marker; None
+    when nothing is left to move."""
+    marker = keys.deliveries_moved(shard)
+    left = queue_redis.get(marker)
+    if left is not None:
+        return json.loads(left)
+    letters = cast(list[bytes], redis.lrange(keys.dead_letters(shard), 0, -1))
+    counts = cast(dict[bytes, bytes], redis.hgetall(keys.forward_counters(shard)))
+    if not letters and not counts:
+        return None
+    amounts = {text(name): int(count) for name, count in counts.items()}
+    move = {"id": uuid.uuid4().hex, "letters": len(letters), "counts": amounts}
+    pipe = queue_redis.pipeline()
+    if letters:  # newest first, and older than any letter there: after them
+        pipe.rpush(keys.dead_letters(shard), *letters)
+    for name, count in amounts.items():
+        pipe.hincrby(keys.forward_counters(shard), name, count)
+    pipe.set(marker, json.dumps(move))
+    pipe.execute()
+    return move
 
 
 def migrate(redis: Redis, keys: Keys, *, check_only: bool = False) -> Migration:

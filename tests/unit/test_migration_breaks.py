@@ -160,14 +160,14 @@ def test_migrate_keys_refuses_while_a_records_worker_runs(
 def test_moving_deliveries_killed_before_the_data_side_is_cleared_moves_them_once(
     redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """move_deliveries writes the letters and counts on the queue's Redis, then deletes them on
-    the data Redis: two servers, no transaction. Killed between the two, the next run (the
+    """move_deliveries writes the letters and counts on the queue's Redis, then takes them away
+    on the data Redis: two servers, no transaction. Killed between the two, the next run (the
     refusal sends the operator back to it) appends the letters again and adds the counts
     again: a dead letter redelivered twice, and `delivered`/`dead_lettered` doubled."""
     queue = fakeredis.FakeRedis(server=fakeredis.FakeServer())
     redis.lpush(KEYS.dead_letters(1), b'{"id": "job-1"}')
     redis.hset(KEYS.forward_counters(1), mapping={"delivered": 5, "dead_lettered": 1})
-    killed_at(redis, "delete", lambda *keys: KEYS.dead_letters(1) in keys, monkeypatch)
+    killed_at(redis, "evalsha", lambda *args: KEYS.dead_letters(1) in args, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         move_deliveries(redis, queue, KEYS)
     assert unmigrated(redis, queue, KEYS) is not None
@@ -199,3 +199,26 @@ def web_started_while_redis_away(settings: Settings) -> tuple[Redis, FlaskClient
     client = create_app(settings, redis).test_client()
     server.connected = True
     return redis, client
+
+
+def test_a_move_killed_after_the_data_side_was_cleared_takes_nothing_away_twice(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the data side took the moved letters away and before the queue's marker
+    went: the next run must not take them away again, so a letter the old set-up added
+    meanwhile is moved, not lost."""
+    queue = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    redis.lpush(KEYS.dead_letters(1), b'{"id": "job-1"}')
+    redis.hset(KEYS.forward_counters(1), mapping={"dead_lettered": 1})
+    killed_at(queue, "delete", lambda *keys: KEYS.deliveries_moved(1) in keys, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        move_deliveries(redis, queue, KEYS)
+    assert redis.exists(KEYS.dead_letters(1), KEYS.forward_counters(1)) == 0
+
+    redis.lpush(KEYS.dead_letters(1), b'{"id": "job-2"}')  # the old set-up, run again
+    redis.hincrby(KEYS.forward_counters(1), "dead_lettered", 1)
+    assert move_deliveries(redis, queue, KEYS) == 4  # the killed move's two, then the new two
+    assert queue.lrange(KEYS.dead_letters(1), 0, -1) == [b'{"id": "job-1"}', b'{"id": "job-2"}']
+    assert queue.hgetall(KEYS.forward_counters(1)) == {b"dead_lettered": b"2"}
+    assert redis.exists(KEYS.dead_letters(1), KEYS.forward_counters(1)) == 0
+    assert queue.exists(KEYS.deliveries_moved(1)) == redis.exists(KEYS.deliveries_moved(1)) == 0
