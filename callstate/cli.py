@@ -25,7 +25,7 @@ from rq import Queue, Worker
 
 from callstate import recordstream, streamids
 from callstate.config import Settings
-from callstate.connection import connect, connect_queue, text
+from callstate.connection import connect, connect_queue, distinct, text
 from callstate.doctor import Finding, examine
 from callstate.export import csv_lines, jsonl_lines
 from callstate.figures import Figures, ShardFigures, read_figures
@@ -80,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         return UNAVAILABLE
     run = cast(Command, args.run)
     try:
-        why = unmigrated(store.redis, store.queue_redis, store.keys)
-        if args.command not in ("migrate-keys", "doctor") and why is not None:
-            print(f"callstate: {why}", file=sys.stderr)
-            return UNAVAILABLE
+        if args.command not in ("migrate-keys", "doctor"):
+            why = unmigrated(store.redis, store.queue_redis, store.keys)
+            if why is not None:
+                print(f"callstate: {why}", file=sys.stderr)
+                return UNAVAILABLE
         code = run(store, args)
         sys.stdout.flush()  # here, so a closed pipe is met inside the `except` below
         return code
@@ -579,8 +580,8 @@ def run_migrate_keys(store: Store, args: argparse.Namespace) -> int:
     if not args.check and any(Worker.count(queue=queue) for queue in queues):
         print("migrate-keys: stop the workers first (RQ lists some as running)", file=sys.stderr)
         return PROBLEM
-    servers = {id(store.redis): store.redis, id(store.queue_redis): store.queue_redis}
-    runs = [migrate(redis, store.keys, check_only=args.check) for redis in servers.values()]
+    servers = distinct(store.redis, store.queue_redis)
+    runs = [migrate(redis, store.keys, check_only=args.check) for redis in servers]
     renamed = sum((run.renamed for run in runs), Counter[str]())
     split = sum((run.split for run in runs), Counter[str]())
     conflicts = [key for run in runs for key in run.conflicts]

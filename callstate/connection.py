@@ -46,6 +46,11 @@ def connect_queue(settings: Settings, data: Redis) -> Redis:
     return data
 
 
+def distinct(*clients: Redis) -> list[Redis]:
+    """The clients given, each once: the data and the queue's Redis are one client by default."""
+    return list({id(client): client for client in clients}.values())
+
+
 def _primary(settings: Settings, master: str) -> Redis:
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         [_host_port(item) for item in settings.sentinels],

@@ -86,9 +86,10 @@ def after(
     ]
     if cuts:
         records = [record for record in records if record.order <= min(cuts)]
-    for record in sorted(records, key=lambda r: r.order):
+    records.sort(key=lambda r: r.order)
+    for record in records:
         seen[keys.records(record.shard)] = record.entry_id
-    return sorted(records, key=lambda r: r.order)
+    return records
 
 
 def _streams(seen: dict[str, str]) -> dict[KeyT, StreamIdT]:

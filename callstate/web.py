@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 from callstate.apidoc import apidoc
 from callstate.board import board
 from callstate.config import Settings
-from callstate.connection import connect, connect_queue
+from callstate.connection import connect, connect_queue, distinct
 from callstate.doctor import warn_if_unsafe
 from callstate.health import health
 from callstate.history_api import history
@@ -56,7 +56,7 @@ def create_app(
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(RedisError, _redis_down)
     warn_if_exposed(settings)
-    for server in {id(redis): redis, id(queue_redis): queue_redis}.values():
+    for server in distinct(redis, queue_redis):
         warn_if_unsafe(server)
     return app
 

@@ -6,7 +6,7 @@ from redis import Redis
 
 from callstate.config import Settings
 from callstate.connection import connect as connect_redis
-from callstate.connection import connect_queue
+from callstate.connection import connect_queue, distinct
 from callstate.doctor import warn_if_unsafe
 from callstate.keys import Keys
 from callstate.logs import configure_logging
@@ -23,7 +23,7 @@ def connect() -> tuple[Settings, Redis, Redis]:
     configure_logging(settings.log_format)
     redis = connect_redis(settings)
     queue_redis = connect_queue(settings, redis)
-    for server in {id(redis): redis, id(queue_redis): queue_redis}.values():
+    for server in distinct(redis, queue_redis):
         wait_for_redis(server, REDIS_STARTUP_SECONDS)
         warn_if_unsafe(server)
     try:
