@@ -8,7 +8,7 @@ WORKERS ?= 4
 G ?= 2
 W ?= 4
 
-.PHONY: run test test-ha lint chromium bench faults mutation
+.PHONY: run test test-ha lint chromium bench bench-cluster faults mutation
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ test: lint chromium
 	$(BIN)/pytest -q -n 2 tests/unit
 	$(BIN)/pytest -q -m "not ha" tests/integration
 
-# Past one Redis: replicas, sentinels and a queue server of its own, started by the tests (about two
+# Past one Redis: replicas, sentinels, a queue server of its own and a Redis Cluster, started by the tests (about two
 # minutes); CI runs it too.
 test-ha: $(BIN)/.installed
 	$(BIN)/pytest -q -m ha tests/integration
@@ -49,6 +49,10 @@ chromium:
 # The pipeline benchmark: G gunicorn processes, W RQ workers; BENCH_ARGS for more (see --help).
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench.run --web $(G) --workers $(W) $(BENCH_ARGS)
+
+# One Redis against a Redis Cluster of three primaries for the data, alternated (a few minutes).
+bench-cluster: $(BIN)/.installed
+	$(BIN)/python -m bench.cluster $(BENCH_ARGS)
 
 # The fault suite (a minute of load per fault) and a 10-minute soak; a quick run is in `make test`.
 faults: $(BIN)/.installed

@@ -56,6 +56,8 @@ class Settings:
     # they share the data Redis.
     queue_url: str | None = None
     queue_sentinel_master: str | None = None
+    # Redis Cluster nodes (`host:port` each) for the data, instead of a URL or sentinels.
+    cluster_nodes: tuple[str, ...] = ()
     signing_secret: str | None = None
     signing_secret_previous: str | None = None
     project_secrets: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
@@ -153,18 +155,25 @@ class Settings:
         url = env.get("REDIS_URL", "")
         embedded_port = _int(env, "CALLSTATE_REDIS_PORT", EMBEDDED_REDIS_PORT)
         sentinels, sentinel_master = _sentinels(env)
-        if sentinels and url:
-            raise ValueError("set REDIS_URL or REDIS_SENTINELS, not both")
+        cluster_nodes = _addresses(env, "CALLSTATE_REDIS_CLUSTER_NODES")
+        if sum(map(bool, (url, sentinels, cluster_nodes))) > 1:
+            raise ValueError(
+                "set one of REDIS_URL, REDIS_SENTINELS and CALLSTATE_REDIS_CLUSTER_NODES"
+            )
         queue_url, queue_master = _queue_server(env, sentinels)
+        if cluster_nodes and queue_url is None:
+            # RQ cannot run on a cluster: its commands span slots (rq issues 1942, 2050).
+            raise ValueError("CALLSTATE_REDIS_CLUSTER_NODES is set: CALLSTATE_QUEUE_URL too")
         return _checked(
             cls(
                 redis_url=url or f"redis://127.0.0.1:{embedded_port}/0",
-                embedded_redis=not url and not sentinels,
+                embedded_redis=not (url or sentinels or cluster_nodes),
                 var_dir=var_dir,
                 sentinels=sentinels,
                 sentinel_master=sentinel_master,
                 queue_url=queue_url,
                 queue_sentinel_master=queue_master,
+                cluster_nodes=cluster_nodes,
                 signing_secret=env.get("STRINGEE_SIGNING_SECRET") or None,
                 signing_secret_previous=env.get("STRINGEE_SIGNING_SECRET_PREVIOUS") or None,
                 project_secrets=_project_secrets(env.get("STRINGEE_SIGNING_SECRETS", "")),
@@ -281,17 +290,23 @@ def _sentinels(env: Mapping[str, str]) -> tuple[tuple[str, ...], str | None]:
     """REDIS_SENTINELS as `host:port` items (`[v6 address]:port` too), checked, and the
     REDIS_SENTINEL_MASTER that goes with them: one without the other is a mistake, not a
     reason to fall back to the embedded Redis."""
-    items = tuple(_items(env.get("REDIS_SENTINELS", "")))
-    for item in items:
-        host, port = sentinel_address(item)
-        if not host or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-            raise ValueError(f"REDIS_SENTINELS must be host:port items, got {item!r}")
+    items = _addresses(env, "REDIS_SENTINELS")
     master = env.get("REDIS_SENTINEL_MASTER") or None
     if items and master is None:
         raise ValueError("REDIS_SENTINELS is set: REDIS_SENTINEL_MASTER too")
     if master is not None and not items:
         raise ValueError("REDIS_SENTINEL_MASTER is set: REDIS_SENTINELS too (host:port,...)")
     return items, master
+
+
+def _addresses(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A list of servers as `host:port` items (`[v6 address]:port` too), checked."""
+    items = tuple(_items(env.get(name, "")))
+    for item in items:
+        host, port = server_address(item)
+        if not host or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"{name} must be host:port items, got {item!r}")
+    return items
 
 
 def _queue_server(
@@ -310,8 +325,8 @@ def _queue_server(
     return url, master
 
 
-def sentinel_address(item: str) -> tuple[str, str]:
-    """A REDIS_SENTINELS item's host (an IPv6 address without its brackets) and port."""
+def server_address(item: str) -> tuple[str, str]:
+    """A `host:port` item's host (an IPv6 address without its brackets) and port."""
     host, _, port = item.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from redis import Redis
+from redis import ConnectionPool, Redis, RedisCluster
 from redis.backoff import NoBackoff
+from redis.client import Pipeline
+from redis.cluster import ClusterNode
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from callstate.config import Settings, sentinel_address
+from callstate.config import Settings, server_address
 
 REDIS_TIMEOUT_SECONDS = 5
 # A sentinel answers from memory: one that takes longer is down, ask the next.
@@ -24,12 +26,75 @@ def text(raw: bytes | str) -> str:
 
 
 def connect(settings: Settings) -> Redis:
-    """The data Redis: REDIS_URL's server, or the primary that REDIS_SENTINELS name (redis-py's
-    own Sentinel client, which finds the new primary after a failover)."""
+    """The data Redis: REDIS_URL's server, the primary that REDIS_SENTINELS name (redis-py's
+    own Sentinel client, which finds the new primary after a failover), or the cluster of
+    CALLSTATE_REDIS_CLUSTER_NODES."""
+    if settings.cluster_nodes:
+        return _cluster(settings)
     if not settings.sentinels:
         return connect_url(settings.redis_url)
     assert settings.sentinel_master is not None  # config requires it with sentinels
     return _primary(settings, settings.sentinel_master)
+
+
+def _cluster(settings: Settings) -> Redis:
+    """redis-py's cluster client, typed as the client it stands in for: it answers the same
+    commands, and every transaction, script and multi-key command here stays in one shard's
+    hash tag. Its retries (which redis-py also makes on a timeout) follow a failover: an append
+    retried after it ran is logged twice and applied once, as a delivery sent twice is."""
+    client = RedisCluster(
+        startup_nodes=[
+            ClusterNode(*_host_port(item))  # type: ignore[no-untyped-call]
+            for item in settings.cluster_nodes
+        ],
+        retry=Retry(NoBackoff(), retries=2),
+        socket_timeout=REDIS_TIMEOUT_SECONDS,
+        socket_connect_timeout=2,
+    )
+    return cast(Redis, client)
+
+
+def is_cluster(redis: Redis) -> bool:
+    return isinstance(redis, RedisCluster)
+
+
+def server_of(redis: Redis, key: str) -> Redis:
+    """The client of the one server that holds `key`: `redis` itself, or on a cluster that
+    key's primary, for commands that must share a connection (WAIT counts the writes of the
+    connection it is sent on). After an error with it, call `forget_routes`."""
+    if isinstance(redis, RedisCluster):
+        return cast(Redis, redis.get_redis_connection(redis.get_node_from_key(key)))
+    return redis
+
+
+def primaries(redis: Redis) -> list[Redis]:
+    """A client of each primary: `redis` itself, or each of a cluster's."""
+    if isinstance(redis, RedisCluster):
+        return [cast(Redis, redis.get_redis_connection(node)) for node in redis.get_primaries()]
+    return [redis]
+
+
+def every_server(redis: Redis) -> list[Redis]:
+    """A client of each server whose settings the guarantees rest on: `redis` itself, or each of
+    a cluster's nodes, replicas too (a replica promoted keeps its own settings)."""
+    if isinstance(redis, RedisCluster):
+        return [cast(Redis, redis.get_redis_connection(node)) for node in redis.get_nodes()]
+    return [redis]
+
+
+def forget_routes(redis: Redis) -> None:
+    """On a cluster, read which primary holds which slots again: the one `server_of` gave may
+    have failed over."""
+    if isinstance(redis, RedisCluster):
+        redis.nodes_manager.initialize()
+
+
+def get_many(redis: Redis, keys: list[str]) -> list[bytes | None]:
+    """The values of keys that may lie in different shards: one `MGET`, or on a cluster redis-py's
+    `mget_nonatomic` (one `MGET` per hash slot, pipelined), atomic per shard only."""
+    if isinstance(redis, RedisCluster):
+        return cast(list[bytes | None], redis.mget_nonatomic(keys))
+    return cast(list[bytes | None], redis.mget(keys))
 
 
 def connect_queue(settings: Settings, data: Redis) -> Redis:
@@ -38,12 +103,18 @@ def connect_queue(settings: Settings, data: Redis) -> Redis:
     a second client of it would be taken for another server, whose delivery state `data` holds
     (the refusal, then migrate-keys moving the dead letters onto themselves and deleting them)."""
     if settings.queue_url is not None and (
-        settings.sentinels or settings.queue_url != settings.redis_url
+        settings.sentinels or settings.cluster_nodes or settings.queue_url != settings.redis_url
     ):
         return connect_url(settings.queue_url)
     if settings.queue_sentinel_master not in (None, settings.sentinel_master):
         return _primary(settings, settings.queue_sentinel_master)
     return data
+
+
+def command_list() -> Pipeline:
+    """A pipeline of no server, never executed: it only queues commands for a script to run (a
+    cluster client's pipeline refuses some that a script may run, PUBLISH among them)."""
+    return Pipeline(ConnectionPool(), {}, transaction=False, shard_hint=None)
 
 
 def distinct(*clients: Redis) -> list[Redis]:
@@ -86,5 +157,5 @@ def _fail_fast() -> dict[str, Any]:
 
 
 def _host_port(item: str) -> tuple[str, int]:
-    host, port = sentinel_address(item)
+    host, port = server_address(item)
     return host, int(port)

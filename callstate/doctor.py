@@ -14,6 +14,8 @@ from typing import Any, cast
 from redis import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from callstate.connection import every_server
+
 log = logging.getLogger(__name__)
 SAFE_FSYNC = ("always", "everysec")
 
@@ -30,7 +32,22 @@ class Finding:
 
 
 def examine(redis: Redis) -> list[Finding]:
-    """Read the server's settings (INFO, and CONFIG where the server allows it) and judge each."""
+    """Read the server's settings (INFO, and CONFIG where the server allows it) and judge each;
+    on a cluster, every node's: a setting holds when it holds on each, and shows each value."""
+    found = [_examine_server(server) for server in every_server(redis)]
+    return [
+        Finding(
+            each[0].setting,
+            ", ".join(sorted({finding.found for finding in each})),
+            each[0].needed,
+            all(finding.ok for finding in each),
+            next((finding.why for finding in each if not finding.ok), each[0].why),
+        )
+        for each in zip(*found, strict=True)
+    ]
+
+
+def _examine_server(redis: Redis) -> list[Finding]:
     persistence = _info(redis, "persistence")
     memory = _info(redis, "memory")
     aof = str(persistence.get("aof_enabled", "unknown"))

@@ -7,11 +7,10 @@ import heapq
 import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
-from redis.exceptions import WatchError
 from redis.typing import EncodableT
 
 from callstate.boardview import RESET_HINT, queue_board_update
@@ -19,7 +18,7 @@ from callstate.calldoc import Record
 from callstate.calls import Applied, Doc, is_active
 from callstate.codec import dumps, pack, pack_doc, unpack_doc
 from callstate.config import Settings
-from callstate.connection import text
+from callstate.connection import command_list, get_many, text
 from callstate.history import History
 from callstate.keys import Keys
 from callstate.lag import COUNT_APPLY_LAG, entry_millis
@@ -50,6 +49,10 @@ return 1
 )
 
 
+# Keys per DEL the commit script runs: Lua unpacks at most ~8,000 arguments into one command.
+DELETE_CHUNK = 1000
+
+
 @dataclass(frozen=True)
 class Prior:
     """What a document was indexed and counted under before a batch changed it."""
@@ -78,8 +81,8 @@ class Documents:
         """Documents in their stored form, for comparing without unpacking."""
         if not call_ids:
             return {}
-        raws = self.redis.mget([self.keys.call(call_id) for call_id in call_ids])
-        return {c: cast(bytes | None, raw) for c, raw in zip(call_ids, raws, strict=True)}
+        raws = get_many(self.redis, [self.keys.call(call_id) for call_id in call_ids])
+        return dict(zip(call_ids, raws, strict=True))
 
     def get_doc(self, call_id: str) -> Doc | None:
         return self.load_docs([call_id])[call_id]
@@ -136,7 +139,7 @@ class Documents:
         recorded = {call_id: before.record for call_id, before in prior.items()}
         replaced = self.history.previous(applied.records, recorded)
         # Queued here, run by the commit script: one round trip, and no WATCH to set up.
-        writes = self.redis.pipeline(transaction=False)
+        writes = command_list()
         for call_id, doc in applied.docs.items():
             before = prior[call_id]
             self.write_doc(writes, doc, applied.packed[call_id], before.indexes)
@@ -230,49 +233,38 @@ class Documents:
     def rewrite(
         self,
         token: str,
-        cursors: dict[int, str | None],
+        shard: int,
+        cursor: str | None,
         docs: dict[str, Doc],
         active: dict[str, Doc],
     ) -> bool:
-        """Write `callstate rebuild`'s documents and every active-call index and count anew, only
-        if every shard's drain lock still holds `token` and no cursor moved from `cursors`; open
-        boards are told to reload."""
-        cursor_keys = {shard: self.keys.cursor(shard) for shard in cursors}
-        lock_keys = [self.keys.drain_lock(shard) for shard in cursors]
-        # Indexes are only written under the locks this caller holds: none appears meanwhile.
-        indexes = [
-            key
-            for shard in cursors
-            for key in self.redis.scan_iter(match=self.keys.active_index_pattern(shard), count=1000)
-        ]
+        """Write `callstate rebuild`'s documents of one shard and its active-call indexes and
+        counts anew, only if the shard's drain lock still holds `token` and its cursor is still
+        `cursor`; its open boards are told to reload. Run by the commit script (one per shard,
+        as a cluster runs a script in one hash slot), so a lock renewal cannot fail it."""
+        # Indexes are only written under the lock this caller holds: none appears meanwhile.
+        indexes = list(
+            self.redis.scan_iter(match=self.keys.active_index_pattern(shard), count=1000)
+        )
         records = [doc["record"] for doc in docs.values() if doc["record"] is not None]
-        # Read under the same locks: only their holders write the history.
+        # Read under the same lock: only its holder writes the shard's history.
         recorded = self.history.latest(record["call_id"] for record in records)
-        with self.redis.pipeline() as pipe:
-            try:
-                pipe.watch(*cursor_keys.values(), *lock_keys)  # type: ignore[no-untyped-call]
-                found = pipe.mget(*cursor_keys.values(), *lock_keys)
-                current = [text(raw) if raw else None for raw in found]
-                if current[: len(cursors)] != [cursors[shard] for shard in cursor_keys]:
-                    return False
-                if any(holder != token for holder in current[len(cursors) :]):
-                    return False
-                pipe.multi()
-                pipe.delete(*(self.keys.active(shard) for shard in cursors), *indexes)
-                pipe.delete(*(self.keys.active_statuses(shard) for shard in cursors))
-                for doc in docs.values():
-                    self._set_doc(pipe, doc, pack_doc(doc))
-                self.history.queue_records(pipe, records, recorded)
-                for doc in active.values():
-                    self._index(pipe, doc, frozenset())
-                    shard = self.keys.shard_of(doc["call_id"])
-                    self._count_active(pipe, shard, None, doc)
-                for shard in cursors:  # open boards reload what the rebuild rewrote
-                    pipe.publish(self.keys.board_channel(shard), RESET_HINT)
-                pipe.execute()
-                return True
-            except WatchError:
-                return False
+        writes = command_list()
+        writes.delete(self.keys.active(shard), self.keys.active_statuses(shard))
+        for start in range(0, len(indexes), DELETE_CHUNK):
+            writes.delete(*indexes[start : start + DELETE_CHUNK])
+        for doc in docs.values():
+            self._set_doc(writes, doc, pack_doc(doc))
+        self.history.queue_records(writes, records, recorded)
+        for doc in active.values():
+            self._index(writes, doc, frozenset())
+            self._count_active(writes, shard, None, doc)
+        writes.publish(self.keys.board_channel(shard), RESET_HINT)
+        written = self._commit(
+            keys=[self.keys.cursor(shard), self.keys.drain_lock(shard), self.keys.apply_lag(shard)],
+            args=[cursor or "", token, 0, *_flattened(writes)],
+        )
+        return bool(written)
 
     def active_calls(
         self, number: str | None, user: str | None, offset: int, limit: int
@@ -324,7 +316,7 @@ class Documents:
     def applied_count(self) -> int:
         """Entries applied over all shards."""
         counters = [self.keys.applied_counter(shard) for shard in range(self.settings.shards)]
-        return sum(int(raw or 0) for raw in self.redis.mget(counters))
+        return sum(int(raw or 0) for raw in get_many(self.redis, counters))
 
 
 def _merged_ranks(replies: list[Any], both: bool) -> tuple[int, Iterator[tuple[bytes, float]]]:
@@ -344,6 +336,10 @@ def _rank(pair: tuple[bytes, float]) -> tuple[float, bytes]:
     """A sorted-set member's place: by score, then by member, as Redis orders ties."""
     member, score = pair
     return score, member
+
+
+def _maybe_text(raw: bytes | str | None) -> str | None:
+    return text(raw) if raw else None
 
 
 def _text_field(container: Any, name: str) -> str | None:

@@ -6,14 +6,14 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 from redis import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 from redis.typing import EncodableT, FieldT
 
 from callstate import streamids
 from callstate.calls import PROCESS_ERRORS, LogEntry, error_name
 from callstate.codec import pack, unpack
 from callstate.config import Settings
-from callstate.connection import StreamRows, text
+from callstate.connection import StreamRows, forget_routes, server_of, text
 from callstate.coordination import new_wake_id
 from callstate.keys import Keys
 from callstate.schema import CALL_ID_PATTERN, PayloadError, decode_logged
@@ -81,16 +81,21 @@ class EventLog:
     ) -> tuple[Any, int]:
         """The append script's reply and how many replicas confirmed it: both commands in one
         round trip on one connection, as WAIT counts the writes of the connection it is sent on."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            for _ in range(2):
-                pipe.evalsha(self._append_event.sha, len(keys), *keys, *args)
-                pipe.wait(replicas, self.settings.replica_ack_timeout_ms)
-                try:
-                    reply, acks = pipe.execute()
-                    return reply, int(acks)
-                except NoScriptError:
-                    # A restarted or failed-over server has lost its scripts: nothing ran.
-                    self._append_event.sha = self.redis.script_load(APPEND_EVENT)
+        server = server_of(self.redis, keys[0])
+        try:
+            with server.pipeline(transaction=False) as pipe:
+                for _ in range(2):
+                    pipe.evalsha(self._append_event.sha, len(keys), *keys, *args)
+                    pipe.wait(replicas, self.settings.replica_ack_timeout_ms)
+                    try:
+                        reply, acks = pipe.execute()
+                        return reply, int(acks)
+                    except NoScriptError:
+                        # A restarted or failed-over server has lost its scripts: nothing ran.
+                        self._append_event.sha = server.script_load(APPEND_EVENT)
+        except RedisError:
+            forget_routes(self.redis)
+            raise
         raise NoScriptError("the append script could not be loaded")
 
     def read_entries(

@@ -12,7 +12,7 @@ from typing import TypeVar, cast
 from redis import Redis
 
 from callstate import streamids
-from callstate.connection import StreamRows, text
+from callstate.connection import StreamRows, get_many, text
 from callstate.keys import Keys
 from callstate.lag import lag_counts
 from callstate.store import Store
@@ -27,9 +27,11 @@ local applied = tonumber(redis.call('GET', KEYS[3]) or '0')
 redis.call('SET', KEYS[4], applied + waiting)
 return waiting
 """
-# Replies per shard in read_figures: counters, verdicts, active, drain seconds, apply lag, the
-# outbox; and from the queue's Redis, the delivery jobs' figures.
-PER_SHARD = 6
+# Replies per shard in read_figures: the logged, applied and records counters and the cursor,
+# one GET each (a cluster's pipeline refuses MGET), then verdicts, active, drain seconds, apply
+# lag, the outbox; and from the queue's Redis, the delivery jobs' figures.
+COUNTERS = 4
+PER_SHARD = COUNTERS + 5
 DELIVERY_READS = 3
 DRAIN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Apply lag's buckets fall on the bounds of the stored histogram's (callstate/lag.py), so each
@@ -157,66 +159,67 @@ def entries_behind(redis: Redis, keys: Keys) -> int:
     shards = range(keys.shards)
     names = [keys.logged_counter(shard) for shard in shards]
     names += [keys.applied_counter(shard) for shard in shards]
-    counts = [_int(raw) for raw in cast(list[bytes | None], redis.mget(names))]
+    counts = [_int(raw) for raw in get_many(redis, names)]
     return sum(counts[: keys.shards]) - sum(counts[keys.shards :])
 
 
 def shard_backlogs(store: Store) -> list[Backlog]:
-    """Each shard's backlog: two round trips whatever the number of shards, for `/readyz`."""
+    """Each shard's backlog, for `/readyz`: three round trips whatever the number of shards
+    (the server's clock, the counters, the logs)."""
     shards = range(store.settings.shards)
+    # Apart: a cluster's client pipelines only commands it routes by key.
+    now_ms = store.log.server_time_ms()
     pipe = store.redis.pipeline(transaction=False)
-    pipe.time()
     for shard in shards:
-        pipe.mget(
-            store.keys.logged_counter(shard),
-            store.keys.applied_counter(shard),
-            store.keys.cursor(shard),
-        )
-    now, *rows = pipe.execute()
-    return _backlogs(store, _millis(now), [cast(list[bytes | None], row) for row in rows])
+        pipe.get(store.keys.logged_counter(shard))
+        pipe.get(store.keys.applied_counter(shard))
+        pipe.get(store.keys.cursor(shard))
+    rows = pipe.execute()
+    return _backlogs(store, now_ms, [rows[n : n + 3] for n in range(0, len(rows), 3)])
 
 
 def read_figures(store: Store, with_deliveries: bool = True) -> Figures:
-    """Every figure of every shard: four round trips whatever the number of shards, one of them
+    """Every figure of every shard: five round trips whatever the number of shards, one of them
     to the queue's Redis for the delivery jobs' figures (without `with_deliveries`, those stay
     zero and only the data Redis is read)."""
     keys, shards = store.keys, range(store.settings.shards)
     deliveries = read_deliveries(store) if with_deliveries else [Forwarding() for _ in shards]
+    now_ms = store.log.server_time_ms()
     pipe = store.redis.pipeline(transaction=False)
-    pipe.time()
     pipe.get(keys.quarantined_counter())
     pipe.llen(keys.quarantine())
     for shard in shards:
-        pipe.mget(
-            keys.logged_counter(shard),
-            keys.applied_counter(shard),
-            keys.cursor(shard),
-            keys.records_counter(shard),
-        )
+        pipe.get(keys.logged_counter(shard))
+        pipe.get(keys.applied_counter(shard))
+        pipe.get(keys.cursor(shard))
+        pipe.get(keys.records_counter(shard))
         pipe.hgetall(keys.verdicts(shard))
         pipe.hgetall(keys.active_statuses(shard))
         pipe.hgetall(keys.drain_seconds(shard))
         pipe.hgetall(keys.apply_lag(shard))
         pipe.xlen(keys.outbox(shard))
-    now, quarantined, quarantine_size, *rows = pipe.execute()
-    counters = [cast(list[bytes | None], rows[PER_SHARD * shard]) for shard in shards]
-    backlogs = _backlogs(store, _millis(now), counters)
+    quarantined, quarantine_size, *rows = pipe.execute()
+    counters = [rows[PER_SHARD * shard : PER_SHARD * shard + COUNTERS] for shard in shards]
+    backlogs = _backlogs(store, now_ms, counters)
     return Figures(
-        server_ms=_millis(now),
+        server_ms=now_ms,
         shards=[
             ShardFigures(
                 shard=shard,
                 logged=_int(counters[shard][0]),
                 applied=_int(counters[shard][1]),
                 backlog=backlogs[shard],
-                verdicts=_counts(rows[PER_SHARD * shard + 1]),
+                verdicts=_counts(rows[PER_SHARD * shard + COUNTERS + 0]),
                 records=_int(counters[shard][3]),
                 active={
-                    status: n for status, n in _counts(rows[PER_SHARD * shard + 2]).items() if n
+                    status: n
+                    for status, n in _counts(rows[PER_SHARD * shard + COUNTERS + 1]).items()
+                    if n
                 },
-                drain_seconds=_histogram(rows[PER_SHARD * shard + 3]),
-                apply_lag=_lag_histogram(rows[PER_SHARD * shard + 4]),
-                forwarding=deliveries[shard] + Forwarding(outbox=int(rows[PER_SHARD * shard + 5])),
+                drain_seconds=_histogram(rows[PER_SHARD * shard + COUNTERS + 2]),
+                apply_lag=_lag_histogram(rows[PER_SHARD * shard + COUNTERS + 3]),
+                forwarding=deliveries[shard]
+                + Forwarding(outbox=int(rows[PER_SHARD * shard + COUNTERS + 4])),
             )
             for shard in shards
         ],
@@ -312,11 +315,6 @@ def _lag_histogram(raw: dict[bytes, bytes]) -> Histogram:
 
 def _counts(raw: dict[bytes, bytes]) -> dict[str, int]:
     return {text(name): int(value) for name, value in raw.items()}
-
-
-def _millis(redis_time: tuple[int, int]) -> int:
-    seconds, micros = redis_time
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def _int(raw: bytes | None) -> int:

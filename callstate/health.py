@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 from rq import Queue, Worker
 from rq.utils import now, utcparse
 
+from callstate.connection import primaries
 from callstate.figures import Backlog, shard_backlogs
 from callstate.http import Services, services
 from callstate.jobs import WORKER_TTL_SECONDS
@@ -106,8 +107,11 @@ def _workers_check(svc: Services) -> dict[str, Any]:
 
 
 def _replicas_check(redis: Redis, required: int) -> dict[str, Any]:
-    """With fewer replicas connected than CALLSTATE_REPLICA_ACKS, every event gets a 503."""
-    connected = int(redis.info("replication").get("connected_slaves", 0))
+    """With fewer replicas connected than CALLSTATE_REPLICA_ACKS, every event gets a 503 (on a
+    cluster, every event of the shards of the primary that has fewest)."""
+    connected = min(
+        int(server.info("replication").get("connected_slaves", 0)) for server in primaries(redis)
+    )
     return {"ok": connected >= required, "connected": connected, "required": required}
 
 

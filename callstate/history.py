@@ -317,7 +317,7 @@ class History:
         if not places:
             return 0
         records = self._records(places)
-        with self.redis.pipeline() as pipe:
+        with self.redis.pipeline(transaction=True) as pipe:
             try:
                 pipe.watch(lock_key)  # type: ignore[no-untyped-call]
                 if pipe.get(lock_key) != token.encode():

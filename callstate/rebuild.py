@@ -238,8 +238,8 @@ def _ids_by_shard(store: Store) -> dict[int, set[str]]:
 
 
 class HeldShards:
-    """Every shard's drain lock, held under one token and renewed by a background thread
-    until `settle` stops it."""
+    """Every shard's drain lock, held under one token and renewed by a background thread until
+    released."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -256,16 +256,10 @@ class HeldShards:
             self.held.append(shard)
         self._renewer.start()
 
-    def settle(self) -> None:
-        """Stop renewing and renew once more, for the full lock time: a renewal is a write to
-        a key the final transaction watches, so none may land between its WATCH and EXEC."""
+    def release(self) -> None:
         self._stop.set()
         if self._renewer.is_alive():
             self._renewer.join()
-        self._renew_all()
-
-    def release(self) -> None:
-        self.settle()
         for shard in self.held:
             self.store.coordination.locks.release(shard, self.token)
 
@@ -274,8 +268,8 @@ class HeldShards:
             self._renew_all()
 
     def _renew_all(self) -> None:
-        # A renewal that fails is only logged: the final transaction is fenced on the locks, so
-        # it writes nothing if one was lost.
+        # A renewal that fails is only logged: each shard's rewrite is fenced on its lock, so
+        # it writes nothing if the lock was lost.
         for shard in self.held:
             try:
                 if not self.store.coordination.locks.renew(shard, self.token):
@@ -309,8 +303,8 @@ def rebuild(store: Store, machine: CallMachine, batch: int | None = None) -> Rep
     with holding_every_shard(store) as held:
         stored_ids = _ids_by_shard(store)
         cursors = {shard: store.log.cursor(shard) for shard in range(store.settings.shards)}
-        rewrites: dict[str, Doc] = {}
-        active: dict[str, Doc] = {}
+        rewrites: dict[int, dict[str, Doc]] = {shard: {} for shard in cursors}
+        active: dict[int, dict[str, Doc]] = {shard: {} for shard in cursors}
         for shard in range(store.settings.shards):
             snapshot = snapshots.load(shard)
             derived = derive_shard(snapshots, shard, snapshot, cursors[shard])
@@ -326,15 +320,17 @@ def rebuild(store: Store, machine: CallMachine, batch: int | None = None) -> Rep
                             call_id, stored[call_id], derived.get(call_id), snapshot, report
                         )
                     if kept is not None and rewrite:
-                        rewrites[call_id] = kept
+                        rewrites[shard][call_id] = kept
                     if kept is not None and _readable(kept) and is_active(kept):
-                        active[call_id] = kept
-        held.settle()
-        if not store.docs.rewrite(held.token, cursors, rewrites, active):
-            raise RuntimeError("a shard's lock or cursor moved during the rebuild; nothing written")
-        for shard in range(store.settings.shards):
+                        active[shard][call_id] = kept
+        for shard, cursor in cursors.items():
+            if not store.docs.rewrite(held.token, shard, cursor, rewrites[shard], active[shard]):
+                raise RuntimeError(
+                    f"shard {shard}'s lock or cursor moved during the rebuild: nothing written "
+                    f"from it on (shards before it were rewritten); run it again"
+                )
             count_logged_anew(store, shard)
-    report.rewritten = len(rewrites)
+            report.rewritten += len(rewrites[shard])
     return report
 
 

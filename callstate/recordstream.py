@@ -4,6 +4,7 @@ the latest, those since a time, and those appended after what a reader has seen.
 from __future__ import annotations
 
 import heapq
+import time
 from dataclasses import dataclass
 from typing import cast
 
@@ -11,7 +12,7 @@ from redis import Redis
 from redis.typing import KeyT, StreamIdT
 
 from callstate import streamids
-from callstate.connection import StreamRows, text
+from callstate.connection import StreamRows, is_cluster, text
 from callstate.keys import Keys
 
 
@@ -67,21 +68,18 @@ def after(
     """Records appended after the positions in `seen` (stream key to id), oldest first, waiting
     up to `block_ms` for one; `seen` moves past what is returned. A position per shard, as two
     shards' streams can hold the same id."""
-    found = cast(
-        list[tuple[bytes, StreamRows]] | None,
-        redis.xread(_streams(seen), count=count, block=block_ms),
-    )
+    found = _read_after(redis, seen, count, block_ms)
     shard_of = {keys.records(shard): shard for shard in range(keys.shards)}
     records = [
         StreamRecord(shard_of[text(stream)], text(raw_id), fields)
-        for stream, rows in found or []
+        for stream, rows in found
         for raw_id, fields in rows
     ]
     # COUNT holds per stream: a shard cut at it may hold records older than another's returned,
     # so only those up to the earliest cut are returned now, the rest read again next time.
     cuts = [
         StreamRecord(shard_of[text(stream)], text(rows[-1][0]), {}).order
-        for stream, rows in found or []
+        for stream, rows in found
         if len(rows) >= count
     ]
     if cuts:
@@ -90,6 +88,25 @@ def after(
     for record in records:
         seen[keys.records(record.shard)] = record.entry_id
     return records
+
+
+def _read_after(
+    redis: Redis, seen: dict[str, str], count: int, block_ms: int
+) -> list[tuple[bytes, StreamRows]]:
+    """One XREAD over every shard's stream; on a cluster, where one command cannot span the
+    shards' slots, one XREAD per stream in a pipeline, and a wait of `block_ms` when all are
+    empty (a blocking read waits on one server only)."""
+    if not is_cluster(redis):
+        read = redis.xread(_streams(seen), count=count, block=block_ms)
+        return cast(list[tuple[bytes, StreamRows]], read or [])
+    pipe = redis.pipeline(transaction=False)
+    for key, entry_id in seen.items():
+        pipe.xread({key: entry_id}, count=count)
+    replies: list[list[tuple[bytes, StreamRows]] | None] = pipe.execute()
+    found = [(stream, rows) for reply in replies if reply for stream, rows in reply]
+    if not found and block_ms:
+        time.sleep(block_ms / 1000)
+    return found
 
 
 def _streams(seen: dict[str, str]) -> dict[KeyT, StreamIdT]:

