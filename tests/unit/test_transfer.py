@@ -361,3 +361,22 @@ def test_an_owed_revision_stays_owed(source: Store) -> None:
     gone = ids_in(source, 0, 1, "call")[0]
     kept_for = target.redis.pttl(target.keys.tombstone(gone))
     assert abs(kept_for - source.redis.pttl(source.keys.tombstone(gone))) < 5_000
+
+
+@pytest.mark.parametrize("shards", [8, 2])
+def test_the_targets_snapshots_move_on_over_what_was_imported(
+    source: Store, machine: CallMachine, shards: int
+) -> None:
+    """Maintenance on the target moves its snapshots from the positions the import set: ended
+    calls are retired with tombstones, active ones copied, and the log still re-derives all."""
+    target = moved(source, shards)
+    ended_calls = [ids_in(source, shard, 6, "call")[4] for shard in range(SOURCE_SHARDS)]
+    assert age_out(target, machine, 60_000) == len(ended_calls) + 1, "and the poison's call"
+    assert all(target.docs.get_doc(c) is None for c in ended_calls)
+    assert all(target.redis.exists(target.keys.tombstone(c)) for c in ended_calls)
+    report = check(target, machine)
+    assert (report.compared, report.differing, report.left) == (4 * SOURCE_SHARDS, [], {})
+    assert (
+        client_of(target).get("/calls?active=true").get_json()
+        == client_of(source).get("/calls?active=true").get_json()
+    )
