@@ -26,7 +26,7 @@ import base64
 import heapq
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
@@ -229,7 +229,7 @@ class Exporter:
                 yield key
 
     def _expiring(
-        self, kind: str, found: Iterable[str], call_id_of: Any
+        self, kind: str, found: Iterable[str], call_id_of: Callable[[str], str]
     ) -> Iterator[dict[str, Any]]:
         """Keys read with when they expire (absolute, on Redis' clock), a chunk at a time; one
         that expired since it was counted is noted, so the count still adds up."""
@@ -242,7 +242,7 @@ class Exporter:
         yield from self._read_expiring(kind, chunk, call_id_of)
 
     def _read_expiring(
-        self, kind: str, chunk: list[str], call_id_of: Any
+        self, kind: str, chunk: list[str], call_id_of: Callable[[str], str]
     ) -> Iterator[dict[str, Any]]:
         pipe = self.redis.pipeline(transaction=False)
         for key in chunk:
