@@ -33,12 +33,13 @@ from typing import IO, Any, cast
 from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import ResponseError
-from rq import Queue, Worker
+from rq import Queue
 
 from callstate import streamids
 from callstate.calls import Doc, is_active
 from callstate.codec import pack_doc, unpack, unpack_doc_or_empty
 from callstate.connection import StreamRows, distinct, text
+from callstate.health import live_workers
 from callstate.keys import Keys
 from callstate.store import Store
 from callstate.streamids import StreamId
@@ -62,11 +63,13 @@ class TransferError(Exception):
 
 
 def workers_running(store: Store) -> bool:
-    """Whether RQ lists a worker of the event queue or a records queue: a worker would apply,
-    sweep (maintenance runs on it) or deliver while the store moves."""
+    """Whether a worker of the event queue or a records queue has a live heartbeat: it would
+    apply, sweep (maintenance runs on it) or deliver while the store moves. Counted as /readyz
+    counts them: RQ's registry keeps a worker killed outright until a live worker cleans it,
+    which with every worker stopped is never."""
     settings = store.settings
     names = (settings.queue_name, settings.record_queue_name, settings.record_retry_queue_name)
-    return any(Worker.count(queue=Queue(name, connection=store.queue_redis)) for name in names)
+    return any(live_workers(Queue(name, connection=store.queue_redis)) for name in names)
 
 
 def not_drained(store: Store) -> str | None:

@@ -10,12 +10,15 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
 import fakeredis
 import pytest
 from flask.testing import FlaskClient
+from rq.utils import now, utcformat
+from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 from callstate.config import Settings
 from callstate.connection import StreamRows, text
@@ -274,6 +277,20 @@ def test_counts_quarantine_and_deliveries_move_too(source: Store) -> None:
 def test_an_undrained_source_is_refused(source: Store) -> None:
     source.log.append_event("late", body(event("late", "ringing", 1)))
     with pytest.raises(TransferError, match="not applied"):
+        export_store(source, io.StringIO())
+
+
+def test_a_live_worker_is_refused_and_one_killed_long_ago_is_not(source: Store) -> None:
+    """RQ's registry keeps a worker killed outright until a live worker cleans it: the export
+    goes by heartbeats, as /readyz does."""
+    registry = WORKERS_BY_QUEUE_KEY % source.settings.queue_name
+    stale = utcformat(now() - timedelta(minutes=10))
+    source.redis.sadd(registry, "rq:worker:killed")
+    source.redis.hset("rq:worker:killed", mapping={"last_heartbeat": stale})
+    export_store(source, io.StringIO())
+    source.redis.sadd(registry, "rq:worker:live")
+    source.redis.hset("rq:worker:live", mapping={"last_heartbeat": utcformat(now())})
+    with pytest.raises(TransferError, match="stop the workers"):
         export_store(source, io.StringIO())
 
 
