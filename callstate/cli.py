@@ -12,16 +12,16 @@ import os
 import signal
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, astuple
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import IO, Any, cast
 from urllib.parse import urlparse
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from rq import Queue, Worker
+from rq import Queue
 
 from callstate import recordstream, streamids
 from callstate.config import Settings
@@ -30,6 +30,7 @@ from callstate.doctor import Finding, examine
 from callstate.export import csv_lines, jsonl_lines
 from callstate.figures import Figures, ShardFigures, read_figures
 from callstate.forwarding import Forwarder
+from callstate.health import workers_running
 from callstate.history import Filters
 from callstate.jobs import drain_timeout, wake_drain
 from callstate.logs import configure_logging
@@ -41,13 +42,14 @@ from callstate.rebuild import Report, check, rebuild
 from callstate.record import DIRECTIONS, DISPOSITIONS
 from callstate.redis_server import server_argv
 from callstate.store import Store
+from callstate.transfer import TransferError, export_store, import_store
 
 OK, PROBLEM, UNAVAILABLE = 0, 1, 2
 EPILOG = """\
 exit codes (the same for every command):
   0  done; for a check, nothing is wrong
   1  not found (show, events), a difference (rebuild --check), a problem (doctor),
-     or the rebuild could not run
+     the rebuild could not run, or an export or import was refused
   2  Redis cannot be reached or failed, a setting is invalid, or the command line is wrong
 
 Every read command takes --json: one JSON document on stdout (records --follow: one per
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return UNAVAILABLE
     run = cast(Command, args.run)
     try:
-        if args.command not in ("migrate-keys", "doctor"):
+        if args.command not in ("migrate-keys", "doctor", "import-store"):
             why = unmigrated(store.redis, store.queue_redis, store.keys)
             if why is not None:
                 print(f"callstate: {why}", file=sys.stderr)
@@ -197,6 +199,28 @@ def parser() -> argparse.ArgumentParser:
     migrate_cmd.add_argument(
         "--check", action="store_true", help="only count the keys to move; exit 1 if any"
     )
+    export_cmd = commands.add_parser(
+        "export-store",
+        help="write the whole store, drained, as JSON Lines (to move it: see import-store)",
+        description="Write the store (logs, snapshots, documents, tombstones, records streams "
+        "and history, outboxes, dead letters, quarantine, counters) as JSON Lines: a header "
+        "(format version, key prefix, shard count, lines of each kind), the lines, an end line. "
+        "Refused (exit 1) unless the store is drained: no worker registered, no shard held, "
+        "every logged entry applied. Exit 1 too if the store changed while it was read.",
+    )
+    export_cmd.set_defaults(run=run_export_store)
+    export_cmd.add_argument("--output", metavar="FILE", help="write here, not to stdout")
+    import_cmd = commands.add_parser(
+        "import-store",
+        help="read an export-store file into this empty Redis, under its own CALLSTATE_SHARDS",
+        description="Read what export-store wrote into an empty store: each call, its log "
+        "entries, snapshot copy, tombstone and records go to its shard under this "
+        "deployment's CALLSTATE_SHARDS, which may differ from the source's. Refused (exit 1) "
+        "if the store holds any key under the prefix, or its workers run. Then run "
+        "`callstate rebuild --check`.",
+    )
+    import_cmd.set_defaults(run=run_import_store)
+    import_cmd.add_argument("--input", metavar="FILE", help="read this, not stdin")
     command(
         "doctor",
         run_doctor,
@@ -574,11 +598,8 @@ def run_migrate_keys(store: Store, args: argparse.Namespace) -> int:
     then the delivery state a deployment left on the data Redis before its queues moved.
     Refused while workers are registered."""
     # The forwarder and the retrier too: the old release's would run deliveries on old names.
-    settings = store.settings
-    names = (settings.queue_name, settings.record_queue_name, settings.record_retry_queue_name)
-    queues = [Queue(name, connection=store.queue_redis) for name in names]
-    if not args.check and any(Worker.count(queue=queue) for queue in queues):
-        print("migrate-keys: stop the workers first (RQ lists some as running)", file=sys.stderr)
+    if not args.check and workers_running(store):
+        print("migrate-keys: stop the workers first (some have a live heartbeat)", file=sys.stderr)
         return PROBLEM
     servers = distinct(store.redis, store.queue_redis)
     runs = [migrate(redis, store.keys, check_only=args.check) for redis in servers]
@@ -603,6 +624,51 @@ def run_migrate_keys(store: Store, args: argparse.Namespace) -> int:
             print(f"left: {left}")
     to_move = args.check and bool(renamed or split)
     return PROBLEM if conflicts or left is not None or to_move else OK
+
+
+def run_export_store(store: Store, args: argparse.Namespace) -> int:
+    try:
+        with _opened(args.output, "w") as out:
+            written = export_store(store, out)
+    except TransferError as exc:
+        print(f"export-store: {exc}", file=sys.stderr)
+        return PROBLEM
+    print(f"exported {_kinds(written)}", file=sys.stderr)
+    return OK
+
+
+def run_import_store(store: Store, args: argparse.Namespace) -> int:
+    try:
+        with _opened(args.input, "r") as lines:
+            read = import_store(store, lines)
+    except TransferError as exc:
+        print(f"import-store: {exc}", file=sys.stderr)
+        return PROBLEM
+    except (ValueError, KeyError, TypeError) as exc:
+        print(f"import-store: not a valid export ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return PROBLEM
+    print(f"imported {_kinds(read)} into {store.settings.shards} shards", file=sys.stderr)
+    if read["pending"]:
+        print(
+            f"{read['pending']} deliveries that waited for a retry are dead letters now: "
+            "run `callstate records redeliver` once the records workers run",
+            file=sys.stderr,
+        )
+    return OK
+
+
+@contextlib.contextmanager
+def _opened(path: str | None, mode: str) -> Iterator[IO[str]]:
+    """The file named, or stdin/stdout for none."""
+    if path is None:
+        yield sys.stdout if mode == "w" else sys.stdin
+        return
+    with open(path, mode, encoding="ascii") as found:
+        yield found
+
+
+def _kinds(counts: Counter[str]) -> str:
+    return ", ".join(f"{count} {kind}" for kind, count in sorted(counts.items()))
 
 
 def run_rebuild(store: Store, args: argparse.Namespace) -> int:

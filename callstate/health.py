@@ -17,6 +17,7 @@ from callstate.connection import primaries
 from callstate.figures import Backlog, shard_backlogs
 from callstate.http import Services, services
 from callstate.jobs import WORKER_TTL_SECONDS
+from callstate.store import Store
 
 # An RQ worker's key lives this long after its last heartbeat (the workers' TTL plus the 60 s RQ
 # adds); an idle worker heartbeats every TTL - 15 s, so a younger heartbeat is live.
@@ -76,6 +77,16 @@ def _queue_checks(svc: Services) -> dict[str, dict[str, Any]]:
     except RedisError as exc:
         return {"queue": {"ok": False, "error": str(exc)}, "workers": UNAVAILABLE}
     return {"queue": {"ok": True}, "workers": _workers_check(svc)}
+
+
+def workers_running(store: Store) -> bool:
+    """Whether a worker of the event queue or a records queue has a live heartbeat: it would
+    apply, sweep (maintenance runs on it) or deliver while the store moves. Counted as /readyz
+    counts them: RQ's registry keeps a worker killed outright until a live worker cleans it,
+    which with every worker stopped is never."""
+    settings = store.settings
+    names = (settings.queue_name, settings.record_queue_name, settings.record_retry_queue_name)
+    return any(live_workers(Queue(name, connection=store.queue_redis)) for name in names)
 
 
 def live_workers(queue: Queue) -> int:

@@ -140,6 +140,24 @@ class Keys:
         refused, so no later event publishes a conflicting revision."""
         return f"{self.tag(self.shard_of(call_id))}:tombstone:{call_id}"
 
+    def tombstone_pattern(self) -> str:
+        """Every shard's tombstones, for SCAN."""
+        return f"{self.prefix}:{{s*}}:tombstone:*"
+
+    @staticmethod
+    def tombstone_call_id(key: str) -> str:
+        """The call id in a key `tombstone` built."""
+        return key.split("}:tombstone:", 1)[1]
+
+    def everything(self) -> str:
+        """Every key of the deployment, for SCAN: whether a store is empty."""
+        return f"{self.prefix}:*"
+
+    def import_marker(self) -> str:
+        """Set while `callstate import-store` writes a store: the service refuses to start on a
+        store half written."""
+        return f"{self.prefix}:import"
+
     def quarantine(self) -> str:
         return f"{self.prefix}:quarantine"
 

@@ -85,6 +85,10 @@ OLD_LAYOUT_MESSAGE = (
     "this Redis holds a store written before the keys carried their shard's hash tag: stop the "
     "web and the workers, run `callstate migrate-keys`, then start them again"
 )
+IMPORT_MESSAGE = (
+    "`callstate import-store` is writing this store, or stopped before it finished: wait for "
+    "it; if it stopped, empty this Redis and import again"
+)
 DELIVERIES_MESSAGE = (
     "the data Redis still holds the record deliveries of before CALLSTATE_QUEUE_URL (or "
     "CALLSTATE_QUEUE_SENTINEL_MASTER) was set: run `callstate migrate-keys`, which moves the "
@@ -167,11 +171,13 @@ class NotMigratedError(RuntimeError):
 
 
 def unmigrated(redis: Redis, queue_redis: Redis, keys: Keys) -> str | None:
-    """Why the service cannot run on this store yet: the layout before hash tags, or delivery
-    state left on the data Redis by a deployment that has since moved its queues; None when it
-    can. Two round trips at most."""
+    """Why the service cannot run on this store yet: the layout before hash tags, an import
+    under way or stopped halfway, or delivery state left on the data Redis by a deployment that
+    has since moved its queues; None when it can. Three round trips at most."""
     if old_layout_present(redis, keys):
         return OLD_LAYOUT_MESSAGE
+    if redis.exists(keys.import_marker()):
+        return IMPORT_MESSAGE
     if queue_redis is not redis and redis.exists(*_delivery_keys(keys)):
         return DELIVERIES_MESSAGE
     return None

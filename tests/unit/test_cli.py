@@ -367,3 +367,34 @@ def _two_calls() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             ended("exp-answered", 1515859280000, "USER_END_CALL", 8),
         ],
     )
+
+
+def test_export_store_writes_json_lines_and_import_store_refuses_a_non_empty_store(
+    run: Run, calls: None, redis: Redis, tmp_path: Any
+) -> None:
+    code, out, err = run("export-store")
+    assert code == 0, err
+    header = json.loads(out.splitlines()[0])
+    assert (header["format"], header["version"], header["shards"]) == ("callstate-store", 1, 4)
+    assert header["counts"]["call"] == 3 and "exported" in err
+    assert json.loads(out.splitlines()[-1])["kind"] == "end"
+    exported = tmp_path / "store.jsonl"
+    exported.write_text(out)
+    code, _, err = run("import-store", "--input", str(exported))
+    assert code == 1 and "not empty" in err
+    redis.flushall()
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_text('{"hello": 1}\n')
+    code, _, err = run("import-store", "--input", str(garbage))
+    assert code == 1 and "not a callstate store export" in err
+    code, _, err = run("import-store", "--input", str(exported))
+    assert code == 0 and "into 4 shards" in err
+    code, out, _ = run("show", "done-1", "--json")
+    assert code == 0 and json.loads(out)["status"] == "ended"
+
+
+def test_export_store_is_refused_while_a_backlog_waits(run: Run, store: Store) -> None:
+    store.log.append_event("waiting", body(event("waiting", "ringing", 1)))
+    code, out, err = run("export-store")
+    assert code == 1 and out == ""
+    assert "not applied" in err
