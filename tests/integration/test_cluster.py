@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from tests.integration.test_reliability import (
     traffic,
 )
 from tests.integration.test_sentinel import POSTERS, RETRY_FOR_SECONDS, Poster
+from tests.integration.test_transfer import move_and_go_on
 
 pytestmark = pytest.mark.ha
 MakeStack = Callable[..., Stack]
@@ -116,3 +118,11 @@ def test_a_primary_killed_under_load_loses_no_acknowledged_event(
         assert doc["counts"]["accepted"] == 3, (call_id, doc["counts"])
         assert doc["counts"]["rejected"] == 0, (call_id, doc["counts"])
     assert all(process.poll() is None for process in stack.processes.values()), "restarted"
+
+
+def test_a_store_moves_from_one_redis_to_the_cluster(
+    make_stack: MakeStack, cluster: ClusterSet, tmp_path: Path
+) -> None:
+    """As an operator moves a deployment onto a cluster: stop it, `export-store`, `import-store`
+    into the empty cluster under more shards, `rebuild --check`, start there, go on."""
+    move_and_go_on(make_stack, tmp_path, cluster, {**cluster.env, "CALLSTATE_SHARDS": "16"})

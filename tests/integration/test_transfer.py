@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.factories import ended, event
-from tests.integration.stack import RedisServer, Stack, wait_until
+from tests.integration.stack import RedisServer, Server, Stack, wait_until
 
 MakeStack = Callable[..., Stack]
 CALLS = [f"move-{n}" for n in range(12)]
@@ -29,6 +29,19 @@ def lookups(stack: Stack) -> dict[str, Any]:
 def test_a_store_moves_to_another_server_and_shard_count(
     make_stack: MakeStack, tmp_path: Path
 ) -> None:
+    server = RedisServer(tmp_path / "target-redis")
+    server.start()
+    try:
+        move_and_go_on(make_stack, tmp_path, server, {"CALLSTATE_SHARDS": "6"})
+    finally:
+        server.stop()
+
+
+def move_and_go_on(
+    make_stack: MakeStack, tmp_path: Path, server: Server, target_env: dict[str, str]
+) -> None:
+    """The move, from a 4-shard store on `make_stack`'s server to `server` (started, empty) under
+    `target_env`, then checks there and new events applied on top."""
     source = make_stack(CALLSTATE_SHARDS="4")
     source.start_web(processes=1)
     source.start_workers(1)
@@ -53,14 +66,12 @@ def test_a_store_moves_to_another_server_and_shard_count(
     done = source.cli("export-store", "--output", str(exported))
     assert done.returncode == 0, done.stderr
 
-    server = RedisServer(tmp_path / "target-redis")
-    server.start()
-    target = Stack(server, tmp_path / "target", {"CALLSTATE_SHARDS": "6"})
+    target = Stack(server, tmp_path / "target", target_env)
     (tmp_path / "target").mkdir()
     try:
         imported = target.cli("import-store", "--input", str(exported))
         assert imported.returncode == 0, imported.stderr
-        assert "into 6 shards" in imported.stderr
+        assert f"into {target_env['CALLSTATE_SHARDS']} shards" in imported.stderr
         again = target.cli("import-store", "--input", str(exported))
         assert again.returncode == 1 and "not empty" in again.stderr
         checked = target.cli("rebuild", "--check")
@@ -85,4 +96,3 @@ def test_a_store_moves_to_another_server_and_shard_count(
     finally:
         target.stop()
         print(target.logs())
-        server.stop()
