@@ -205,7 +205,7 @@ def parser() -> argparse.ArgumentParser:
         description="Write the store (logs, snapshots, documents, tombstones, records streams "
         "and history, outboxes, dead letters, quarantine, counters) as JSON Lines: a header "
         "(format version, key prefix, shard count, lines of each kind), the lines, an end line. "
-        "Refused (exit 1) unless the store is drained: no worker registered, no shard held, "
+        "Refused (exit 1) unless the store is drained: no worker running, no shard held, "
         "every logged entry applied. Exit 1 too if the store changed while it was read.",
     )
     export_cmd.set_defaults(run=run_export_store)

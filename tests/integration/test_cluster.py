@@ -9,7 +9,6 @@ import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,7 +22,12 @@ from tests.integration.test_reliability import (
     post_interleaved,
     traffic,
 )
-from tests.integration.test_sentinel import POSTERS, RETRY_FOR_SECONDS, Poster
+from tests.integration.test_sentinel import (
+    POSTERS,
+    RETRY_FOR_SECONDS,
+    Poster,
+    assert_each_applied_once_without_a_restart,
+)
 from tests.integration.test_transfer import move_and_go_on
 
 pytestmark = pytest.mark.ha
@@ -104,20 +108,7 @@ def test_a_primary_killed_under_load_loses_no_acknowledged_event(
     assert poster.refused, "no delivery was refused: the switch went unseen"
     assert set(poster.refused) <= {"unavailable", "not_replicated"}, poster.refused
 
-    def applied() -> dict[str, Any] | None:
-        found = {}
-        for call_id in calls:
-            answer = stack.get(f"/calls/{call_id}")
-            if answer.status_code != 200 or answer.json()["status"] != "ended":
-                return None
-            found[call_id] = answer.json()
-        return found
-
-    docs = wait_until(applied, 90, "every call applied on the promoted replica")
-    for call_id, doc in docs.items():
-        assert doc["counts"]["accepted"] == 3, (call_id, doc["counts"])
-        assert doc["counts"]["rejected"] == 0, (call_id, doc["counts"])
-    assert all(process.poll() is None for process in stack.processes.values()), "restarted"
+    assert_each_applied_once_without_a_restart(stack, list(calls))
 
 
 def test_a_store_moves_from_one_redis_to_the_cluster(
