@@ -596,7 +596,7 @@ def _print_findings(findings: list[Finding]) -> None:
 def run_migrate_keys(store: Store, args: argparse.Namespace) -> int:
     """Move the old layout's keys on the data Redis and, when it is another, the queue's;
     then the delivery state a deployment left on the data Redis before its queues moved.
-    Refused while workers are registered."""
+    Refused while a worker has a live heartbeat."""
     # The forwarder and the retrier too: the old release's would run deliveries on old names.
     if not args.check and workers_running(store):
         print("migrate-keys: stop the workers first (some have a live heartbeat)", file=sys.stderr)
