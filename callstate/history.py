@@ -17,7 +17,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 from redis import Redis
 from redis.client import Pipeline
@@ -34,6 +34,10 @@ from callstate.record import record_end_ms
 END_DIGITS = 13
 LATEST_END_MS = 10**END_DIGITS - 1
 DAY_MS = 86_400_000
+# Members or fields per command queued for the commit script: Lua unpacks at most ~8,000
+# arguments into one command.
+ITEMS_PER_COMMAND = 1000
+T = TypeVar("T")
 # Members read per shard and merged per step of a walk: one pipelined round trip each.
 WALK_STEP = 200
 # Members a page examines at most before it answers short, with a cursor to go on from.
@@ -152,11 +156,14 @@ class History:
             for key in keys:
                 added[key][place] = 0
         for key, places in removed.items():
-            pipe.zrem(key, *places)
+            for part in _parts(places):
+                pipe.zrem(key, *part)
         for key, values in stored.items():
-            pipe.hset(key, mapping=values)  # type: ignore[arg-type]
+            for fields in _parts(list(values.items())):
+                pipe.hset(key, mapping=dict(fields))
         for key, scores in added.items():
-            pipe.zadd(key, scores)
+            for members in _parts(list(scores.items())):
+                pipe.zadd(key, dict(members))
 
     def previous(
         self, records: list[Record], known: dict[str, Record | None]
@@ -352,3 +359,10 @@ def _end_text(ms: int) -> str:
 
 def _record(raw: bytes | None) -> Record | None:
     return cast(Record, json.loads(unpack(raw))) if raw else None
+
+
+def _parts(items: list[T]) -> Iterator[list[T]]:
+    """`items` in slices a command of the commit script can carry (a rebuild's rewrite holds
+    every record of a shard)."""
+    for start in range(0, len(items), ITEMS_PER_COMMAND):
+        yield items[start : start + ITEMS_PER_COMMAND]

@@ -26,7 +26,9 @@ class Quarantine:
     def add(self, item: dict[str, Any]) -> None:
         """Keep a rejected delivery for inspection; best effort, the list is bounded."""
         try:
-            pipe = self.redis.pipeline(transaction=True)
+            # No MULTI: the list and its counter are two global keys, in two hash slots on a
+            # cluster, where a transaction across them is refused.
+            pipe = self.redis.pipeline(transaction=False)
             # ASCII escapes: a rejected body's text may not even be encodable as UTF-8.
             pipe.lpush(self.keys.quarantine(), json.dumps(item))
             pipe.ltrim(self.keys.quarantine(), 0, self.settings.quarantine_max - 1)

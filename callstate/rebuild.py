@@ -199,7 +199,7 @@ def _compare(
         return "differs" if _first_change(derived) <= _id(cursor_before) else None
     if not _readable(stored):
         return "differs" if derived is not None else NOT_IN_LOG
-    left = snapshot.underivable(stored["call_id"], _first_log_id(stored))
+    left = snapshot.underivable(stored["call_id"], first_log_id(stored))
     if derived is None:
         return left or NOT_IN_LOG
     if _id(last_change(stored)) < _id(last_change(derived)):
@@ -215,7 +215,8 @@ def _readable(doc: Doc) -> bool:
     return isinstance(doc.get("journal"), list) and last_change(doc) is not None
 
 
-def _first_log_id(doc: Doc) -> str | None:
+def first_log_id(doc: Doc) -> str | None:
+    """The log id of the first entry a call journaled, or counted as overflow."""
     overflow = doc.get("overflow")
     if doc["journal"]:
         return doc["journal"][0]["log_id"]
@@ -223,7 +224,7 @@ def _first_log_id(doc: Doc) -> str | None:
 
 
 def _first_change(doc: Doc) -> streamids.StreamId:
-    return _id(_first_log_id(doc))
+    return _id(first_log_id(doc))
 
 
 def _id(log_id: str | None) -> streamids.StreamId:

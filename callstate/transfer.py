@@ -40,6 +40,8 @@ from callstate.codec import pack_doc, unpack, unpack_doc_or_empty
 from callstate.connection import StreamRows, distinct, text
 from callstate.health import workers_running
 from callstate.keys import Keys
+from callstate.rebuild import first_log_id
+from callstate.snapshots import HISTORY_TRIMMED, Snapshot
 from callstate.store import Store
 from callstate.streamids import StreamId
 
@@ -362,6 +364,10 @@ class Importer:
         self.previous: tuple[str, tuple[StreamId, int]] | None = None
         self.source_ids: list[StreamId] = []
         self.snapshot_taken = False
+        # Per source shard, what a rebuild there took its log to cover: its snapshot position
+        # and cursor, and the first entry its log held.
+        self.source_shards: dict[int, tuple[str | None, str | None]] = {}
+        self.source_first: dict[int, str] = {}
 
     def take(self, line: dict[str, Any]) -> None:
         kind = line["kind"]
@@ -376,6 +382,7 @@ class Importer:
             self.queue_pipe.execute()
 
     def _shard(self, line: dict[str, Any]) -> None:
+        self.source_shards[int(line["shard"])] = (line["position"], line["cursor"])
         for name in ("cursor", "last_id"):
             if line[name] is not None:
                 self.source_ids.append(streamids.parse(line[name]))
@@ -396,6 +403,7 @@ class Importer:
         self.last[kind, target] = new
         new_id = streamids.text(new)
         if kind == "log":
+            self.source_first.setdefault(shard, old_id)
             self.first_log.setdefault(target, new)
             if new_id != old_id:
                 self.moved[shard][old_id] = new_id
@@ -430,12 +438,30 @@ class Importer:
         if expires is not None and expires <= self.now_ms:
             return
         doc, packed = self._renumbered(call_id, _unb64(line["value"]))
+        if doc is not None and self._trimmed_in_source(call_id, doc):
+            # Its shard's log may now start before its first entries: only the mark a snapshot
+            # step gives such a call keeps a rebuild from taking it for derivable and degrading
+            # it. Not over a copy the source's snapshot held.
+            self.pipe.hsetnx(
+                self.keys.snapshot(self.keys.shard_of(call_id)), call_id, HISTORY_TRIMMED
+            )
+            self.snapshot_taken = True
         if doc is not None and is_active(doc):
             self.store.docs.write_doc(self.pipe, doc, packed, frozenset())
             shard = self.keys.shard_of(call_id)
             self.pipe.hincrby(self.keys.active_statuses(shard), cast(str, doc["status"]), 1)
         else:
             self.pipe.set(self.keys.call(call_id), packed, pxat=expires)
+
+    def _trimmed_in_source(self, call_id: str, doc: Doc) -> bool:
+        """Whether the source's rebuild left the call as `history_trimmed`: its first entries
+        trimmed by a version before snapshots (renumbering never moves an id below its own)."""
+        shard = self.source.shard_of(call_id)
+        position, cursor = self.source_shards.get(shard, (None, None))
+        # As a rebuild reads it: an empty log was trimmed up to its cursor.
+        log_from = self.source_first.get(shard) or (streamids.following(cursor) if cursor else None)
+        covered = Snapshot(position, {}, log_from)
+        return covered.underivable(call_id, first_log_id(doc)) == "history_trimmed"
 
     def _tombstone(self, line: dict[str, Any]) -> None:
         expires = line["expires_at_ms"]

@@ -285,3 +285,32 @@ def test_a_lock_renewal_landing_during_a_shards_rewrite_does_not_fail_it(
     assert rebuild(store, machine).rewritten == 1
     assert renewed == [True]
     assert check(store, machine).differing == []
+
+
+def test_a_rebuild_that_loses_a_later_shards_lock_keeps_what_it_wrote_before(
+    deliver: Deliver, store: Store, machine: CallMachine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each shard is rewritten by its own commit script (a cluster runs a script in one slot),
+    no longer all in one transaction: a lock lost at a later shard stops the rebuild there,
+    the earlier shards' rewrites stay (each whole and correct on its own), and a second run
+    finishes the rest."""
+    by_shard = {store.keys.shard_of(f"c2{n}"): f"c2{n}" for n in range(99)}
+    first, later = by_shard[0], by_shard[store.settings.shards - 1]
+    for call_id in (first, later):
+        deliver(event(call_id, "ringing", 100))
+        store.redis.delete(store.keys.call(call_id))
+    lost = store.keys.shard_of(later)
+    real_rewrite = store.docs.rewrite
+
+    def losing_the_later_lock(token: str, shard: int, *rest: Any) -> bool:
+        if shard == lost:
+            store.redis.delete(store.keys.drain_lock(shard))  # expired, say, and taken back
+        return real_rewrite(token, shard, *rest)
+
+    monkeypatch.setattr(store.docs, "rewrite", losing_the_later_lock)
+    with pytest.raises(RuntimeError, match=f"shard {lost}'s lock or cursor moved"):
+        rebuild(store, machine)
+    monkeypatch.undo()
+    assert store.docs.get_doc(first) is not None and store.docs.get_doc(later) is None
+    assert rebuild(store, machine).rewritten == 1
+    assert check(store, machine).differing == []

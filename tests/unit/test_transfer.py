@@ -25,7 +25,7 @@ from callstate.connection import StreamRows, text
 from callstate.drain import Drainer
 from callstate.machine import CallMachine
 from callstate.migration import unmigrated
-from callstate.rebuild import check
+from callstate.rebuild import check, rebuild
 from callstate.snapshots import Snapshots
 from callstate.store import Store
 from callstate.transfer import TransferError, export_store, import_store
@@ -397,3 +397,29 @@ def test_the_targets_snapshots_move_on_over_what_was_imported(
         client_of(target).get("/calls?active=true").get_json()
         == client_of(source).get("/calls?active=true").get_json()
     )
+
+
+def test_a_call_trimmed_before_snapshots_stays_left_when_its_shard_merges(
+    settings: Settings, machine: CallMachine
+) -> None:
+    """A store upgraded from a version before snapshots: a call whose first entries were
+    trimmed is left by `rebuild` (`history_trimmed`) because it changed before everything its
+    shard's log holds. Merged with a shard whose log starts earlier, the call must not be taken
+    for derivable, or `rebuild --check` reports it and `rebuild` degrades it."""
+    store = new_store(settings, 2)
+    early, old = ids_in(store, 1, 1, "early")[0], ids_in(store, 0, 1, "old")[0]
+    log_at(store, 1_000, {"call_id": early, "event": body(event(early, "ringing", 100))})
+    log_at(store, 5_000, {"call_id": old, "event": body(event(old, "ringing", 100))})
+    log_at(store, 6_000, {"call_id": old, "event": body(event(old, "answered", 200))})
+    drain_all(store, machine)
+    # As versions before snapshots trimmed: the first entry gone, no snapshot taken.
+    store.redis.xtrim(store.keys.log(0), maxlen=1, approximate=False)
+    report = check(store, machine)
+    assert (report.differing, report.left) == ([], {old: "history_trimmed"})
+    doc = store.docs.get_doc(old)
+
+    target = moved(store, 1)
+    report = check(target, machine)
+    assert (report.differing, report.left) == ([], {old: "history_trimmed"})
+    assert rebuild(target, machine).left == {old: "history_trimmed"}
+    assert target.docs.get_doc(old) == doc

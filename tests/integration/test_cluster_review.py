@@ -1,0 +1,65 @@
+"""What a hostile review found on Redis Cluster (CALLSTATE_REDIS_CLUSTER_NODES): each test
+failed on the version it names, with real servers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from callstate.config import Settings
+from callstate.connection import connect, connect_queue
+from callstate.drain import Drainer
+from callstate.machine import CallMachine
+from callstate.store import Store
+from tests.factories import body, event
+from tests.integration.ha import ClusterSet
+from tests.integration.stack import Stack
+from tests.unit.test_isolation import POISON, SHARD, ids_in_shard, log_raw
+
+pytestmark = pytest.mark.ha
+MakeStack = Callable[..., Stack]
+
+
+def test_a_refused_delivery_is_answered_and_quarantined_on_a_cluster(
+    make_cluster_stack: MakeStack,
+) -> None:
+    """The quarantine's list and its counter are global keys, in two hash slots: written in one
+    MULTI, the cluster client refused them (CrossSlotTransactionError), so every refused
+    delivery was answered 500 instead of its 4xx, and quarantined nowhere (67c0361)."""
+    stack = make_cluster_stack()
+    stack.start_web(1)
+    invalid = stack.post_raw(b'{"call_id": "q-1", "call_status": ')
+    assert invalid.status_code == 400, invalid.text
+    unnamed = stack.post({"call_status": "ringing", "timestamp_ms": 1})
+    assert unnamed.status_code == 422, unnamed.text
+    shown = stack.cli("quarantine")
+    assert shown.returncode == 0, shown.stderr
+    assert "invalid_json" in shown.stdout and "call_id" in shown.stdout, shown.stdout
+    assert stack.post(event("q-2", "ringing", 1)).status_code == 200
+
+
+def test_an_unprocessable_entry_is_set_aside_and_quarantined_on_a_cluster(
+    cluster: ClusterSet,
+) -> None:
+    """The drainer quarantines an entry it sets aside after its commit: on a cluster that
+    quarantine raised, failing the drain job (its shard then waited for maintenance) and
+    losing the operator's view of the entry (67c0361)."""
+    settings = Settings.from_env({**cluster.env, "CALLSTATE_SHARDS": "16"})
+    redis = connect(settings)
+    store = Store(redis, settings, connect_queue(settings, redis))
+    woken: list[int] = []
+    drainer = Drainer(
+        store, CallMachine(), batch=7, slice_ms=60_000, linger_ms=0, window_ms=0, wake=woken.append
+    )
+    poisoned, after = ids_in_shard(store, "poison", 2)
+    aside = log_raw(store, poisoned, POISON["AttributeError"] % poisoned.encode())
+    log_raw(store, after, body(event(after, "ringing", 1)))
+
+    drainer.drain(SHARD)
+
+    assert not store.log.has_backlog(SHARD)
+    doc = store.docs.get_doc(after)
+    assert doc is not None and doc["status"] == "ringing"
+    [item] = store.quarantine.recent(5)
+    assert (item["error"], item["log_id"], item["call_id"]) == ("unprocessable", aside, poisoned)
