@@ -8,7 +8,7 @@ WORKERS ?= 4
 G ?= 2
 W ?= 4
 
-.PHONY: run test test-ha lint chromium bench bench-cluster faults mutation
+.PHONY: run test test-ha test-slow lint chromium bench bench-cluster faults mutation
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,12 +29,16 @@ lint: $(BIN)/.installed
 # several start servers and load them.
 test: lint chromium
 	$(BIN)/pytest -q -n 2 tests/unit
-	$(BIN)/pytest -q -m "not ha" tests/integration
+	$(BIN)/pytest -q -m "not ha and not slow" tests/integration
 
 # Past one Redis: replicas, sentinels, a queue server of its own and a Redis Cluster, started by the tests (about two
 # minutes); CI runs it too.
 test-ha: $(BIN)/.installed
 	$(BIN)/pytest -q -m ha tests/integration
+
+# The quick runs of the fault suite and of the benchmark: a minute or so of load each; CI runs it.
+test-slow: $(BIN)/.installed
+	$(BIN)/pytest -q -m slow tests/integration
 
 # The board's browser test drives Debian's Chromium (Playwright's own download needs the
 # internet): installed here when missing and we are root, as on CI; otherwise the test skips,
@@ -54,7 +58,7 @@ bench: $(BIN)/.installed
 bench-cluster: $(BIN)/.installed
 	$(BIN)/python -m bench.cluster $(BENCH_ARGS)
 
-# The fault suite (a minute of load per fault) and a 10-minute soak; a quick run is in `make test`.
+# The fault suite (a minute of load per fault) and a 10-minute soak; a quick run is in `make test-slow`.
 faults: $(BIN)/.installed
 	$(BIN)/python -m bench.faults $(FAULTS_ARGS)
 

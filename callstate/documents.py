@@ -19,7 +19,7 @@ from callstate.calls import Applied, Doc, is_active
 from callstate.codec import dumps, pack, pack_doc, unpack_doc
 from callstate.config import Settings
 from callstate.connection import command_list, get_many, text
-from callstate.history import ITEMS_PER_COMMAND, History
+from callstate.history import History, command_parts
 from callstate.keys import Keys
 from callstate.lag import COUNT_APPLY_LAG, entry_millis
 from callstate.retention import Retention
@@ -247,8 +247,8 @@ class Documents:
         recorded = self.history.latest(record["call_id"] for record in records)
         writes = command_list()
         writes.delete(self.keys.active(shard), self.keys.active_statuses(shard))
-        for start in range(0, len(indexes), ITEMS_PER_COMMAND):
-            writes.delete(*indexes[start : start + ITEMS_PER_COMMAND])
+        for part in command_parts(indexes):
+            writes.delete(*part)
         for doc in docs.values():
             self._set_doc(writes, doc, pack_doc(doc))
         self.history.queue_records(writes, records, recorded)

@@ -156,13 +156,13 @@ class History:
             for key in keys:
                 added[key][place] = 0
         for key, places in removed.items():
-            for part in _parts(places):
+            for part in command_parts(places):
                 pipe.zrem(key, *part)
         for key, values in stored.items():
-            for fields in _parts(list(values.items())):
+            for fields in command_parts(list(values.items())):
                 pipe.hset(key, mapping=dict(fields))
         for key, scores in added.items():
-            for members in _parts(list(scores.items())):
+            for members in command_parts(list(scores.items())):
                 pipe.zadd(key, dict(members))
 
     def previous(
@@ -361,7 +361,7 @@ def _record(raw: bytes | None) -> Record | None:
     return cast(Record, json.loads(unpack(raw))) if raw else None
 
 
-def _parts(items: list[T]) -> Iterator[list[T]]:
+def command_parts(items: list[T]) -> Iterator[list[T]]:
     """`items` in slices a command of the commit script can carry (a rebuild's rewrite holds
     every record of a shard)."""
     for start in range(0, len(items), ITEMS_PER_COMMAND):

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.integration.stack import run_module
+
+pytestmark = pytest.mark.slow
 
 
 def test_benchmark_smoke_run(tmp_path: Path) -> None:

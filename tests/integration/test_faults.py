@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.faults import FAULTS
 from tests.integration.stack import run_module
+
+pytestmark = pytest.mark.slow
 
 
 def test_fault_suite_quick_run(tmp_path: Path) -> None:
