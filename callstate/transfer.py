@@ -103,6 +103,14 @@ def _shard_state(store: Store, shard: int) -> ShardState:
     )
 
 
+def _store_state(store: Store) -> tuple[list[ShardState], int]:
+    """Every shard's state, and how many deliveries were ever quarantined: a web process still
+    running that refuses one writes the quarantine and nothing of any shard."""
+    quarantined = store.redis.get(store.keys.quarantined_counter())
+    states = [_shard_state(store, shard) for shard in range(store.keys.shards)]
+    return states, int(cast(bytes, quarantined) or 0)
+
+
 def _last_generated(redis: Redis, key: str) -> str | None:
     """The last id the stream ever gave, deleted or trimmed entries included."""
     try:
@@ -291,8 +299,7 @@ def export_store(store: Store, out: IO[str]) -> Counter[str]:
     problem = not_drained(store)
     if problem is not None:
         raise TransferError(f"the store is not drained: {problem}")
-    shards = range(store.keys.shards)
-    before = [_shard_state(store, shard) for shard in shards]
+    before = _store_state(store)
     exporter = Exporter(store)
     expected = exporter.counts()
     header = {
@@ -308,8 +315,7 @@ def export_store(store: Store, out: IO[str]) -> Counter[str]:
     for line in exporter.lines():
         out.write(json.dumps(line) + "\n")
         written[line["kind"]] += 1
-    after = [_shard_state(store, shard) for shard in shards]
-    if after != before or written + exporter.vanished != expected:
+    if _store_state(store) != before or written + exporter.vanished != expected:
         raise TransferError(
             "the store changed while it was exported (a web process or a worker still running?):"
             " stop every process of the service and export again"

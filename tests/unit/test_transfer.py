@@ -294,6 +294,30 @@ def test_a_live_worker_is_refused_and_one_killed_long_ago_is_not(source: Store) 
         export_store(source, io.StringIO())
 
 
+class RefusedWhileWritten(io.StringIO):
+    """An export's output during which a web process still running refuses a delivery, once
+    the export has read the quarantine and its counter."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__()
+        self.store = store
+        self.refused = False
+
+    def write(self, line: str) -> int:
+        if json.loads(line).get("kind") == "counters" and not self.refused:
+            self.store.quarantine.add({"error": "invalid_json", "body": "{"})
+            self.refused = True
+        return super().write(line)
+
+
+def test_a_delivery_quarantined_during_the_export_fails_it(source: Store) -> None:
+    """A refused delivery touches no shard (it is not logged), so the before-and-after check
+    of the shards did not see it: the export ended whole without the item (review of 3c9de35)."""
+    with pytest.raises(TransferError, match="changed while it was exported"):
+        export_store(source, RefusedWhileWritten(source))
+    assert source.quarantine.recent(1)[0]["error"] == "invalid_json"
+
+
 def test_a_held_shard_is_refused(source: Store) -> None:
     source.coordination.locks.acquire(2, "a-drain-job")
     with pytest.raises(TransferError, match="shard 2 is held"):
