@@ -9,6 +9,7 @@ from redis.backoff import NoBackoff
 from redis.client import Pipeline
 from redis.cluster import ClusterNode
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -17,6 +18,9 @@ from callstate.config import Settings, server_address
 REDIS_TIMEOUT_SECONDS = 5
 # A sentinel answers from memory: one that takes longer is down, ask the next.
 SENTINEL_TIMEOUT_SECONDS = 0.5
+# What a store that does not answer raises: besides RedisError, redis-py's cluster client raises
+# RedisClusterException (no RedisError) when no node answers or no node holds a slot.
+STORE_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException)
 # redis-py types replies as bytes-or-str (it cannot know decode_responses); RQ needs bytes.
 StreamRows = list[tuple[bytes, dict[bytes, bytes]]]
 

@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from rq import Queue, Worker
 from rq.utils import now, utcparse
 
-from callstate.connection import primaries
+from callstate.connection import STORE_ERRORS, primaries
 from callstate.figures import Backlog, shard_backlogs
 from callstate.http import Services, services
 from callstate.jobs import WORKER_TTL_SECONDS
@@ -62,7 +62,7 @@ def _data_checks(svc: Services) -> dict[str, dict[str, Any]]:
         if required:
             checks["replicas"] = _replicas_check(svc.store.redis, required)
         return checks
-    except RedisError as exc:
+    except STORE_ERRORS as exc:
         return {
             "redis": {"ok": False, "error": str(exc)},
             "backlog": UNAVAILABLE,

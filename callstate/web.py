@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from flask import Flask, Response
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from rq import Queue
 from werkzeug.exceptions import HTTPException
 
@@ -55,6 +55,7 @@ def create_app(
         app.before_request(checked_first(redis, queue_redis, store.keys))
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(RedisError, _redis_down)
+    app.register_error_handler(RedisClusterException, _redis_down)
     warn_if_exposed(settings)
     for server in distinct(redis, queue_redis):
         warn_if_unsafe(server)
@@ -116,6 +117,6 @@ def _http_error(exc: HTTPException) -> tuple[Response, int]:
     return response, status
 
 
-def _redis_down(exc: RedisError) -> tuple[Response, int]:
-    log.warning("redis unavailable: %s", exc)
+def _redis_down(exc: Exception) -> tuple[Response, int]:
+    log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
     return error(503, "unavailable", "the call store is unavailable; retry later")

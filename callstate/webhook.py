@@ -12,6 +12,7 @@ from rq import Queue
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from callstate.config import Settings
+from callstate.connection import STORE_ERRORS
 from callstate.eventlog import NotReplicatedError
 from callstate.http import error, require_checked_store, services
 from callstate.jobs import drain_timeout, enqueue_drain
@@ -45,8 +46,14 @@ def receive_event() -> tuple[Response, int]:
     except NotReplicatedError as exc:
         _wake(svc.queue, svc.settings, exc.shard, exc.wake_id, exc.log_id, call_id)
         return _refuse_unreplicated(svc.settings, exc, call_id)
-    except RedisError as exc:
-        log.warning("event for call %s not stored: %s", call_id, exc, extra={"call_id": call_id})
+    except STORE_ERRORS as exc:
+        log.warning(
+            "event for call %s not stored: %s: %s",
+            call_id,
+            type(exc).__name__,
+            exc,
+            extra={"call_id": call_id},
+        )
         # A timed-out append may still have run: the retry is then applied as a duplicate.
         return error(
             503, "unavailable", "the event store did not confirm the event; deliver it again"

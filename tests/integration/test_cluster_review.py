@@ -63,3 +63,23 @@ def test_an_unprocessable_entry_is_set_aside_and_quarantined_on_a_cluster(
     assert doc is not None and doc["status"] == "ringing"
     [item] = store.quarantine.recent(5)
     assert (item["error"], item["log_id"], item["call_id"]) == ("unprocessable", aside, poisoned)
+
+
+def test_the_webhook_and_readyz_answer_503_when_no_cluster_node_answers(
+    make_cluster_stack: MakeStack, cluster: ClusterSet
+) -> None:
+    """ "Redis down: 503, deliver it again." With every node of the cluster gone, redis-py's
+    cluster client raises RedisClusterException, which is not a RedisError: the webhook
+    answered 500 and /readyz crashed with a 500 instead of saying what fails."""
+    stack = make_cluster_stack()
+    stack.start_web(1)
+    assert stack.post(event("down-1", "ringing", 1)).status_code == 200
+    for node in cluster.nodes:
+        node.kill()
+
+    answer = stack.post(event("down-1", "answered", 2))
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"] == "unavailable"
+    ready = stack.get("/readyz")
+    assert ready.status_code == 503, ready.text
+    assert "redis" in ready.json()["failing"]
