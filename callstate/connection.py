@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 from redis import ConnectionPool, Redis, RedisCluster
@@ -69,6 +71,20 @@ def server_of(redis: Redis, key: str) -> Redis:
     if isinstance(redis, RedisCluster):
         return cast(Redis, redis.get_redis_connection(redis.get_node_from_key(key)))
     return redis
+
+
+@contextmanager
+def watched_transaction(redis: Redis, key: str) -> Iterator[Pipeline]:
+    """A WATCH/MULTI/EXEC pipeline on the server that holds `key`, for a transaction fenced by
+    what it watches. Not the cluster client's own: after a broken connection or a timeout it
+    sends MULTI/EXEC again on a new connection without the WATCH, so the transaction ran over
+    whatever changed meanwhile. A server's own client raises WatchError there instead."""
+    try:
+        with server_of(redis, key).pipeline(transaction=True) as pipe:
+            yield pipe
+    except RedisError:
+        forget_routes(redis)
+        raise
 
 
 def primaries(redis: Redis) -> list[Redis]:

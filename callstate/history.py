@@ -26,7 +26,7 @@ from redis.exceptions import WatchError
 from callstate.calldoc import Record
 from callstate.codec import dumps, pack, unpack
 from callstate.config import Settings
-from callstate.connection import text
+from callstate.connection import text, watched_transaction
 from callstate.coordination import DrainCoordination
 from callstate.keys import Keys
 from callstate.record import record_end_ms
@@ -324,7 +324,7 @@ class History:
         if not places:
             return 0
         records = self._records(places)
-        with self.redis.pipeline(transaction=True) as pipe:
+        with watched_transaction(self.redis, lock_key) as pipe:
             try:
                 pipe.watch(lock_key)  # type: ignore[no-untyped-call]
                 if pipe.get(lock_key) != token.encode():

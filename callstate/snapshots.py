@@ -28,7 +28,7 @@ from callstate.calls import (
     published_revision,
 )
 from callstate.codec import pack_doc, unpack_doc, unpack_doc_or_empty
-from callstate.connection import get_many
+from callstate.connection import get_many, watched_transaction
 from callstate.machine import CallMachine
 from callstate.retention import Retention
 from callstate.store import Store
@@ -240,7 +240,7 @@ class Snapshots:
             self.keys.drain_lock(shard),
         )
         expected = [cursor.encode(), position.encode() if position else None, token.encode()]
-        with self.store.redis.pipeline(transaction=True) as pipe:
+        with watched_transaction(self.store.redis, keys[0]) as pipe:
             try:
                 pipe.watch(*keys)  # type: ignore[no-untyped-call]
                 if [pipe.get(key) for key in keys] != expected:

@@ -4,13 +4,17 @@ failed on the version it names, with real servers."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import pytest
+from redis.exceptions import RedisError
 
+from callstate.calls import Doc
 from callstate.config import Settings
-from callstate.connection import connect, connect_queue
+from callstate.connection import connect, connect_queue, server_of
 from callstate.drain import Drainer
 from callstate.machine import CallMachine
+from callstate.snapshots import Snapshots
 from callstate.store import Store
 from tests.factories import body, event
 from tests.integration.ha import ClusterSet
@@ -63,6 +67,36 @@ def test_an_unprocessable_entry_is_set_aside_and_quarantined_on_a_cluster(
     assert doc is not None and doc["status"] == "ringing"
     [item] = store.quarantine.recent(5)
     assert (item["error"], item["log_id"], item["call_id"]) == ("unprocessable", aside, poisoned)
+
+
+def test_a_snapshot_step_whose_connection_breaks_keeps_its_fence_on_a_cluster(
+    cluster: ClusterSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot step writes only while its WATCH holds (cursor, position, lock). redis-py's
+    cluster client, on a broken connection or a timeout, sends MULTI/EXEC again on a new
+    connection without the WATCH: a drainer's commit meanwhile was written over (the position
+    moved past entries the new cursor had not folded, and the log trimmed to it)."""
+    settings = Settings.from_env({**cluster.env, "CALLSTATE_SHARDS": "16"})
+    redis = connect(settings)
+    store = Store(redis, settings, connect_queue(settings, redis))
+    keys, shard, token = store.keys, 3, "snapshot-step"
+    redis.set(keys.drain_lock(shard), token)
+    redis.set(keys.cursor(shard), "5-0")
+    node = server_of(redis, keys.cursor(shard))
+
+    def interfere(_self: Snapshots, pipe: object, shard: int, doc: object) -> None:
+        # Between the step's WATCH and its EXEC: the cursor moves, the connection breaks.
+        redis.set(keys.cursor(shard), "6-0")
+        node.client_kill_filter(_type="normal", skipme=True)
+
+    monkeypatch.setattr(Snapshots, "_retire", interfere)
+    snapshots = Snapshots(store, CallMachine())
+    try:
+        written = snapshots._commit(shard, token, None, "5-0", "5-0", {"gone": cast(Doc, {})}, {})
+    except RedisError:
+        written = False  # refused outright is as good as refused by the fence
+    assert not written
+    assert snapshots.position(shard) is None
 
 
 def test_the_webhook_and_readyz_answer_503_when_no_cluster_node_answers(
