@@ -46,14 +46,16 @@ def connect(settings: Settings) -> Redis:
 def _cluster(settings: Settings) -> Redis:
     """redis-py's cluster client, typed as the client it stands in for: it answers the same
     commands, and every transaction, script and multi-key command here stays in one shard's
-    hash tag. Its retries (which redis-py also makes on a timeout) follow a failover: an append
-    retried after it ran is logged twice and applied once, as a delivery sent twice is."""
+    hash tag. One retry, on a slot map read again, as one Redis gets one on a broken connection;
+    redis-py makes it on a timeout too, so a hung primary holds a call up to twice the timeout,
+    and an append retried after it ran is logged twice and applied once, as a delivery sent
+    twice is."""
     client = RedisCluster(
         startup_nodes=[
             ClusterNode(*_host_port(item))  # type: ignore[no-untyped-call]
             for item in settings.cluster_nodes
         ],
-        retry=Retry(NoBackoff(), retries=2),
+        retry=Retry(NoBackoff(), retries=1),
         socket_timeout=REDIS_TIMEOUT_SECONDS,
         socket_connect_timeout=2,
     )
