@@ -19,7 +19,7 @@ from typing import IO, Any, cast
 from urllib.parse import urlparse
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue
 
@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         store = Store(redis, settings, connect_queue(settings, redis))
     except ValueError:  # the message would repeat the URL, and a URL may carry a password
         print("callstate: REDIS_URL is not a Redis URL (redis://host:port/db)", file=sys.stderr)
+        return UNAVAILABLE
+    except RedisClusterException as exc:  # a cluster's client reads its slot map when made
+        print(f"callstate: cannot reach Redis at {_where(settings)}: {exc}", file=sys.stderr)
         return UNAVAILABLE
     run = cast(Command, args.run)
     try:
@@ -821,6 +824,8 @@ def _where(settings: Settings) -> str:
     """The server's address without the password a REDIS_URL may carry."""
     if settings.sentinels:
         return f"{settings.sentinel_master} (sentinels {','.join(settings.sentinels)})"
+    if settings.cluster_nodes:
+        return f"the cluster of {','.join(settings.cluster_nodes)}"
     url = urlparse(settings.redis_url)
     return f"{url.hostname}:{url.port}" if url.hostname else url.path
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from callstate import cli
 from callstate.config import Settings
 
 NODES = "127.0.0.1:7000,[::1]:7001,redis-2.internal:7002"
@@ -45,3 +46,15 @@ def test_settings_refuse_a_cluster_they_cannot_use(env: dict[str, str], message:
     their own; and the data has one home, not two."""
     with pytest.raises(ValueError, match=message):
         Settings.from_env({"CALLSTATE_REDIS_CLUSTER_NODES": NODES, **env})
+
+
+def test_the_cli_says_the_cluster_cannot_be_reached(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """redis-py's cluster client reads the slot map when it is made: with no node answering,
+    the CLI exits 2 naming the cluster, not with a traceback."""
+    monkeypatch.setenv("CALLSTATE_REDIS_CLUSTER_NODES", "127.0.0.1:1")
+    monkeypatch.setenv("CALLSTATE_QUEUE_URL", QUEUE)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    assert cli.main(["stats"]) == cli.UNAVAILABLE
+    assert "cannot reach Redis at the cluster of 127.0.0.1:1" in capsys.readouterr().err
