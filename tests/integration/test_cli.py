@@ -16,12 +16,15 @@ CALLER, CALLEE = "84899199866", "84909985668"
 
 
 def follow_records(stack: Stack, out: Path) -> subprocess.Popen[bytes]:
+    """`records --follow` as an operator runs it at a terminal, where Ctrl-C reaches it: a test
+    run started in the background (`make test &`) ignores SIGINT, and its children would too."""
     return subprocess.Popen(
         [str(BIN / "callstate"), "records", "--follow", "--json"],
         cwd=REPO,
         env=stack.env,
         stdout=out.open("wb"),
         stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
