@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from callstate.connection import every_server
 
@@ -33,9 +35,20 @@ class Finding:
 
 def examine(redis: Redis) -> list[Finding]:
     """Read the server's settings (INFO, and CONFIG where the server allows it) and judge each;
-    on a cluster, every node's: a setting holds when it holds on each, and shows each value."""
-    found = [_examine_server(server) for server in every_server(redis)]
-    return [
+    on a cluster, every node's: a setting holds when it holds on each, and shows each value,
+    and a node that does not answer is a finding of its own (with none answering, it raises)."""
+    servers = every_server(redis)
+    found, silent = [], []
+    for server in servers:
+        try:
+            found.append(_examine_server(server))
+        except (RedisConnectionError, RedisTimeoutError):
+            if len(servers) == 1:
+                raise
+            silent.append(_address(server))
+    if not found:
+        raise RedisConnectionError(f"no node answers: {', '.join(silent)}")
+    judged = [
         Finding(
             each[0].setting,
             ", ".join(sorted({finding.found for finding in each})),
@@ -45,6 +58,23 @@ def examine(redis: Redis) -> list[Finding]:
         )
         for each in zip(*found, strict=True)
     ]
+    if silent:
+        judged.append(
+            Finding(
+                "nodes answering",
+                f"{len(found)} of {len(servers)} ({', '.join(silent)} not)",
+                "all",
+                False,
+                "a node that does not answer is not judged; a primary down leaves its shards' "
+                "events answered 503 until its replica is promoted",
+            )
+        )
+    return judged
+
+
+def _address(server: Redis) -> str:
+    options = server.connection_pool.connection_kwargs
+    return f"{options.get('host')}:{options.get('port')}"
 
 
 def _examine_server(redis: Redis) -> list[Finding]:

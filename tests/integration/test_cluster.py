@@ -117,3 +117,24 @@ def test_a_store_moves_from_one_redis_to_the_cluster(
     """As an operator moves a deployment onto a cluster: stop it, `export-store`, `import-store`
     into the empty cluster under more shards, `rebuild --check`, start there, go on."""
     move_and_go_on(make_stack, tmp_path, cluster, {**cluster.env, "CALLSTATE_SHARDS": "16"})
+
+
+def test_doctor_judges_every_node_and_names_one_that_does_not_answer(
+    make_cluster_stack: MakeStack, cluster: ClusterSet
+) -> None:
+    """Every node's settings are judged, replicas too (one promoted keeps its own); a node down
+    is a finding of its own, not a failed check of them all."""
+    stack = make_cluster_stack()
+    assert stack.cli("doctor").returncode == 0
+    replica = next(node for node in cluster.nodes if node not in cluster.primaries())
+    replica.client().config_set("appendfsync", "no")
+    unsafe = stack.cli("doctor")
+    assert unsafe.returncode == 1, unsafe.stdout
+    assert "PROBLEM  appendfsync = always, no" in unsafe.stdout
+    replica.kill()
+    down = stack.cli("doctor", "--json")
+    assert down.returncode == 1, down.stdout + down.stderr
+    findings = {item["setting"]: item for item in json.loads(down.stdout)["findings"]}
+    assert findings["appendfsync"]["ok"], "the node that answered wrongly is the one down"
+    answering = findings["nodes answering"]
+    assert not answering["ok"] and f"127.0.0.1:{replica.port} not" in answering["found"]
