@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.factories import scenario
-from tests.integration import test_pipeline
+from tests.integration import test_pipeline, test_real_payloads
 from tests.integration.ha import ClusterSet
 from tests.integration.stack import Stack, wait_until
 from tests.integration.test_reliability import (
@@ -38,10 +38,16 @@ CALLS = 90
 def test_the_acceptance_runs_unchanged_on_a_cluster(
     make_cluster_stack: MakeStack, cluster: ClusterSet
 ) -> None:
-    """The pipeline's own acceptance tests, then interleaved traffic applied exactly once and in
-    order, with the shards spread over every primary; the operator's commands work there."""
+    """The pipeline's own acceptance tests and the corpus of real bodies (refusals quarantined),
+    then interleaved traffic applied exactly once and in order, with the shards spread over
+    every primary; the operator's commands work there."""
     test_pipeline.test_documented_events_become_state_and_a_record(make_cluster_stack)
     test_pipeline.test_call_center_call_with_late_duplicate_and_recording(make_cluster_stack)
+    cluster.client().flushall()  # the corpus holds the documented example's call again
+    real = make_cluster_stack()
+    real.start_web()
+    real.start_workers(2)
+    test_real_payloads.test_every_real_body_gets_its_documented_verdict_and_record(real)
     cluster.client().flushall()  # the checks below count every record stored
 
     stack = make_cluster_stack()
