@@ -334,10 +334,6 @@ def _rank(pair: tuple[bytes, float]) -> tuple[float, bytes]:
     return score, member
 
 
-def _maybe_text(raw: bytes | str | None) -> str | None:
-    return text(raw) if raw else None
-
-
 def _text_field(container: Any, name: str) -> str | None:
     value = container.get(name) if isinstance(container, dict) else None
     return value if isinstance(value, str) else None

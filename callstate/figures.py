@@ -155,7 +155,8 @@ def count_logged_anew(store: Store, shard: int) -> int:
 
 def entries_behind(redis: Redis, keys: Keys) -> int:
     """Entries logged and not yet applied over every shard, from the counters alone: one
-    `MGET`, for whoever only needs to know whether the drainers are behind."""
+    `MGET` (one per slot on a cluster), for whoever only needs to know whether the drainers
+    are behind."""
     shards = range(keys.shards)
     names = [keys.logged_counter(shard) for shard in shards]
     names += [keys.applied_counter(shard) for shard in shards]

@@ -243,7 +243,7 @@ class Snapshots:
         with watched_transaction(self.store.redis, keys[0]) as pipe:
             try:
                 pipe.watch(*keys)  # type: ignore[no-untyped-call]
-                if [pipe.get(key) for key in keys] != expected:
+                if pipe.mget(*keys) != expected:
                     return False
                 pipe.multi()
                 for doc in retiring.values():
