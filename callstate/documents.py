@@ -84,13 +84,11 @@ class Documents:
         return self.load_docs([call_id])[call_id]
 
     def all_call_ids(self) -> set[str]:
-        # The pattern's `*` matches `}` too: an index key whose number or user id holds
-        # `}:call:` matches it, and only a key `call` builds back is a call's.
-        found = (
-            text(key) for key in self.redis.scan_iter(match=self.keys.call_pattern(), count=1000)
-        )
+        found = self.redis.scan_iter(match=self.keys.per_call_pattern("call"), count=1000)
         return {
-            call_id for key in found if self.keys.call(call_id := self.keys.call_id_of(key)) == key
+            call_id
+            for key in found
+            if (call_id := self.keys.per_call_id("call", text(key))) is not None
         }
 
     def prior(self, doc: Doc | None) -> Prior:

@@ -49,16 +49,21 @@ class Keys:
         return f"{self.tag(shard)}:wake"
 
     def call(self, call_id: str) -> str:
-        return f"{self.tag(self.shard_of(call_id))}:call:{call_id}"
+        return self._per_call("call", call_id)
 
-    def call_pattern(self) -> str:
-        """Every shard's call documents, for SCAN."""
-        return f"{self.prefix}:{{s*}}:call:*"
+    def _per_call(self, kind: str, call_id: str) -> str:
+        return f"{self.tag(self.shard_of(call_id))}:{kind}:{call_id}"
 
-    @staticmethod
-    def call_id_of(key: str) -> str:
-        """The call id in a key `call` built."""
-        return key.split("}:call:", 1)[1]
+    def per_call_pattern(self, kind: str) -> str:
+        """Every shard's keys of one call each, `call` or `tombstone`, for SCAN."""
+        return f"{self.prefix}:{{s*}}:{kind}:*"
+
+    def per_call_id(self, kind: str, key: str) -> str | None:
+        """The call whose key of `kind` `key` is, or None: the pattern's `*` matches `}` too, so
+        an index key whose number or user id holds `}:call:` matches it, and only a key built
+        back the same is a call's."""
+        _, found, call_id = key.partition(f"}}:{kind}:")
+        return call_id if found and self._per_call(kind, call_id) == key else None
 
     def active(self, shard: int) -> str:
         """Sorted set of the shard's calls not yet ended, scored by the time their last event
@@ -138,16 +143,7 @@ class Keys:
     def tombstone(self, call_id: str) -> str:
         """What is kept of a retired call: its last record revision, and until when its id is
         refused, so no later event publishes a conflicting revision."""
-        return f"{self.tag(self.shard_of(call_id))}:tombstone:{call_id}"
-
-    def tombstone_pattern(self) -> str:
-        """Every shard's tombstones, for SCAN."""
-        return f"{self.prefix}:{{s*}}:tombstone:*"
-
-    @staticmethod
-    def tombstone_call_id(key: str) -> str:
-        """The call id in a key `tombstone` built."""
-        return key.split("}:tombstone:", 1)[1]
+        return self._per_call("tombstone", call_id)
 
     def everything(self) -> str:
         """Every key of the deployment, for SCAN: whether a store is empty."""

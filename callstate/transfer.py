@@ -26,7 +26,7 @@ import base64
 import heapq
 import json
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
@@ -171,8 +171,8 @@ class Exporter:
             found["history"] += int(redis.hlen(keys.history(shard)))
             found["dead_letter"] += int(queue.llen(keys.dead_letters(shard)))
             found["pending"] += int(queue.hlen(keys.forward_pending(shard)))
-        found["call"] = sum(1 for _ in self._call_keys())
-        found["tombstone"] = sum(1 for _ in self._tombstone_keys())
+        for kind in ("call", "tombstone"):
+            found[kind] = sum(1 for _ in self._per_call_keys(kind))
         return +found
 
     def lines(self) -> Iterator[dict[str, Any]]:
@@ -198,8 +198,8 @@ class Exporter:
         for shard in shards:
             for call_id, packed in redis.hscan_iter(keys.snapshot(shard), count=READ_BATCH):
                 yield {"kind": "snapshot", "call_id": text(call_id), "doc": _b64(packed)}
-        yield from self._expiring("call", self._call_keys(), Keys.call_id_of)
-        yield from self._expiring("tombstone", self._tombstone_keys(), Keys.tombstone_call_id)
+        yield from self._expiring("call")
+        yield from self._expiring("tombstone")
         for shard in shards:
             for call_id, packed in redis.hscan_iter(keys.history(shard), count=READ_BATCH):
                 yield {"kind": "history", "call_id": text(call_id), "record": _b64(packed)}
@@ -217,48 +217,38 @@ class Exporter:
         for shard in shards:
             yield self._counters(shard)
 
-    def _call_keys(self) -> Iterator[str]:
-        for raw in self.redis.scan_iter(match=self.keys.call_pattern(), count=READ_BATCH):
+    def _per_call_keys(self, kind: str) -> Iterator[tuple[str, str]]:
+        """Each key of `kind` (`call`, `tombstone`) with its call."""
+        for raw in self.redis.scan_iter(match=self.keys.per_call_pattern(kind), count=READ_BATCH):
             key = text(raw)
-            # The pattern's `*` matches `}` too: only a key `call` builds back is a call's.
-            if self.keys.call(Keys.call_id_of(key)) == key:
-                yield key
+            if (call_id := self.keys.per_call_id(kind, key)) is not None:
+                yield key, call_id
 
-    def _tombstone_keys(self) -> Iterator[str]:
-        for raw in self.redis.scan_iter(match=self.keys.tombstone_pattern(), count=READ_BATCH):
-            key = text(raw)
-            if self.keys.tombstone(Keys.tombstone_call_id(key)) == key:
-                yield key
-
-    def _expiring(
-        self, kind: str, found: Iterable[str], call_id_of: Callable[[str], str]
-    ) -> Iterator[dict[str, Any]]:
+    def _expiring(self, kind: str) -> Iterator[dict[str, Any]]:
         """Keys read with when they expire (absolute, on Redis' clock), a chunk at a time; one
         that expired since it was counted is noted, so the count still adds up."""
-        chunk: list[str] = []
-        for key in found:
-            chunk.append(key)
+        chunk: list[tuple[str, str]] = []
+        for found in self._per_call_keys(kind):
+            chunk.append(found)
             if len(chunk) == READ_BATCH:
-                yield from self._read_expiring(kind, chunk, call_id_of)
+                yield from self._read_expiring(kind, chunk)
                 chunk = []
-        yield from self._read_expiring(kind, chunk, call_id_of)
+        yield from self._read_expiring(kind, chunk)
 
-    def _read_expiring(
-        self, kind: str, chunk: list[str], call_id_of: Callable[[str], str]
-    ) -> Iterator[dict[str, Any]]:
+    def _read_expiring(self, kind: str, chunk: list[tuple[str, str]]) -> Iterator[dict[str, Any]]:
         pipe = self.redis.pipeline(transaction=False)
-        for key in chunk:
+        for key, _ in chunk:
             pipe.get(key)
             pipe.pttl(key)
         replies = pipe.execute() if chunk else []
-        for key, value, ttl in zip(chunk, replies[0::2], replies[1::2], strict=True):
+        for (_, call_id), value, ttl in zip(chunk, replies[0::2], replies[1::2], strict=True):
             if value is None:
                 self.vanished[kind] += 1
                 continue
             expires = self.now_ms + int(ttl) if int(ttl) >= 0 else None
             yield {
                 "kind": kind,
-                "call_id": call_id_of(key),
+                "call_id": call_id,
                 "value": _b64(value),
                 "expires_at_ms": expires,
             }

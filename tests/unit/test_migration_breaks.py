@@ -178,9 +178,9 @@ def test_moving_deliveries_killed_before_the_data_side_is_cleared_moves_them_onc
 
 
 def test_only_call_documents_are_taken_for_calls(store: Store) -> None:
-    """`call_pattern` is `cs:{s*}:call:*`, and `*` matches `}` too: an index key whose number or
-    user id holds `}:call:` (any string is accepted there) matches, and `call_id_of` reads a
-    call id out of it. `rebuild` and `rebuild --check` then count a call that does not exist
+    """`per_call_pattern("call")` is `cs:{s*}:call:*`, and `*` matches `}` too: an index key
+    whose number or user id holds `}:call:` (any string is accepted there) matches, and a call
+    id can be read out of it. `rebuild` and `rebuild --check` then count a call that does not exist
     (the release before matched `cs:call:*`, which only call documents start with)."""
     shard = store.keys.shard_of("c-1")
     store.redis.set(store.keys.call("c-1"), b"{}")
