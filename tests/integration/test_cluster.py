@@ -6,7 +6,6 @@ event (CALLSTATE_REPLICA_ACKS=1)."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from tests.integration.test_reliability import (
     traffic,
 )
 from tests.integration.test_sentinel import (
-    POSTERS,
-    RETRY_FOR_SECONDS,
     Poster,
     assert_each_applied_once_without_a_restart,
 )
@@ -94,10 +91,7 @@ def test_a_primary_killed_under_load_loses_no_acknowledged_event(
     stack.start_web(2)
     calls = {f"cl-{n}": scenario(f"cl-{n}", "busy", 1_000 * n) for n in range(CALLS)}
     poster = Poster(stack)
-    share = [list(calls.values())[n::POSTERS] for n in range(POSTERS)]
-    threads = [threading.Thread(target=poster.deliver, args=(part,)) for part in share]
-    for thread in threads:
-        thread.start()
+    poster.start(list(calls.values()))
     wait_until(lambda: poster.acknowledged >= CALLS, 60, "a third of the events")
     victim = cluster.primaries()[0]
     victim.kill()
@@ -106,8 +100,7 @@ def test_a_primary_killed_under_load_loses_no_acknowledged_event(
     # restarted, to rejoin as its replica (Redis Cluster makes it one).
     victim.start()
     wait_until(cluster.healthy, 60, "the restarted node to replicate")
-    for thread in threads:
-        thread.join(timeout=RETRY_FOR_SECONDS * 3)
+    poster.join()
     assert poster.acknowledged == 3 * CALLS
 
     assert victim not in cluster.primaries()

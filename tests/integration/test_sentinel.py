@@ -31,6 +31,18 @@ class Poster:
         self.acknowledged = 0
         self.refused: dict[str, int] = {}
         self.lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+
+    def start(self, calls: list[list[dict[str, Any]]]) -> None:
+        """Deliver `calls` from POSTERS threads, a share each, until `join`."""
+        shares = [calls[n::POSTERS] for n in range(POSTERS)]
+        self.threads = [threading.Thread(target=self.deliver, args=(part,)) for part in shares]
+        for thread in self.threads:
+            thread.start()
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(timeout=RETRY_FOR_SECONDS * 3)
 
     def deliver(self, calls: list[list[dict[str, Any]]]) -> None:
         with requests.Session() as session:
@@ -99,14 +111,10 @@ def test_a_primary_killed_under_load_loses_no_acknowledged_event(
         first_primary = sentinels.primary_port()
         calls = {f"ha-{n}": scenario(f"ha-{n}", "busy", 1_000 * n) for n in range(CALLS)}
         poster = Poster(stack)
-        share = [list(calls.values())[n::POSTERS] for n in range(POSTERS)]
-        threads = [threading.Thread(target=poster.deliver, args=(part,)) for part in share]
-        for thread in threads:
-            thread.start()
+        poster.start(list(calls.values()))
         wait_until(lambda: poster.acknowledged >= CALLS, 60, "a third of the events")
         sentinels.primary.kill()
-        for thread in threads:
-            thread.join(timeout=RETRY_FOR_SECONDS * 3)
+        poster.join()
         assert poster.acknowledged == 3 * CALLS
 
         assert sentinels.primary_port() != first_primary
