@@ -13,6 +13,7 @@ from tests.factories import event, load_old_store
 from tests.integration.stack import BIN, RedisServer, Stack, free_port, wait_until
 
 MakeStack = Callable[..., Stack]
+CENTURY_SECONDS = 100 * 365 * 86400
 
 
 def exits_saying(process: subprocess.Popen[bytes], log: str, stack: Stack) -> bool:
@@ -23,7 +24,13 @@ def test_an_old_store_is_refused_then_migrated_and_the_pipeline_goes_on(
     make_stack: MakeStack, redis_server: RedisServer
 ) -> None:
     load_old_store(redis_server.client())
-    stack = make_stack(CALLSTATE_SHARDS="4")
+    # The fixture's calls were last heard on 2026-11-29: a sweep or a snapshot step must not
+    # close or retire them as time passes, or the test would depend on the day it runs.
+    stack = make_stack(
+        CALLSTATE_SHARDS="4",
+        CALLSTATE_STALE_AFTER_SECONDS=str(CENTURY_SECONDS),
+        CALLSTATE_RETENTION_SECONDS=str(CENTURY_SECONDS),
+    )
     port = free_port()
     web = stack.spawn("old-web", [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "app:app"])
     worker = stack.spawn("old-worker", [sys.executable, "-m", "workers.events"])
